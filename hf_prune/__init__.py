@@ -1,0 +1,3 @@
+"""hf_prune: prune any Hugging Face transformers model."""
+
+__version__ = "0.1.0"
