@@ -1,3 +1,52 @@
-"""hf_prune: prune any Hugging Face transformers model."""
+"""hf_prune: prune any Hugging Face transformers model and reload it with ``from_pretrained``.
+
+Importing this package registers the built-in methods and adds ``model.prune(...)`` to every
+transformers `PreTrainedModel`.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> import hf_prune
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> report = model.prune(hf_prune.PruningConfig(method="magnitude", sparsity=0.5), verbose=False,
+    ...                      show_progress=False)
+    >>> round(report.achieved_sparsity, 2)
+    0.5
+"""
 
 __version__ = "0.1.0"
+
+from . import methods  # noqa: E402,F401  (registers built-in methods)
+from . import patches as _patches  # noqa: E402
+from .api import prune, validate  # noqa: E402
+from .config import PruningConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    CalibrationError,
+    ConfigError,
+    HfPruneError,
+    IncompletePruningError,
+    NumericalError,
+    UnsupportedModelError,
+)
+from .evaluate import perplexity  # noqa: E402
+from .registry import available_methods, register_method  # noqa: E402
+from .report import PruningReport  # noqa: E402
+
+_patches.install()
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "HfPruneError",
+    "IncompletePruningError",
+    "NumericalError",
+    "PruningConfig",
+    "PruningReport",
+    "UnsupportedModelError",
+    "available_methods",
+    "perplexity",
+    "prune",
+    "register_method",
+    "validate",
+]

@@ -1,0 +1,213 @@
+"""`prune(model, config, calibration)`: the one-shot entry point, also available as ``model.prune(...)``.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> import hf_prune
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> calib = torch.randint(0, 100, (4, 16))
+    >>> report = model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, structure="2:4"),
+    ...                      calibration=calib, show_progress=False, verbose=False)
+    >>> round(report.achieved_sparsity, 2)
+    0.5
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .calibration import build_calibration
+from .config import PruningConfig
+from .errors import CalibrationError, ConfigError, IncompletePruningError, UnsupportedModelError
+from .masks import check_nm_shape
+from .memory import PeakMemory
+from .pipeline import LayerResult, SequentialPruner
+from .report import LayerRow, PruningReport
+
+logger = logging.getLogger("hf_prune")
+
+
+def _resolve_config(config: PruningConfig | Mapping[str, Any] | None, overrides: dict[str, Any]) -> PruningConfig:
+    if config is None:
+        return PruningConfig.from_dict(overrides)
+    if isinstance(config, Mapping):
+        return PruningConfig.from_dict({**config, **overrides})
+    if not isinstance(config, PruningConfig):
+        raise ConfigError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
+    if overrides:
+        return PruningConfig.from_dict({**config.to_dict(), **overrides})
+    return config
+
+
+def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for d in (getattr(model, "hf_device_map", None) or {}).values():
+        if isinstance(d, int):
+            return torch.device(f"cuda:{d}")
+        if isinstance(d, str) and d not in ("cpu", "disk", "meta"):
+            return torch.device(d)
+    for p in model.parameters():
+        if p.device.type not in ("meta", "cpu"):
+            return p.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _aggregate(results: list[LayerResult]) -> list[LayerRow]:
+    """One report row per weight tensor; the experts of a fused MoE tensor are summed ([E, out, in])."""
+    rows: dict[str, LayerRow] = {}
+    for r in results:
+        name, expert = r.name.split("[")[0], "[" in r.name
+        row = rows.get(name)
+        if row is None:
+            shape = [1, *r.shape] if expert else list(r.shape)
+            rows[name] = LayerRow(name, r.block, shape, r.numel, r.nonzero, r.target_sparsity)
+        else:
+            row.params += r.numel
+            row.nonzero += r.nonzero
+            row.shape[0] += 1
+    return list(rows.values())
+
+
+def validate(model: nn.Module, config: PruningConfig) -> SequentialPruner:
+    """Check that ``config`` fits ``model`` without modifying anything; return the prepared pruner."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if getattr(model, "_hf_prune_incomplete", False):
+        raise IncompletePruningError(
+            "this model was left partially pruned by a failed run (restore_on_error=False); reload it and prune again"
+        )
+    pruner = SequentialPruner(model, config, torch.device("cpu"), show_progress=False)
+    layers = [layer for block in pruner.layers for layer in block]
+    if not layers:
+        raise UnsupportedModelError(
+            f"no prunable layers in {type(model).__name__} match targets={config.targets} / ignore={config.ignore}; "
+            "loosen the patterns (targets=None selects every linear layer in the decoder blocks)"
+        )
+    if config.nm is not None:
+        for layer in layers:
+            check_nm_shape(layer.shape[1], config.nm[1], layer.name)
+    return pruner
+
+
+def prune(
+    model: nn.Module,
+    config: PruningConfig | Mapping[str, Any] | None = None,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    *,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+    verbose: bool = True,
+    **config_kwargs: Any,
+) -> PruningReport:
+    """Prune ``model`` in place, block by block, and return a `PruningReport`.
+
+    Args:
+        model: a transformers model (any device placement, including accelerate ``device_map`` offload).
+        config: a `PruningConfig` or a dict of its fields; keyword arguments override fields.
+        calibration: text file path, list of strings, `datasets.Dataset`, `DataLoader` or LongTensor
+            ``[samples, seqlen]``; required by calibration-based methods (wanda, sparsegpt, or owl=True).
+        tokenizer: needed when ``calibration`` is text.
+        device: where each block is computed (default: the model's accelerator, else CUDA if available, else CPU).
+        show_progress: tqdm bars per block.
+        verbose: print the report table at the end.
+
+    Everything is validated before the model is touched. If a block fails (NaN activations, Cholesky
+    failure), the weights already pruned are restored (``restore_on_error=True``, the default).
+    """
+    cfg = _resolve_config(config, config_kwargs)
+    pruner = validate(model, cfg)
+    calib = None
+    if pruner.needs_calibration:
+        if calibration is None:
+            raise CalibrationError(
+                f"method={cfg.method!r}{' with owl=True' if cfg.owl else ''} needs calibration data: pass "
+                "calibration= a text file, a list of strings (with tokenizer=), a datasets.Dataset, a DataLoader or a "
+                "LongTensor [samples, seqlen]; or use method='magnitude', which needs none"
+            )
+        if tokenizer is None and _is_text(calibration):
+            tokenizer = _guess_tokenizer(model)
+        calib = build_calibration(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and int(calib.max()) >= vocab:
+            raise CalibrationError(
+                f"calibration token id {int(calib.max())} is outside the model's vocabulary (vocab_size={vocab}); "
+                "was it tokenized with another tokenizer?"
+            )
+    pruner.device = _resolve_device(model, device)
+    pruner.show_progress = show_progress
+    was_training = model.training
+    model.eval()
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        try:
+            results = pruner.run(calib)
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - start
+    report = PruningReport(
+        method=cfg.method,
+        structure=cfg.structure,
+        target_sparsity=float(cfg.sparsity),  # type: ignore[arg-type]
+        layers=_aggregate(results),
+        total_params=sum(p.numel() for p in model.parameters()),
+        seconds=seconds,
+        peak_rss_mb=mem.peak_rss_mb,
+        peak_device_mb=mem.peak_device_mb,
+        device=str(pruner.device),
+        num_calibration_samples=0 if calib is None else int(calib.shape[0]),
+        seqlen=0 if calib is None else int(calib.shape[1]),
+        block_sparsity=pruner.block_sparsity if cfg.owl else None,
+        skipped=pruner.skipped,
+        config=cfg.to_dict(),
+    )
+    if getattr(model, "config", None) is not None:
+        model.config.pruning_config = {
+            **cfg.to_dict(),
+            "achieved_sparsity": round(report.achieved_sparsity, 6),
+            "hf_prune_version": __version__,
+        }
+    model._hf_prune_report = report  # type: ignore[assignment]
+    if verbose:
+        print(report)
+    return report
+
+
+def _is_text(calibration: Any) -> bool:
+    if isinstance(calibration, str):
+        return True
+    if isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], str):
+        return True
+    return hasattr(calibration, "column_names") and "input_ids" not in (calibration.column_names or [])
+
+
+def _guess_tokenizer(model: nn.Module) -> Any:
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if path:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            logger.info("using the tokenizer saved with the model at %s", path)
+            return tok
+        except Exception:  # noqa: BLE001 - any failure means "no tokenizer found"
+            pass
+    return None
+
+
+def _model_prune(self: nn.Module, config: PruningConfig | Mapping[str, Any] | None = None, calibration: Any = None,
+                 tokenizer: Any = None, **kwargs: Any) -> PruningReport:
+    """``model.prune(config, calibration=..., tokenizer=...)``: same as `hf_prune.prune(model, ...)`."""
+    return prune(self, config, calibration, tokenizer, **kwargs)
+
+
+_model_prune.__doc__ = prune.__doc__

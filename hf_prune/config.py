@@ -1,0 +1,231 @@
+"""`PruningConfig`: one validated, JSON-serialisable description of a pruning job.
+
+Example:
+    >>> from hf_prune import PruningConfig
+    >>> cfg = PruningConfig(method="wanda", sparsity=0.5, structure="2:4")
+    >>> cfg.nm
+    (2, 4)
+    >>> PruningConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+#: Module-name patterns (regular expressions, `re.search`) never pruned by default.
+DEFAULT_IGNORE: tuple[str, ...] = (
+    r"(^|\.)lm_head$",
+    r"embed",
+    r"(^|\.)(wte|wpe)$",
+    r"(^|\.)score$",
+    r"(^|\.)(router|gate)$",  # MoE routers (Mixtral/Qwen-MoE "mlp.gate"); never "gate_proj"
+    r"shared_expert_gate$",
+)
+
+MAGNITUDE_GROUPS = ("layer", "row")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_structure(structure: str) -> tuple[int, int] | None:
+    """Return ``(n, m)`` for an ``"N:M"`` string, ``None`` for ``"unstructured"``.
+
+    Raises `ConfigError` for anything else, or for N >= M.
+    """
+    if not isinstance(structure, str):
+        raise ConfigError(f"structure must be a string ('unstructured' or 'N:M', e.g. '2:4'), got {structure!r}")
+    if structure.strip().lower() == "unstructured":
+        return None
+    match = _NM_RE.match(structure)
+    if not match:
+        raise ConfigError(
+            f"structure={structure!r} is not understood; allowed: 'unstructured' or 'N:M' with integers "
+            "0 < N < M (e.g. '2:4', '4:8')"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"structure={structure!r}: N:M needs 0 < N < M (keep N of every M weights), got N={n}, M={m}")
+    return n, m
+
+
+@dataclass
+class PruningConfig:
+    """What to prune, how much, and with which calibration.
+
+    Args:
+        method: registered method name (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``; see
+            `hf_prune.available_methods()`).
+        sparsity: fraction of weights set to zero in each targeted layer, in [0, 1). For N:M structures it
+            may be omitted (it is ``1 - N/M``); if given it must equal ``1 - N/M``.
+        structure: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive input weights per row).
+        targets: regexes (``re.search`` on the full module name) selecting modules to prune. ``None`` means
+            every linear layer (and fused MoE expert tensor) inside the repeated decoder blocks.
+        ignore: regexes of modules never pruned (default: lm_head, embeddings, classification heads).
+        magnitude_group: comparison group for magnitude: ``"layer"`` (one threshold per matrix, the
+            classic baseline) or ``"row"`` (per output row, like Wanda).
+        num_calibration_samples: number of calibration sequences.
+        seqlen: tokens per calibration sequence.
+        batch_size: calibration sequences per forward pass through a block.
+        seed: seed for sampling calibration windows.
+        blocksize: SparseGPT column block size.
+        dampening: SparseGPT relative dampening (fraction of the mean Hessian diagonal).
+        max_damp_retries: how often SparseGPT retries a failed Cholesky with 10x more dampening.
+        layer_sparsity: per-layer overrides ``{regex: sparsity}``; the first regex that matches a module's full
+            name wins (unstructured only).
+        owl: use OWL outlier-weighted non-uniform per-block sparsity (unstructured only).
+        owl_lambda: OWL's maximum deviation of a block's sparsity from the target.
+        owl_threshold: OWL's outlier threshold M (a score is an outlier if > M x the layer's mean score).
+        restore_on_error: keep a CPU copy of each block's original weights so that a failure half-way
+            restores the model. Turn off for models that do not fit twice in CPU memory; a failed run
+            then marks the model as incomplete and `save_pretrained` refuses it.
+    """
+
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    structure: str = "unstructured"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    magnitude_group: str = "layer"
+    num_calibration_samples: int = 128
+    seqlen: int = 512
+    batch_size: int = 16
+    seed: int = 0
+    blocksize: int = 128
+    dampening: float = 0.01
+    max_damp_retries: int = 3
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    restore_on_error: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise `ConfigError` naming the field and what is allowed."""
+        from .registry import available_methods
+
+        if not isinstance(self.method, str) or self.method not in available_methods():
+            close = difflib.get_close_matches(str(self.method), available_methods(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"method={self.method!r} is unknown; allowed: {sorted(available_methods())}.{hint}")
+        nm = parse_structure(self.structure)
+        if nm is not None:
+            n, m = nm
+            implied = 1.0 - n / m
+            if self.sparsity is None:
+                self.sparsity = implied
+            elif not math.isclose(float(self.sparsity), implied, abs_tol=1e-9):
+                raise ConfigError(
+                    f"sparsity={self.sparsity} contradicts structure={self.structure!r}, which always gives "
+                    f"sparsity {implied:g}; pass sparsity={implied:g} or leave sparsity unset"
+                )
+            if self.owl:
+                raise ConfigError("owl=True needs structure='unstructured' (N:M fixes every layer's sparsity)")
+            if self.layer_sparsity:
+                raise ConfigError("layer_sparsity overrides need structure='unstructured' (N:M fixes sparsity)")
+        if self.sparsity is None:
+            raise ConfigError("sparsity is required for structure='unstructured': a float in [0, 1), e.g. 0.5")
+        _check_fraction("sparsity", self.sparsity)
+        self.sparsity = float(self.sparsity)
+        if self.magnitude_group not in MAGNITUDE_GROUPS:
+            raise ConfigError(f"magnitude_group={self.magnitude_group!r}; allowed: {list(MAGNITUDE_GROUPS)}")
+        for name in ("num_calibration_samples", "seqlen", "batch_size", "blocksize"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
+            raise ConfigError(f"max_damp_retries={self.max_damp_retries!r} must be an integer >= 0")
+        if not (isinstance(self.dampening, (int, float)) and self.dampening > 0):
+            raise ConfigError(f"dampening={self.dampening!r} must be a positive float (typical: 0.01)")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an integer")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if value is None and name == "targets":
+                continue
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a list of regular expressions (strings), got {value!r}")
+            for pattern in value:
+                _check_regex(name, pattern)
+            setattr(self, name, list(value))
+        if not isinstance(self.layer_sparsity, dict):
+            raise ConfigError(f"layer_sparsity must be a dict {{regex: sparsity}}, got {self.layer_sparsity!r}")
+        for pattern, value in self.layer_sparsity.items():
+            _check_regex("layer_sparsity", pattern)
+            _check_fraction(f"layer_sparsity[{pattern!r}]", value)
+        if not 0 <= self.owl_lambda < 1:
+            raise ConfigError(f"owl_lambda={self.owl_lambda!r} must be in [0, 1) (paper default 0.08)")
+        if self.owl and not (0 <= self.sparsity - self.owl_lambda and self.sparsity + self.owl_lambda < 1):
+            raise ConfigError(
+                f"owl_lambda={self.owl_lambda} around sparsity={self.sparsity} leaves [0, 1); lower owl_lambda"
+            )
+        if self.owl_threshold <= 0:
+            raise ConfigError(f"owl_threshold={self.owl_threshold!r} must be > 0 (paper default 5)")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for N:M structures, else ``None``."""
+        return parse_structure(self.structure)
+
+    def sparsity_for(self, module_name: str) -> float:
+        """Target sparsity of one module (per-layer overrides first)."""
+        for pattern, value in self.layer_sparsity.items():
+            if re.search(pattern, module_name):
+                return float(value)
+        return float(self.sparsity)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
+            raise ConfigError(f"unknown PruningConfig field(s): {msg}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_model(cls, model: Any) -> PruningConfig | None:
+        """The config a saved/loaded model was pruned with (``config.json``'s ``pruning_config``), if any."""
+        stored = getattr(getattr(model, "config", model), "pruning_config", None)
+        if not stored:
+            return None
+        data = dict(stored)
+        data.pop("achieved_sparsity", None)
+        data.pop("hf_prune_version", None)
+        return cls.from_dict(data)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
+        raise ConfigError(f"{name}={value!r} must be a number in [0, 1) (fraction of weights set to zero)")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None

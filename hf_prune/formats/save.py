@@ -1,0 +1,248 @@
+"""Write compressed sparse checkpoints (bitmask / N:M) that ``from_pretrained`` reloads as
+:class:`hf_prune.nn.SparseLinear` layers when hf_prune is imported.
+
+The write is atomic: everything goes to a temporary sibling directory first; only a complete
+checkpoint replaces ``out_dir``. Files already in ``out_dir`` that the new checkpoint does not
+rewrite (tokenizer, README, ...) are kept; stale weight files are moved aside and deleted only
+after the new checkpoint is in place.
+
+Example:
+    >>> import tempfile, torch, hf_prune.formats
+    >>> from transformers import LlamaConfig, LlamaForCausalLM, AutoModelForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    >>> model = LlamaForCausalLM(cfg)
+    >>> with torch.no_grad():
+    ...     for mod in model.model.layers.modules():
+    ...         if isinstance(mod, torch.nn.Linear):
+    ...             mod.weight[:, 1::2] = 0
+    >>> d = tempfile.mkdtemp()
+    >>> report = hf_prune.formats.save_sparse_pretrained(model, d, "2:4")
+    >>> type(AutoModelForCausalLM.from_pretrained(d).model.layers[0].mlp.up_proj).__name__
+    'SparseLinear'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import sparse_linear as _sl  # module import: hf_prune.nn imports formats.packing
+from .packing import SparseFormat, parse_format
+from .quantizer import HfPruneSparseConfig, HfPruneSparseQuantizer, register
+
+__all__ = ["save_sparse_pretrained", "select_modules"]
+
+logger = logging.getLogger("hf_prune.formats")
+
+_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_model")
+_REWRITTEN = {"config.json", "generation_config.json"}
+
+
+def _excluded_module_ids(model: nn.Module) -> set[int]:
+    """Output/input embeddings and modules whose weight is shared with another module (tied)."""
+    ids: set[int] = set()
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        fn = getattr(model, getter, None)
+        mod = fn() if callable(fn) else None
+        if mod is not None:
+            ids.add(id(mod))
+    owners: dict[int, list[nn.Module]] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(mod)
+    for mods in owners.values():
+        if len(mods) > 1:
+            ids.update(id(m) for m in mods)
+    return ids
+
+
+def _compressible(weight: torch.Tensor, fmt: SparseFormat) -> bool:
+    """Bitmask: only when it saves bytes. N:M: only when the weight satisfies N:M."""
+    from .packing import is_nm_sparse
+
+    if fmt.kind == "bitmask":
+        zeros = float((weight == 0).float().mean())
+        return zeros > 1.0 / (8 * weight.element_size())
+    return is_nm_sparse(weight, fmt.n, fmt.m)
+
+
+def select_modules(
+    model: nn.Module, sparse_format: str | SparseFormat, modules: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Return ``{name: dense weight}`` of the linears to compress.
+
+    Default: every ``nn.Linear`` / ``SparseLinear`` except embeddings, ``lm_head`` and tied
+    weights. Fully dense layers stay dense. With an N:M format, a *pruned* layer (has zeros)
+    that is not N:M raises ``ValueError``; with ``modules=`` every listed module must comply.
+
+    Example:
+        >>> lin = nn.Sequential(nn.Linear(8, 8))
+        >>> with torch.no_grad():
+        ...     lin[0].weight[:, :4] = 0
+        >>> list(select_modules(lin, "bitmask"))
+        ['0']
+    """
+    fmt = parse_format(sparse_format)
+    excluded = _excluded_module_ids(model)
+    named = dict(model.named_modules())
+    if modules is not None:
+        missing = [n for n in modules if n not in named or not isinstance(named[n], (nn.Linear, _sl.SparseLinear))]
+        if missing:
+            raise ValueError(f"modules not found or not nn.Linear: {missing}")
+        candidates = {n: named[n] for n in modules}
+    else:
+        candidates = {
+            n: m for n, m in named.items() if isinstance(m, (nn.Linear, _sl.SparseLinear)) and id(m) not in excluded
+        }
+    chosen: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+    for name, mod in candidates.items():
+        w = mod.dense_weight() if isinstance(mod, _sl.SparseLinear) else mod.weight.detach()
+        if w.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (offloaded?); load it fully before saving")
+        if _compressible(w, fmt):
+            chosen[name] = w
+        elif fmt.kind == "nm" and (modules is not None or bool((w == 0).any())):
+            bad.append(f"{name} (sparsity {float((w == 0).float().mean()):.3f})")
+        else:
+            logger.info("%s stays dense in the %s checkpoint (not sparse enough to gain)", name, fmt)
+    if bad:
+        raise ValueError(
+            f"sparse_format='{fmt}' asked, but these layers are not {fmt} sparse: {', '.join(bad[:8])}"
+            f"{' ...' if len(bad) > 8 else ''}. Prune with structure='{fmt}', or use sparse_format='bitmask'."
+        )
+    if not chosen:
+        raise ValueError(f"no linear layer is sparse enough for sparse_format='{fmt}'; nothing to compress")
+    return chosen
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(_WEIGHT_FILE_PREFIXES) and (".safetensors" in name or ".bin" in name)
+
+
+def _atomic_publish(tmp: Path, out: Path) -> None:
+    """Move the finished checkpoint ``tmp`` to ``out``, keeping the user's other files."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    produced = {p.name for p in tmp.iterdir()}
+    dropped = []
+    for p in out.iterdir():
+        if p.name in produced or p.name in _REWRITTEN:
+            continue
+        if _is_weight_file(p.name):
+            dropped.append(p.name)
+            continue
+        dest = tmp / p.name
+        if p.is_dir():
+            shutil.copytree(p, dest, symlinks=True)
+        else:
+            shutil.copy2(p, dest, follow_symlinks=False)
+    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    if dropped:
+        logger.warning("replaced old weight files in %s: %s", out, dropped)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_sparse_pretrained(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    sparse_format: str,
+    modules: list[str] | None = None,
+    **save_kwargs: Any,
+) -> dict[str, Any]:
+    """Save ``model`` with compressed sparse linears (``"bitmask"`` or ``"N:M"``, e.g. ``"2:4"``).
+
+    The model is left exactly as it was (modules and config are restored). Extra keyword
+    arguments go to ``model.save_pretrained`` (e.g. ``max_shard_size``). Returns a report:
+    ``{"format", "modules", "compressed_bytes", "dense_bytes"}`` (weights of the compressed
+    layers only).
+
+    Example:
+        >>> # see the module docstring for a full round trip
+        >>> save_sparse_pretrained.__name__
+        'save_sparse_pretrained'
+    """
+    register()
+    if save_kwargs.get("push_to_hub"):
+        raise ValueError("save_sparse_pretrained writes locally; push the folder with push_to_hub afterwards")
+    for k in ("state_dict", "sparse_format"):
+        if k in save_kwargs:
+            raise ValueError(f"save_sparse_pretrained does not accept {k}=")
+    existing = getattr(model, "hf_quantizer", None)
+    if existing is not None and not isinstance(existing, HfPruneSparseQuantizer):
+        raise ValueError(
+            f"model is quantized with {existing.quantization_config.quant_method}; "
+            "sparse compression needs a float model"
+        )
+    fmt = parse_format(sparse_format)
+    chosen = select_modules(model, fmt, modules)
+
+    originals: dict[str, nn.Module] = {}
+    had_qc = "quantization_config" in model.config.__dict__
+    old_qc = model.config.__dict__.get("quantization_config")
+    had_q = "hf_quantizer" in model.__dict__
+    old_q = model.__dict__.get("hf_quantizer")
+    report: dict[str, Any] = {"format": str(fmt), "modules": {}, "compressed_bytes": 0, "dense_bytes": 0}
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, w in chosen.items():
+            mod = model.get_submodule(name)
+            sparse = _sl.SparseLinear(
+                mod.in_features, mod.out_features, bias=mod.bias is not None, sparse_format=fmt,
+                device=w.device, dtype=w.dtype,
+            )
+            sparse.load_compressed(**_sl.SparseLinear.compress_weight(w, fmt))
+            if mod.bias is not None:
+                sparse.bias = mod.bias  # share, no copy
+            originals[name] = mod
+            _set_module(model, name, sparse)
+            dense_b = w.numel() * w.element_size()
+            report["modules"][name] = {"shape": list(w.shape), "bytes": sparse.compressed_nbytes(), "dense_bytes": dense_b}
+            report["compressed_bytes"] += sparse.compressed_nbytes()
+            report["dense_bytes"] += dense_b
+        qc = HfPruneSparseConfig(
+            sparse_format=str(fmt), modules={n: [int(w.shape[0]), int(w.shape[1])] for n, w in chosen.items()}
+        )
+        model.config.quantization_config = qc
+        model.hf_quantizer = HfPruneSparseQuantizer(qc, pre_quantized=True)
+        model.save_pretrained(str(tmp), **save_kwargs)
+        _atomic_publish(tmp, out)
+    finally:
+        for name, mod in originals.items():
+            _set_module(model, name, mod)
+        if had_qc:
+            model.config.quantization_config = old_qc
+        elif "quantization_config" in model.config.__dict__:
+            del model.config.quantization_config
+        if had_q:
+            model.hf_quantizer = old_q
+        elif "hf_quantizer" in model.__dict__:
+            del model.hf_quantizer
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -1,0 +1,87 @@
+"""Scores -> keep-masks, and sparsity accounting. Pure tensor math, no modules.
+
+A *score* tensor has the weight's ``[out, in]`` shape; higher means more important. A *mask* is a bool
+tensor of the same shape, ``True`` = keep.
+
+Example:
+    >>> import torch
+    >>> from hf_prune.masks import nm_mask, unstructured_mask
+    >>> s = torch.tensor([[4., 1., 3., 2.], [1., 2., 3., 4.]])
+    >>> nm_mask(s, 2, 4).int().tolist()
+    [[1, 0, 1, 0], [0, 0, 1, 1]]
+    >>> unstructured_mask(s, 0.5, group="layer").sum().item()
+    4
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a target ``sparsity`` removes (floor, as in Wanda/SparseGPT)."""
+    return int(numel * sparsity)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
+    """Keep the highest scores; prune ``sparsity`` of each row (``group="row"``) or of the matrix ("layer")."""
+    if sparsity <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if group == "row":
+        k = n_pruned(scores.shape[1], sparsity)
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        if k == 0:
+            return mask
+        idx = torch.topk(scores, k, dim=1, largest=False).indices
+        return mask.scatter_(1, idx, False)
+    if group == "layer":
+        k = n_pruned(scores.numel(), sparsity)
+        mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        if k == 0:
+            return mask.view_as(scores)
+        idx = torch.topk(scores.flatten(), k, largest=False).indices
+        return mask.scatter_(0, idx, False).view_as(scores)
+    raise ValueError(f"group={group!r}; allowed: 'row', 'layer'")
+
+
+def check_nm_shape(in_features: int, m: int, name: str) -> None:
+    """Raise if a layer's input dimension cannot be cut into groups of M."""
+    if in_features % m:
+        raise UnsupportedModelError(
+            f"{name}: in_features={in_features} is not divisible by M={m}, so structure 'N:{m}' cannot be applied; "
+            f"choose an M that divides {in_features}, or exclude the layer with ignore=[...]"
+        )
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores of every ``m`` consecutive inputs in each row."""
+    out_f, in_f = scores.shape
+    check_nm_shape(in_f, m, "scores")
+    grouped = scores.reshape(out_f, in_f // m, m)
+    idx = torch.topk(grouped, n, dim=2).indices
+    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(out_f, in_f)
+
+
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, group: str = "row"
+) -> torch.Tensor:
+    """Dispatch to `nm_mask` or `unstructured_mask`."""
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return unstructured_mask(scores, sparsity, group)
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True if every group of ``m`` consecutive inputs in each row has at most ``n`` non-zeros."""
+    out_f, in_f = weight.shape
+    if in_f % m:
+        return False
+    return bool(((weight.reshape(out_f, in_f // m, m) != 0).sum(-1) <= n).all())
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((weight == 0).sum().item()) / max(weight.numel(), 1)

@@ -1,0 +1,179 @@
+"""Pure tensor math of the one-shot methods. No modules, hooks or I/O: tensors in, tensors out.
+
+All math runs in float32 (Hessians, norms, Cholesky), whatever the model's dtype.
+
+Example:
+    >>> import torch
+    >>> from hf_prune.methods.functional import sparsegpt_prune
+    >>> torch.manual_seed(0); W = torch.randn(8, 16); X = torch.randn(64, 16)
+    >>> H = 2 * X.T @ X / 64
+    >>> W2, keep, _ = sparsegpt_prune(W, H, 0.5, nm=(2, 4))
+    >>> int((W2 == 0).sum()), keep.shape
+    (64, torch.Size([8, 16]))
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import NumericalError
+from ..masks import mask_from_scores
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|W|."""
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
+    """Wanda: ``S_ij = |W_ij| * ||X_j||_2`` with ``sum_sq[j] = sum over tokens of x_j^2``."""
+    return weight.abs() * sum_sq.clamp_min(0).sqrt().unsqueeze(0)
+
+
+def prune_by_scores(
+    weight: torch.Tensor, scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str = "row"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the lowest-scoring weights. Returns ``(new_weight, keep_mask)``."""
+    keep = mask_from_scores(scores, sparsity, nm, group)
+    return weight * keep, keep
+
+
+def finalize_hessian(hessian_sum: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``H = 2/n * sum x x^T`` (SparseGPT's normalisation)."""
+    return hessian_sum * (2.0 / max(n_tokens, 1))
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, dampening: float = 0.01, max_retries: int = 3, name: str = "layer"
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    On failure retries with 10x more dampening, at most ``max_retries`` times (a warning says so), then
+    raises `NumericalError`. Returns ``(U, dampening_used)``.
+    """
+    mean_diag = torch.diagonal(hessian).mean()
+    damp = dampening
+    for attempt in range(max_retries + 1):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    warnings.warn(
+                        f"{name}: Cholesky failed with dampening={dampening}; succeeded with dampening={damp:g}",
+                        stacklevel=2,
+                    )
+                return upper, damp
+        damp *= 10
+    raise NumericalError(
+        f"{name}: Cholesky factorisation of the damped Hessian failed even with dampening={damp / 10:g} "
+        f"(started at {dampening}, {max_retries} retries). The calibration inputs of this layer are degenerate: "
+        "use more or more varied calibration samples, raise PruningConfig.dampening, or exclude the layer "
+        "with ignore=[...]"
+    )
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float | Sequence[float],
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    max_retries: int = 3,
+    row_segments: Sequence[tuple[int, int]] | None = None,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SparseGPT (Frantar & Alistarh, 2023): prune and update the remaining weights via OBS.
+
+    Args:
+        weight: ``[out, in]``; cast to float32.
+        hessian: ``[in, in]`` float32, ``2/n sum x x^T``.
+        sparsity: target per row segment (one value for all rows, or one per ``row_segments`` entry).
+        nm: ``(N, M)``: keep N of every M consecutive inputs per row; ``None`` for unstructured.
+        row_segments: row ranges that are separate matrices stacked because they share one input
+            (q/k/v, gate/up): unstructured thresholds are taken per segment, so stacking changes nothing but speed.
+
+    Returns ``(new_weight, keep_mask, dampening_used)``.
+    """
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float32).clone()
+    rows, cols = W.shape
+    segments = list(row_segments) if row_segments else [(0, rows)]
+    sparsities = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else list(sparsity)
+    if len(sparsities) != len(segments):
+        raise ValueError("one sparsity per row segment is required")
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, damp = damped_inverse_cholesky(H, dampening, max_retries, name)
+    del H
+
+    if nm is not None:
+        n_keep, m = nm
+        blocksize = max(m, blocksize - blocksize % m)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            tmp = W1.square() / d.square().unsqueeze(0)
+            for (r0, r1), s in zip(segments, sparsities):
+                seg = tmp[r0:r1].flatten()
+                k = int(seg.numel() * s)
+                if k:
+                    idx = torch.topk(seg, k, largest=False).indices
+                    flat = torch.zeros(seg.numel(), dtype=torch.bool, device=W.device)
+                    mask1[r0:r1] = flat.scatter_(0, idx, True).view(r1 - r0, count)
+        for i in range(count):
+            w = W1[:, i]
+            if nm is not None and i % m == 0:
+                tmp = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)
+                idx = torch.topk(tmp, m - n_keep, dim=1, largest=False).indices
+                mask1.scatter_(1, i + idx, True)
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    W[pruned] = 0.0
+    return W, ~pruned, damp
+
+
+def owl_block_sparsities(outlier_ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
+    """OWL (Yin et al., 2024): blocks with more outliers keep more weights.
+
+    Densities are the min-max normalised outlier ratios scaled to ``[0, 2*lam]``, shifted so that their
+    mean is ``1 - sparsity``; a block's sparsity is ``1 - density``. Uniform if all ratios are equal.
+    """
+    ratios = torch.tensor(list(outlier_ratios), dtype=torch.float64)
+    spread = ratios.max() - ratios.min()
+    if len(ratios) == 0 or float(spread) == 0.0:
+        return [float(sparsity)] * len(ratios)
+    density = (ratios - ratios.min()) / spread * (2 * lam)
+    density = density - density.mean() + (1 - sparsity)
+    return [float(min(max(1 - d, 0.0), 0.999)) for d in density]
+
+
+def owl_outlier_ratio(scores: Sequence[torch.Tensor], threshold: float) -> float:
+    """OWL's layer-wise outlier distribution of one block: the fraction of all its Wanda scores that exceed
+    ``threshold`` x the mean score (mean taken over every prunable matrix of the block together)."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    return float((flat > threshold * flat.mean()).float().mean())

@@ -1,0 +1,37 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS-style pruning with weight updates from the input Hessian.
+
+Matrices sharing one input (q/k/v, gate/up) are stacked and solved with one Hessian inverse; unstructured
+thresholds stay per matrix (see `sparsegpt_prune`'s ``row_segments``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..registry import register_method
+from .base import InputStats, PruningMethod
+from .functional import finalize_hessian, sparsegpt_prune
+
+
+@register_method("sparsegpt")
+class SparseGPTPruning(PruningMethod):
+    needs_hessian = True
+
+    def prune_group(
+        self, weights: Sequence[torch.Tensor], stats: InputStats | None, sparsities: Sequence[float], names: Sequence[str]
+    ) -> list[torch.Tensor]:
+        assert stats is not None and stats.hessian is not None
+        hessian = finalize_hessian(stats.hessian, stats.n_tokens).to(weights[0].device)
+        bounds, start = [], 0
+        for w in weights:
+            bounds.append((start, start + w.shape[0]))
+            start += w.shape[0]
+        stacked = torch.cat(list(weights), 0) if len(weights) > 1 else weights[0]
+        cfg = self.config
+        new, _, _ = sparsegpt_prune(
+            stacked, hessian, list(sparsities), cfg.nm, cfg.blocksize, cfg.dampening, cfg.max_damp_retries,
+            row_segments=bounds, name=" + ".join(names),
+        )
+        return [new[a:b] for a, b in bounds]

@@ -1,0 +1,62 @@
+"""transformers integration: ``PreTrainedModel.prune`` and a ``save_pretrained`` that is atomic, writes the
+pruning report, refuses half-pruned models and accepts ``sparse_format=``.
+
+Installed once when `hf_prune` is imported; `uninstall()` restores transformers' originals.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from .errors import IncompletePruningError
+
+_ORIGINAL_SAVE = PreTrainedModel.save_pretrained
+_INSTALLED = False
+
+
+def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any,
+                     sparse_format: str | None = None, **kwargs: Any) -> Any:
+    if getattr(self, "_hf_prune_incomplete", False):
+        raise IncompletePruningError(
+            "refusing to save: this model was left partially pruned by a failed hf_prune run; reload and prune again"
+        )
+    if sparse_format not in (None, "dense"):
+        try:
+            from .formats import save_sparse_pretrained
+        except ImportError as exc:  # pragma: no cover - formats ship with hf_prune
+            raise ImportError(f"sparse_format={sparse_format!r} needs hf_prune.formats ({exc})") from exc
+        return save_sparse_pretrained(self, save_directory, sparse_format, **kwargs)
+    if kwargs.get("push_to_hub") or not getattr(self, "_hf_prune_report", None) and not _is_pruned(self):
+        return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
+    from .io import atomic_save_pretrained
+
+    return atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, **kwargs)
+
+
+def _is_pruned(model: PreTrainedModel) -> bool:
+    return bool(getattr(getattr(model, "config", None), "pruning_config", None))
+
+
+def install() -> None:
+    """Add ``prune`` to every transformers model and wrap ``save_pretrained`` (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from .api import _model_prune
+
+    PreTrainedModel.prune = _model_prune  # type: ignore[attr-defined]
+    PreTrainedModel.save_pretrained = functools.wraps(_ORIGINAL_SAVE)(_save_pretrained)  # type: ignore[method-assign]
+    _INSTALLED = True
+
+
+def uninstall() -> None:
+    """Undo `install()`."""
+    global _INSTALLED
+    if hasattr(PreTrainedModel, "prune"):
+        del PreTrainedModel.prune  # type: ignore[attr-defined]
+    PreTrainedModel.save_pretrained = _ORIGINAL_SAVE  # type: ignore[method-assign]
+    _INSTALLED = False
