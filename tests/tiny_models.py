@@ -1,0 +1,89 @@
+"""Tiny random transformers models, one per architecture family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import transformers as tf
+
+VOCAB = 320
+
+
+def _llama_like(config_cls: type, model_cls: type, **extra) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        cfg = config_cls(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra,
+        )
+        return model_cls(cfg)
+
+    return build
+
+
+def _gpt2() -> torch.nn.Module:
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+
+
+def _opt() -> torch.nn.Module:
+    return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64))
+
+
+def _neox() -> torch.nn.Module:
+    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                  max_position_embeddings=256))
+
+
+def _qwen3_moe() -> torch.nn.Module:
+    return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, head_dim=16,
+        max_position_embeddings=256, decoder_sparse_step=1, mlp_only_layers=[]))
+
+
+ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM),
+    "mistral": _llama_like(tf.MistralConfig, tf.MistralForCausalLM),
+    "qwen2": _llama_like(tf.Qwen2Config, tf.Qwen2ForCausalLM),
+    "qwen3": _llama_like(tf.Qwen3Config, tf.Qwen3ForCausalLM, head_dim=16),
+    "gemma2": _llama_like(tf.Gemma2Config, tf.Gemma2ForCausalLM, head_dim=16, sliding_window=8),
+    "gemma3": _llama_like(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, head_dim=16, sliding_window=8),
+    "phi3": _llama_like(tf.Phi3Config, tf.Phi3ForCausalLM, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _neox,
+    "qwen3_moe": _qwen3_moe,
+}
+
+
+def build(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ARCHITECTURES[arch]().to(dtype)
+    return model.eval()
+
+
+def calib_ids(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a neural network. "
+    "Sparse models can be smaller and faster when the hardware or kernels exploit the zeros. "
+    "Calibration data drives the choice of which weights matter most for the outputs. "
+) * 40
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on the fly (vocab <= VOCAB), wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
