@@ -15,7 +15,9 @@ Example:
     >>> import torch
     >>> from hf_prune.calibration import build_calibration
     >>> build_calibration(torch.arange(40).view(4, 10), None, num_samples=2, seqlen=8, seed=0).shape
-    torch.Size([2, 8])
+    torch.Size([2, 10])
+    >>> build_calibration([torch.arange(100)], None, num_samples=3, seqlen=8, seed=0).shape
+    torch.Size([3, 8])
 """
 
 from __future__ import annotations

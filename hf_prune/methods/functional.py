@@ -5,7 +5,7 @@ All math runs in float32 (Hessians, norms, Cholesky), whatever the model's dtype
 Example:
     >>> import torch
     >>> from hf_prune.methods.functional import sparsegpt_prune
-    >>> torch.manual_seed(0); W = torch.randn(8, 16); X = torch.randn(64, 16)
+    >>> _ = torch.manual_seed(0); W = torch.randn(8, 16); X = torch.randn(64, 16)
     >>> H = 2 * X.T @ X / 64
     >>> W2, keep, _ = sparsegpt_prune(W, H, 0.5, nm=(2, 4))
     >>> int((W2 == 0).sum()), keep.shape

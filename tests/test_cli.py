@@ -1,0 +1,62 @@
+"""The hf-prune CLI end to end on a tiny saved model (real files, real from_pretrained)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import SAMPLE_TEXT, build, tiny_tokenizer
+
+from hf_prune.cli import main
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    build("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    return path
+
+
+def test_prune_eval_inspect(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    rc = main(["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--structure", "unstructured",
+               "--calibration", str(tmp_path / "calib.txt"), "--output", str(out), "--num-samples", "4",
+               "--seqlen", "32", "--dtype", "float32", "--eval", "--eval-dense", "--eval-text",
+               str(tmp_path / "calib.txt"), "--eval-seqlen", "64"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "achieved sparsity 50.00%" in printed and "pruned perplexity" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["pruning_config"]["method"] == "sparsegpt"
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["pruned"]["ppl"] > 0 and results["dense"]["ppl"] > 0
+
+    assert main(["eval", str(out), "--text", str(tmp_path / "calib.txt"), "--seqlen", "64", "--json",
+                 "--dtype", "float32", "--max-windows", "64"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ppl"] == pytest.approx(results["pruned"]["ppl"], rel=1e-4)
+
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in shown and "sparsegpt" in shown
+
+
+def test_structure_without_sparsity_and_refuses_existing_output(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "magnitude", "--structure", "4:8", "--output", str(out),
+            "--dtype", "float32"]
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["pruning_config"]["sparsity"] == 0.5
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main(args)
+
+
+def test_bad_flag_value_exits_with_message(model_dir, tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "hf_prune.cli", "prune", str(model_dir), "--sparsity", "1.5",
+                           "--output", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "sparsity=1.5 must be a number in [0, 1)" in proc.stderr
