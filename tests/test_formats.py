@@ -36,7 +36,11 @@ _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.floa
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-exact comparison (distinguishes what ``torch.equal`` would not, e.g. NaN payloads)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype]))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(_INT_VIEW[a.dtype]), b.view(_INT_VIEW[b.dtype]))
+    )
 
 
 def random_sparse(shape: tuple[int, int], sparsity: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -152,23 +156,39 @@ def test_unpack_rejects_corrupt_tensors():
 def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def tiny_opt(dtype: torch.dtype = torch.float32) -> OPTForCausalLM:
     torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=128, word_embed_proj_dim=64)
+    cfg = OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+    )
     return OPTForCausalLM(cfg).to(dtype).eval()
 
 
 def prune_model_(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
     """Magnitude-prune every decoder linear: 2:4/N:M per group, or 50 % per row ("bitmask")."""
     with torch.no_grad():
-        for mod in model.model.decoder.layers.modules() if hasattr(model.model, "decoder") else model.model.layers.modules():
+        for mod in (
+            model.model.decoder.layers.modules()
+            if hasattr(model.model, "decoder")
+            else model.model.layers.modules()
+        ):
             if isinstance(mod, torch.nn.Linear):
                 if fmt == "bitmask":
                     unstructured_prune_(mod.weight, 0.5)
@@ -214,7 +234,11 @@ def test_model_roundtrip_bit_exact(tmp_path, fmt, dtype, builder):
 
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == QUANT_METHOD and qc["sparse_format"] == fmt and "pip install hf_prune" in qc["requires"]
+    assert (
+        qc["quant_method"] == QUANT_METHOD
+        and qc["sparse_format"] == fmt
+        and "pip install hf_prune" in qc["requires"]
+    )
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=dtype)
     mods = sparse_modules(loaded)
@@ -240,7 +264,9 @@ def test_disk_size_matches_arithmetic(tmp_path):
     bm = prune_model_(tiny_llama(torch.bfloat16), "bitmask")  # exactly 50 % per row
     hpf.save_sparse_pretrained(bm, tmp_path / "bm", "bitmask")
 
-    linear_numel = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_numel = sum(
+        m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
+    )
     sizes = {}
     for name, bpw in [("dense", 2.0), ("s24", 1.125), ("bm", 1.125)]:
         path = tmp_path / name / "model.safetensors"
@@ -251,7 +277,9 @@ def test_disk_size_matches_arithmetic(tmp_path):
         sizes[name] = os.path.getsize(path)
         assert sizes[name] == payload + header  # nothing else in the file
         linear_bytes = sum(
-            t.numel() * t.element_size() for k, t in tensors.items() if ".layers." in k and "_proj.weight" in k
+            t.numel() * t.element_size()
+            for k, t in tensors.items()
+            if ".layers." in k and "_proj.weight" in k
         )
         assert linear_bytes == bpw * linear_numel  # exact bytes-per-weight arithmetic
         non_linear = payload - linear_bytes
@@ -275,7 +303,10 @@ def test_resave_loaded_and_dequantize(tmp_path):
         assert torch.equal(again(IDS).logits, logits)
     # re-compress a loaded model into another format
     hpf.save_sparse_pretrained(loaded, tmp_path / "c", "bitmask")
-    assert json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]["sparse_format"] == "bitmask"
+    assert (
+        json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]["sparse_format"]
+        == "bitmask"
+    )
     # back to dense nn.Linear; a dense save then loads with the plain (non-quantized) path
     dense = again.dequantize()
     assert not sparse_modules(dense) and getattr(dense.config, "quantization_config", None) is None
@@ -322,7 +353,11 @@ def test_stock_transformers_refuses_compressed_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, "-c", _STOCK_LOAD, str(tmp_path / "ckpt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     # What really happens: transformers warns "Unknown quantization type, got hf_prune_sparse", then the
     # zero-size `<name>.weight` placeholders mismatch the model's shapes, its load report lists the
@@ -380,8 +415,12 @@ def test_corrupt_checkpoints_fail_clearly(tmp_path):
         fn(d)
         return d
 
-    truncated_values = variant("trunc", lambda d: _rewrite(d / "model.safetensors", lambda sd: sd.__setitem__(key, sd[key][:-3])))
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: bitmask marks \d+ kept weights but \d+ values"):
+    truncated_values = variant(
+        "trunc", lambda d: _rewrite(d / "model.safetensors", lambda sd: sd.__setitem__(key, sd[key][:-3]))
+    )
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.mlp\.up_proj: bitmask marks \d+ kept weights but \d+ values"
+    ):
         AutoModelForCausalLM.from_pretrained(truncated_values)
 
     missing = variant("missing", lambda d: _rewrite(d / "model.safetensors", lambda sd: sd.pop(key)))
@@ -414,3 +453,16 @@ def test_sentinel_and_placeholders_on_disk(tmp_path):
     assert SENTINEL_KEY in keys
     assert "model.layers.0.mlp.up_proj.weight_indices" in keys
     assert "lm_head.weight_values" not in keys and "model.embed_tokens.weight" in keys  # never compressed
+
+
+def test_sharded_save_replaces_stale_single_file(tmp_path):
+    out = tmp_path / "out"
+    model = prune_model_(tiny_llama(), "bitmask")
+    model.save_pretrained(out)  # old dense single-file checkpoint
+    hpf.save_sparse_pretrained(model, out, "bitmask", max_shard_size="50KB")
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert len(sparse_modules(loaded)) == 14
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)

@@ -25,8 +25,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def make(fmt: str, out_f: int, in_f: int, dtype: torch.dtype, sparsity: float = 0.5, bias: bool = False,
-         seed: int = 0, device: str = DEV) -> SparseLinear:
+def make(
+    fmt: str,
+    out_f: int,
+    in_f: int,
+    dtype: torch.dtype,
+    sparsity: float = 0.5,
+    bias: bool = False,
+    seed: int = 0,
+    device: str = DEV,
+) -> SparseLinear:
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
     with torch.no_grad():

@@ -16,8 +16,9 @@ FORMATS = ["2:4", "1:4", "2:8", "bitmask"]
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def sparse_linear_pair(fmt: str, in_f: int = 32, out_f: int = 24, bias: bool = True, dtype=torch.float32,
-                       sparsity: float = 0.6) -> tuple[torch.nn.Linear, SparseLinear]:
+def sparse_linear_pair(
+    fmt: str, in_f: int = 32, out_f: int = 24, bias: bool = True, dtype=torch.float32, sparsity: float = 0.6
+) -> tuple[torch.nn.Linear, SparseLinear]:
     lin = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
     with torch.no_grad():
         w = lin.weight
@@ -54,7 +55,9 @@ def test_state_dict_into_fresh_module_and_dtype_cast():
     half = fresh.to(torch.bfloat16)
     assert half.weight_values.dtype == torch.bfloat16 and half.weight_bitmask.dtype == torch.uint8
     x = torch.randn(3, 32, dtype=torch.bfloat16)
-    assert torch.equal(half(x), torch.nn.functional.linear(x, lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()))
+    assert torch.equal(
+        half(x), torch.nn.functional.linear(x, lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16())
+    )
 
 
 def test_accounting_and_repr():
@@ -165,7 +168,9 @@ def test_kernels_loader_names_what_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
     monkeypatch.setattr(kl, "_cache", {})
     with pytest.raises(ImportError, match="pip install triton"):
         kl.load_kernels()

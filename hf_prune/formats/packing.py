@@ -112,7 +112,9 @@ def index_bits(m: int) -> int:
 
 def _check_2d(weight: torch.Tensor, what: str) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"{what} expects a 2-D [out_features, in_features] weight, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{what} expects a 2-D [out_features, in_features] weight, got shape {tuple(weight.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------- bitmask
@@ -298,7 +300,9 @@ def unpack_nm(
         )
     idx = unpack_nm_indices(indices, n, m, kept).reshape(out_f, -1, n)
     if bool((idx >= m).any()) or (n > 1 and bool((idx[..., 1:] <= idx[..., :-1]).any())):
-        raise ValueError(f"{n}:{m} indices out of range or not increasing within a group (corrupt checkpoint)")
+        raise ValueError(
+            f"{n}:{m} indices out of range or not increasing within a group (corrupt checkpoint)"
+        )
     dense = torch.zeros(out_f, in_f // m, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(out_f, -1, n))
     return dense.reshape(out_f, in_f)

@@ -43,7 +43,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..nn import sparse_linear as _sl  # module import: hf_prune.nn imports formats.packing
 from .packing import parse_format
 
-__all__ = ["QUANT_METHOD", "SENTINEL_KEY", "REQUIRES", "HfPruneSparseConfig", "HfPruneSparseQuantizer", "register"]
+__all__ = [
+    "QUANT_METHOD",
+    "SENTINEL_KEY",
+    "REQUIRES",
+    "HfPruneSparseConfig",
+    "HfPruneSparseQuantizer",
+    "register",
+]
 
 logger = logging.getLogger("hf_prune.formats")
 
@@ -53,7 +60,9 @@ REQUIRES = (
     "This checkpoint stores compressed sparse weights written by hf_prune. To load it: "
     "`pip install hf_prune`, then `import hf_prune` before `from_pretrained`."
 )
-SENTINEL_KEY = "hf_prune_sparse: compressed checkpoint, load it after `pip install hf_prune` and `import hf_prune`"
+SENTINEL_KEY = (
+    "hf_prune_sparse: compressed checkpoint, load it after `pip install hf_prune` and `import hf_prune`"
+)
 
 
 class HfPruneSparseConfig(QuantizationConfigMixin):
@@ -81,7 +90,9 @@ class HfPruneSparseConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
-            raise ValueError(f"HfPruneSparseConfig got quant_method={quant_method!r}, expected {QUANT_METHOD!r}")
+            raise ValueError(
+                f"HfPruneSparseConfig got quant_method={quant_method!r}, expected {QUANT_METHOD!r}"
+            )
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint uses hf_prune sparse format version {format_version}, this hf_prune reads up to "
@@ -91,8 +102,14 @@ class HfPruneSparseConfig(QuantizationConfigMixin):
         self.sparse_format = str(parse_format(sparse_format))
         modules = dict(modules or {})
         for name, shape in modules.items():
-            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-                raise ValueError(f"quantization_config.modules[{name!r}] must be [out_features, in_features], got {shape!r}")
+            if not (
+                isinstance(shape, (list, tuple))
+                and len(shape) == 2
+                and all(isinstance(s, int) and s > 0 for s in shape)
+            ):
+                raise ValueError(
+                    f"quantization_config.modules[{name!r}] must be [out_features, in_features], got {shape!r}"
+                )
         self.modules = {k: [int(v[0]), int(v[1])] for k, v in modules.items()}
         self.format_version = int(format_version)
         self.requires = requires
@@ -117,7 +134,9 @@ class HfPruneSparseQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("hf_prune sparse checkpoints cannot be disk-offloaded; use a cpu/cuda device_map")
+            raise ValueError(
+                "hf_prune sparse checkpoints cannot be disk-offloaded; use a cpu/cuda device_map"
+            )
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         # True for SparseLinear's compressed buffers: their checkpoint shape legitimately differs from
@@ -160,9 +179,13 @@ class HfPruneSparseQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
         if problems:
-            raise ValueError("hf_prune_sparse checkpoint does not match the model:\n  " + "\n  ".join(problems))
+            raise ValueError(
+                "hf_prune_sparse checkpoint does not match the model:\n  " + "\n  ".join(problems)
+            )
         patterns = {re.escape(SENTINEL_KEY)} | {rf"(^|\.){re.escape(n)}\.weight$" for n in cfg.modules}
-        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+        model._keys_to_ignore_on_load_unexpected = (
+            set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+        )
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -95,13 +95,17 @@ def select_modules(
     excluded = _excluded_module_ids(model)
     named = dict(model.named_modules())
     if modules is not None:
-        missing = [n for n in modules if n not in named or not isinstance(named[n], (nn.Linear, _sl.SparseLinear))]
+        missing = [
+            n for n in modules if n not in named or not isinstance(named[n], (nn.Linear, _sl.SparseLinear))
+        ]
         if missing:
             raise ValueError(f"modules not found or not nn.Linear: {missing}")
         candidates = {n: named[n] for n in modules}
     else:
         candidates = {
-            n: m for n, m in named.items() if isinstance(m, (nn.Linear, _sl.SparseLinear)) and id(m) not in excluded
+            n: m
+            for n, m in named.items()
+            if isinstance(m, (nn.Linear, _sl.SparseLinear)) and id(m) not in excluded
         }
     chosen: dict[str, torch.Tensor] = {}
     bad: list[str] = []
@@ -213,8 +217,12 @@ def save_sparse_pretrained(
         for name, w in chosen.items():
             mod = model.get_submodule(name)
             sparse = _sl.SparseLinear(
-                mod.in_features, mod.out_features, bias=mod.bias is not None, sparse_format=fmt,
-                device=w.device, dtype=w.dtype,
+                mod.in_features,
+                mod.out_features,
+                bias=mod.bias is not None,
+                sparse_format=fmt,
+                device=w.device,
+                dtype=w.dtype,
             )
             sparse.load_compressed(**_sl.SparseLinear.compress_weight(w, fmt))
             if mod.bias is not None:
@@ -222,7 +230,11 @@ def save_sparse_pretrained(
             originals[name] = mod
             _set_module(model, name, sparse)
             dense_b = w.numel() * w.element_size()
-            report["modules"][name] = {"shape": list(w.shape), "bytes": sparse.compressed_nbytes(), "dense_bytes": dense_b}
+            report["modules"][name] = {
+                "shape": list(w.shape),
+                "bytes": sparse.compressed_nbytes(),
+                "dense_bytes": dense_b,
+            }
             report["compressed_bytes"] += sparse.compressed_nbytes()
             report["dense_bytes"] += dense_b
         qc = HfPruneSparseConfig(

@@ -98,7 +98,7 @@ class SparseLinear(nn.Module):
         >>> with torch.no_grad():
         ...     lin.weight[lin.weight.abs() < 0.1] = 0
         >>> sl = SparseLinear.from_linear(lin, "bitmask")
-        >>> sl
+        >>> sl  # doctest: +ELLIPSIS
         SparseLinear(in_features=16, out_features=3, bias=True, format=bitmask, ...)
         >>> torch.equal(sl.dense_weight(), lin.weight.detach())
         True
@@ -126,7 +126,9 @@ class SparseLinear(nn.Module):
             self.register_buffer("weight_bitmask", empty_u8)
         else:
             if self.in_features % self.format.m:
-                raise ValueError(f"{self.format} needs in_features divisible by {self.format.m}, got {in_features}")
+                raise ValueError(
+                    f"{self.format} needs in_features divisible by {self.format.m}, got {in_features}"
+                )
             self.register_buffer("weight_indices", empty_u8)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.policy = DEFAULT_POLICY
@@ -176,9 +178,13 @@ class SparseLinear(nn.Module):
     @property
     def compressed_names(self) -> tuple[str, ...]:
         """Names of the compressed buffers of this format."""
-        return ("weight_bitmask", "weight_values") if self.format.kind == "bitmask" else (
-            "weight_values",
-            "weight_indices",
+        return (
+            ("weight_bitmask", "weight_values")
+            if self.format.kind == "bitmask"
+            else (
+                "weight_values",
+                "weight_indices",
+            )
         )
 
     def load_compressed(self, **tensors: torch.Tensor) -> None:
@@ -190,6 +196,24 @@ class SparseLinear(nn.Module):
             setattr(self, name, t)
         self._aux.clear()
         self.validate()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Compressed buffers are data-sized (nnz): adopt the incoming tensors instead of copying into
+        # the existing ones, so ``load_state_dict`` works on a freshly constructed module.
+        for name in self.compressed_names:
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                new = state_dict[key]
+                device = cur.device if cur.device.type != "meta" else new.device
+                dtype = cur.dtype if name == "weight_values" else new.dtype
+                setattr(self, name, new.detach().to(device=device, dtype=dtype).clone())
+        self._aux.clear()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """Decompress to the dense ``[out, in]`` weight (dtype of the stored values). Pure torch."""
@@ -212,7 +236,9 @@ class SparseLinear(nn.Module):
             torch.Size([2, 8])
         """
         w = self.dense_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        lin = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(w)
             if self.bias is not None:
@@ -248,7 +274,9 @@ class SparseLinear(nn.Module):
     def choose_path(self, x2d: torch.Tensor) -> str:
         """Pick the forward path for a ``[tokens, in]`` input (see module docstring)."""
         p = self.policy
-        on_cpu_interp = x2d.device.type == "cpu" and p.allow_cpu_kernels and os.environ.get("TRITON_INTERPRET") == "1"
+        on_cpu_interp = (
+            x2d.device.type == "cpu" and p.allow_cpu_kernels and os.environ.get("TRITON_INTERPRET") == "1"
+        )
         if not (x2d.is_cuda or on_cpu_interp) or x2d.dtype not in _KERNEL_DTYPES:
             return "reference"
         if p.force is not None:
@@ -278,7 +306,9 @@ class SparseLinear(nn.Module):
             try:
                 y2d = self._kernel_forward(path, x2d)
             except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the reference
-                logger.warning("SparseLinear: path %s failed (%s: %s); using reference", path, type(exc).__name__, exc)
+                logger.warning(
+                    "SparseLinear: path %s failed (%s: %s); using reference", path, type(exc).__name__, exc
+                )
                 self._failed_paths.add(path)
                 path = "reference"
             else:
@@ -314,10 +344,22 @@ class SparseLinear(nn.Module):
         values = self.weight_values.to(x2d.dtype)
         if path == "triton_nm":
             return k.nm_linear(
-                x2d, values, self.weight_indices, self.format.n, self.format.m, self.out_features, self.in_features, bias
+                x2d,
+                values,
+                self.weight_indices,
+                self.format.n,
+                self.format.m,
+                self.out_features,
+                self.in_features,
+                bias,
             )
         if path == "triton_bitmask":
-            key = ("tiles", self.weight_bitmask.device, self.weight_bitmask.data_ptr(), self.weight_bitmask._version)
+            key = (
+                "tiles",
+                self.weight_bitmask.device,
+                self.weight_bitmask.data_ptr(),
+                self.weight_bitmask._version,
+            )
             if key not in self._aux:
                 self._aux = {k_: v for k_, v in self._aux.items() if k_[0] != "tiles"}
                 self._aux[key] = k.bitmask_tile_offsets(self.weight_bitmask)
