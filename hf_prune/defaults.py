@@ -132,6 +132,11 @@ def convert_gguf_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     not give the same logits as the GGUF-loaded model. Load with
     ``dtype=torch.bfloat16`` to get the bf16 model.
     """
+    if importlib.util.find_spec("gguf") is None:
+        raise DefaultAssetMissing(
+            "Converting the default model needs the gguf package (transformers' GGUF loader). "
+            "Install it with: pip install gguf  (or pip install 'hf_prune[gguf]')"
+        )
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,8 +212,24 @@ _COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
 _REF_SELF_RE = re.compile(r"<ref\b[^>]*/\s*>", re.I)
 _REF_RE = re.compile(r"<ref\b[^>]*>.*?(?:</ref\s*>|\Z)", re.I | re.S)
 # Tags whose whole content is not prose.
-_DROP_BLOCKS = ("math", "gallery", "timeline", "imagemap", "syntaxhighlight", "source", "score",
-                "chem", "ce", "hiero", "pre", "code", "nowiki", "references", "graph", "mapframe")
+_DROP_BLOCKS = (
+    "math",
+    "gallery",
+    "timeline",
+    "imagemap",
+    "syntaxhighlight",
+    "source",
+    "score",
+    "chem",
+    "ce",
+    "hiero",
+    "pre",
+    "code",
+    "nowiki",
+    "references",
+    "graph",
+    "mapframe",
+)
 _BLOCK_RE = re.compile(
     r"<(" + "|".join(_DROP_BLOCKS) + r")\b[^>]*?(?:/\s*>|>.*?(?:</\1\s*>|\Z))", re.I | re.S
 )
@@ -228,16 +249,63 @@ _HAS_WORD_RE = re.compile(r"\w")
 
 # Namespaces whose links are not prose (File/Image are media; Category etc. metadata).
 _DROP_LINK_NAMESPACES = {
-    "file", "image", "media", "category", "wikipedia", "wp", "template", "help", "portal",
-    "special", "user", "talk", "module", "draft", "book", "mediawiki", "wikt", "wiktionary",
-    "s", "wikisource", "commons", "q", "wikiquote", "n", "wikinews", "b", "wikibooks", "v",
-    "wikiversity", "voy", "species", "d", "wikidata", "meta", "m", "mw", "incubator", "c",
+    "file",
+    "image",
+    "media",
+    "category",
+    "wikipedia",
+    "wp",
+    "template",
+    "help",
+    "portal",
+    "special",
+    "user",
+    "talk",
+    "module",
+    "draft",
+    "book",
+    "mediawiki",
+    "wikt",
+    "wiktionary",
+    "s",
+    "wikisource",
+    "commons",
+    "q",
+    "wikiquote",
+    "n",
+    "wikinews",
+    "b",
+    "wikibooks",
+    "v",
+    "wikiversity",
+    "voy",
+    "species",
+    "d",
+    "wikidata",
+    "meta",
+    "m",
+    "mw",
+    "incubator",
+    "c",
 }
 # Sections that hold references, link lists and bibliography rather than prose.
 _DROP_SECTIONS = {
-    "references", "notes", "footnotes", "citations", "sources", "bibliography", "external links",
-    "see also", "further reading", "notes and references", "references and notes",
-    "works cited", "general references", "external link", "other reading", "literature",
+    "references",
+    "notes",
+    "footnotes",
+    "citations",
+    "sources",
+    "bibliography",
+    "external links",
+    "see also",
+    "further reading",
+    "notes and references",
+    "references and notes",
+    "works cited",
+    "general references",
+    "external link",
+    "other reading",
+    "literature",
 }
 
 
@@ -267,7 +335,7 @@ def strip_nested(text: str, open_tok: str, close_tok: str, *, line_start: bool =
             if mo is None:
                 out.append(text[pos:])
                 break
-            out.append(text[pos:mo.start()])
+            out.append(text[pos : mo.start()])
             depth, pos = 1, mo.end()
             continue
         if mc is None:  # unclosed: swallow the rest
@@ -290,7 +358,9 @@ def _link_text(match: re.Match[str]) -> str:
         target = target[1:]
     elif ":" in target:
         prefix = target.split(":", 1)[0].strip().lower()
-        if prefix in _DROP_LINK_NAMESPACES or (len(prefix) in (2, 3) and prefix.isalpha() and prefix.islower()):
+        if prefix in _DROP_LINK_NAMESPACES or (
+            len(prefix) in (2, 3) and prefix.isalpha() and prefix.islower()
+        ):
             return ""  # media, category and interlanguage links
     if sep:
         # [[a|b]] -> b; [[a|b|c]] (only File links have more) -> last; pipe trick [[a (x)|]] -> a
@@ -350,6 +420,7 @@ def _clean_line(line: str) -> str:
     line = _PAREN_LEAD_PUNCT_RE.sub("(", line)
     for _ in range(2):
         line = _EMPTY_PARENS_RE.sub("", line)
+    line = _SPACES_RE.sub(" ", line)
     line = _SPACE_PUNCT_RE.sub(r"\1", line)
     line = line.replace("( ", "(").replace(" ,", ",")
     return line.strip()
@@ -395,7 +466,9 @@ def is_redirect(wikitext: str) -> bool:
     return bool(_REDIRECT_RE.match(wikitext))
 
 
-def iter_wiki_pages(xml_source: bytes | str | os.PathLike[str] | Iterable[bytes]) -> Iterator[tuple[str, str]]:
+def iter_wiki_pages(
+    xml_source: bytes | str | os.PathLike[str] | Iterable[bytes],
+) -> Iterator[tuple[str, str]]:
     """Yield ``(title, wikitext)`` for the article pages (namespace 0, not redirects) of a
     MediaWiki XML export.
 
@@ -541,4 +614,4 @@ def default_splits(text: str | None = None, calib_fraction: float = 0.8) -> tupl
     if not cands:
         raise ValueError("text has no article boundary ('\\n\\n') to split at")
     cut = min(cands, key=lambda i: abs(i - target))
-    return text[:cut], text[cut + 2:]
+    return text[:cut], text[cut + 2 :]
