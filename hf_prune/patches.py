@@ -29,6 +29,8 @@ def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *
             from .formats import save_sparse_pretrained
         except ImportError as exc:  # pragma: no cover - formats ship with hf_prune
             raise ImportError(f"sparse_format={sparse_format!r} needs hf_prune.formats ({exc})") from exc
+        if args:
+            raise TypeError("save_pretrained(..., sparse_format=...) takes keyword arguments only after save_directory")
         return save_sparse_pretrained(self, save_directory, sparse_format, **kwargs)
     if kwargs.get("push_to_hub") or not getattr(self, "_hf_prune_report", None) and not _is_pruned(self):
         return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)

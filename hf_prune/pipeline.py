@@ -15,7 +15,10 @@ offloaded to CPU or disk with accelerate's ``device_map`` is pruned with one blo
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import PruningConfig
@@ -280,7 +284,8 @@ class SequentialPruner:
             list(iter_prunable(b, f"{self.prefix}.{i}", config.targets, config.ignore, self.skipped))
             for i, b in enumerate(self.blocks)
         ]
-        self.backups: dict[str, tuple[PrunableLayer, torch.Tensor]] = {}
+        self.backups: dict[str, PrunableLayer] = {}  # layer name -> layer, originals on disk
+        self._backup_dir: str | None = None
         self.committed = 0
         self.block_sparsity: list[float] = [float(config.sparsity)] * len(self.blocks)  # type: ignore[arg-type]
         self.damping_used: dict[str, float] = {}
@@ -318,6 +323,10 @@ class SequentialPruner:
         except BaseException:
             self._restore()
             raise
+        finally:
+            if self._backup_dir is not None:
+                shutil.rmtree(self._backup_dir, ignore_errors=True)
+                self._backup_dir = None
         return results
 
     def _owl(self, hidden: list[torch.Tensor], calls: list) -> None:
@@ -403,9 +412,15 @@ class SequentialPruner:
         return out
 
     def _commit(self, layers: list[PrunableLayer], new_weights: dict[str, torch.Tensor]) -> None:
-        if self.config.restore_on_error:
+        if self.config.restore_on_error and layers:
+            # Originals go to a temporary safetensors file per block, so host memory stays flat with depth.
+            if self._backup_dir is None:
+                self._backup_dir = tempfile.mkdtemp(prefix="hf_prune-backup-")
+            originals = {layer.name: layer.read_weight().detach().to("cpu", copy=True).contiguous() for layer in layers}
+            save_file(originals, os.path.join(self._backup_dir, f"block-{len(self.backups)}.safetensors"))
+            del originals
             for layer in layers:
-                self.backups[layer.name] = (layer, layer.read_weight().detach().to("cpu", copy=True))
+                self.backups[layer.name] = layer
         for layer in layers:
             layer.write_weight(new_weights[layer.name])
             self.committed += 1
@@ -415,7 +430,9 @@ class SequentialPruner:
             if self.committed:
                 self.model._hf_prune_incomplete = True  # type: ignore[assignment]
             return
-        for layer, original in self.backups.values():
-            layer.write_weight(original)
+        assert self._backup_dir is not None
+        for fname in os.listdir(self._backup_dir):
+            for name, original in load_file(os.path.join(self._backup_dir, fname)).items():
+                self.backups[name].write_weight(original)
         logger.warning("pruning failed; restored the original weights of %d layers", len(self.backups))
         self.backups.clear()
