@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--structure", default="unstructured")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--owl", action="store_true")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True)
     p.add_argument("--result", required=True)
     args = p.parse_args()

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="PruningConfig as a JSON file; flags override its fields")
     p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 16)")
+    p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     p.add_argument("--owl", action="store_true", help="OWL non-uniform per-block sparsity")
     p.add_argument("--targets", nargs="+", help="regexes of modules to prune (default: all block linears)")

@@ -96,7 +96,7 @@ class PruningConfig:
     magnitude_group: str = "layer"
     num_calibration_samples: int = 128
     seqlen: int = 512
-    batch_size: int = 16
+    batch_size: int = 8
     seed: int = 0
     blocksize: int = 128
     dampening: float = 0.01

@@ -25,25 +25,26 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(numel * sparsity)
 
 
+def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of a 2-D tensor: False for exactly the ``k`` lowest scores (ties broken by position)."""
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    less = scores < kth
+    equal = scores == kth
+    need = k - less.sum(1, keepdim=True)
+    return ~(less | (equal & (equal.cumsum(1) <= need)))
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:
     """Keep the highest scores; prune ``sparsity`` of each row (``group="row"``) or of the matrix ("layer")."""
+    if group not in ("row", "layer"):
+        raise ValueError(f"group={group!r}; allowed: 'row', 'layer'")
     if sparsity <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    if group == "row":
-        k = n_pruned(scores.shape[1], sparsity)
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        if k == 0:
-            return mask
-        idx = torch.topk(scores, k, dim=1, largest=False).indices
-        return mask.scatter_(1, idx, False)
-    if group == "layer":
-        k = n_pruned(scores.numel(), sparsity)
-        mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        if k == 0:
-            return mask.view_as(scores)
-        idx = torch.topk(scores.flatten(), k, largest=False).indices
-        return mask.scatter_(0, idx, False).view_as(scores)
-    raise ValueError(f"group={group!r}; allowed: 'row', 'layer'")
+    flat = scores.float() if group == "row" else scores.float().reshape(1, -1)
+    k = n_pruned(flat.shape[1], sparsity)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return _keep_all_but_lowest(flat, k).view_as(scores)
 
 
 def check_nm_shape(in_features: int, m: int, name: str) -> None:

@@ -43,6 +43,11 @@ class _Recorded(Exception):
     pass
 
 
+class _BlockDone(Exception):
+    """Raised by the statistics hooks once every target of a block has seen this batch's input: the rest
+    of the block (e.g. the last projection) is not needed for statistics and is skipped."""
+
+
 @dataclass
 class LayerResult:
     name: str
@@ -154,8 +159,13 @@ def on_device(block: nn.Module, device: torch.device):
 class _StatsCollector:
     """Forward hooks that accumulate `InputStats` per group of layers sharing one input tensor."""
 
-    def __init__(self, layers: list[PrunableLayer], device: torch.device, norms: bool, hessian: bool) -> None:
+    def __init__(
+        self, layers: list[PrunableLayer], device: torch.device, norms: bool, hessian: bool, early_stop: bool = False
+    ) -> None:
         self.layers = layers
+        self.early_stop = early_stop
+        self._fired: set[int] = set()
+        self._n_modules = len({id(layer.module) for layer in layers})
         self.device = device
         self.norms, self.hessian = norms, hessian
         self.groups: dict[str, list[PrunableLayer]] = {}
@@ -168,6 +178,11 @@ class _StatsCollector:
     def _new_stats(self, in_features: int) -> InputStats:
         return InputStats(in_features, self.device, self.norms, self.hessian)
 
+    def _done(self, module: nn.Module) -> None:
+        self._fired.add(id(module))
+        if self.early_stop and len(self._fired) == self._n_modules:
+            raise _BlockDone
+
     def _linear_hook(self, layer: PrunableLayer) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
@@ -177,6 +192,7 @@ class _StatsCollector:
                     key = prev[1]
                     self.groups[key].append(layer)
                     layer.stats_key = key
+                    self._done(module)
                     return
                 key = layer.name
                 self._seen[id(x)] = (x, key)  # keep x alive so its id is not reused in this batch
@@ -186,6 +202,7 @@ class _StatsCollector:
                 self.stats[key] = self._new_stats(x.shape[-1])
             if layer.name in self._leader:
                 self.stats[layer.stats_key].add(x.detach())
+            self._done(module)
 
         return hook
 
@@ -215,6 +232,7 @@ class _StatsCollector:
                     w = _read_param(mod, "gate_up_proj")[e].to(x.device, x.dtype)
                     g, u = nn.functional.linear(x, w).chunk(2, dim=-1)
                     self.stats[down[e].name].add(mod.act_fn(g) * u)
+            self._done(mod)
 
         return hook
 
@@ -231,6 +249,7 @@ class _StatsCollector:
     def end_batch(self) -> None:
         self._first_batch = False
         self._seen.clear()
+        self._fired.clear()
 
     def detach(self) -> None:
         for h in self._handles:
@@ -245,7 +264,10 @@ def _run_block(
     outs = []
     with torch.no_grad():
         for h, (args, kwargs) in zip(hidden, calls):
-            outs.append(_first_tensor(block(h.to(device), *_move(args, device), **_move(kwargs, device))))
+            try:
+                outs.append(_first_tensor(block(h.to(device), *_move(args, device), **_move(kwargs, device))))
+            except _BlockDone:
+                pass
             if after_batch is not None:
                 after_batch()
     return outs
@@ -359,7 +381,8 @@ class SequentialPruner:
         with on_device(block, self.device):
             stats: dict[str, InputStats] = {}
             if method.needs_calibration and layers:
-                collector = _StatsCollector(layers, self.device, method.needs_norms, method.needs_hessian)
+                collector = _StatsCollector(layers, self.device, method.needs_norms, method.needs_hessian,
+                                            early_stop=not _is_hooked(block))
                 collector.attach()
                 try:
                     _run_block(block, hidden, calls, self.device, collector.end_batch)

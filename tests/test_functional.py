@@ -168,3 +168,16 @@ def test_owl_sparsities_mean_and_order() -> None:
     assert owl_block_sparsities([0.1, 0.1], 0.5, 0.08) == [0.5, 0.5]
     scores = [torch.tensor([1.0, 1.0, 1.0, 100.0])]
     assert owl_outlier_ratio(scores, 2.0) == pytest.approx(0.25)
+
+
+def test_input_stats_symmetric_hessian_equals_xtx() -> None:
+    from hf_prune.methods.base import InputStats
+
+    stats = InputStats(300, torch.device("cpu"), norms=True, hessian=True)
+    xs = [torch.randn(2, 50, 300).bfloat16() for _ in range(3)]
+    for x in xs:
+        stats.add(x)
+    full = torch.cat([x.reshape(-1, 300).float() for x in xs])
+    torch.testing.assert_close(stats.full_hessian(), full.T @ full, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats.sum_sq, full.square().sum(0))
+    assert stats.n_tokens == 300

@@ -123,36 +123,35 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # Work on the transposed block so that column i is a contiguous row: W1t[i] = W[:, i1 + i].
+        W1t = W[:, i1:i2].t().contiguous()
+        Err1t = torch.zeros_like(W1t)
         U1 = U[i1:i2, i1:i2]
         d = torch.diagonal(U1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        mask1t = torch.zeros_like(W1t, dtype=torch.bool)
         if nm is None:
-            tmp = W1.square() / d.square().unsqueeze(0)
+            tmp = W1t.square() / d.square().unsqueeze(1)
             for (r0, r1), s in zip(segments, sparsities):
-                seg = tmp[r0:r1].flatten()
+                seg = tmp[:, r0:r1].t().flatten()  # row-major over [rows, count]: same order as the reference
                 k = int(seg.numel() * s)
                 if k:
                     idx = torch.topk(seg, k, largest=False).indices
                     flat = torch.zeros(seg.numel(), dtype=torch.bool, device=W.device)
-                    mask1[r0:r1] = flat.scatter_(0, idx, True).view(r1 - r0, count)
+                    mask1t[:, r0:r1] = flat.scatter_(0, idx, True).view(r1 - r0, count).t()
+        # err_i = (w_i - q_i) / d_i = w_i * [pruned] / d_i; the rank-1 update also turns column i into q_i.
+        coef = mask1t.to(W1t.dtype) / d.unsqueeze(1)
         for i in range(count):
-            w = W1[:, i]
             if nm is not None and i % m == 0:
-                tmp = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)
-                idx = torch.topk(tmp, m - n_keep, dim=1, largest=False).indices
-                mask1.scatter_(1, i + idx, True)
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
+                tmp = W1t[i : i + m].square() / d[i : i + m].square().unsqueeze(1)
+                idx = torch.topk(tmp, m - n_keep, dim=0, largest=False).indices
+                mask1t[i : i + m].scatter_(0, idx, True)
+                coef[i : i + m] = mask1t[i : i + m].to(W1t.dtype) / d[i : i + m].unsqueeze(1)
+            err = torch.mul(W1t[i], coef[i], out=Err1t[i])
+            W1t[i:].addr_(U1[i, i:], err, alpha=-1.0)
+        W[:, i1:i2] = W1t.t()
+        pruned[:, i1:i2] = mask1t.t()
         if i2 < cols:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W[:, i2:] -= Err1t.t() @ U[i1:i2, i2:]
     W[pruned] = 0.0
     return W, ~pruned, damp
 

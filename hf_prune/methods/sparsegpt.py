@@ -23,7 +23,7 @@ class SparseGPTPruning(PruningMethod):
         self, weights: Sequence[torch.Tensor], stats: InputStats | None, sparsities: Sequence[float], names: Sequence[str]
     ) -> list[torch.Tensor]:
         assert stats is not None and stats.hessian is not None
-        hessian = finalize_hessian(stats.hessian, stats.n_tokens).to(weights[0].device)
+        hessian = finalize_hessian(stats.full_hessian(), stats.n_tokens).to(weights[0].device)
         bounds, start = [], 0
         for w in weights:
             bounds.append((start, start + w.shape[0]))
