@@ -68,14 +68,14 @@ def _naive_sequential_wanda(model, calib: torch.Tensor, nm) -> None:
         layers = list(iter_prunable(block, f"{prefix}.{i}", None, list(DEFAULT_IGNORE)))
         sums: dict[str, torch.Tensor] = {}
 
-        def hook(name):
+        def hook(name, acc):
             def fn(mod, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[name] = sums.get(name, 0) + x.square().sum(0)
+                acc[name] = acc.get(name, 0) + x.square().sum(0)
 
             return fn
 
-        handles = [layer.module.register_forward_pre_hook(hook(layer.name)) for layer in layers]
+        handles = [layer.module.register_forward_pre_hook(hook(layer.name, sums)) for layer in layers]
         with torch.no_grad():
             model(input_ids=calib, attention_mask=torch.ones_like(calib), use_cache=False)
         for h in handles:
