@@ -33,6 +33,7 @@ from .errors import (  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .registry import available_methods, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
+from .training import PruningCallback  # noqa: E402
 
 _patches.install()
 
@@ -42,6 +43,7 @@ __all__ = [
     "HfPruneError",
     "IncompletePruningError",
     "NumericalError",
+    "PruningCallback",
     "PruningConfig",
     "PruningReport",
     "UnsupportedModelError",

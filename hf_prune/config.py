@@ -86,6 +86,24 @@ class PruningConfig:
         restore_on_error: keep a CPU copy of each block's original weights so that a failure half-way
             restores the model. Turn off for models that do not fit twice in CPU memory; a failed run
             then marks the model as incomplete and `save_pretrained` refuses it.
+
+    Pruning during training (`hf_prune.PruningCallback`; ignored by one-shot `prune`):
+
+    Args:
+        schedule: how the target sparsity grows: ``"constant"``, ``"linear"`` or ``"cubic"`` (Zhu & Gupta).
+        start_step: optimizer step at which pruning starts.
+        end_step: optimizer step at which the final ``sparsity`` is reached (``None``: the Trainer's
+            ``max_steps``).
+        update_every: steps between mask updates (Zhu & Gupta's delta t).
+        initial_sparsity: sparsity at ``start_step`` (``linear``/``cubic``), at most ``sparsity``.
+        movement_threshold: soft movement pruning keeps weights with ``sigmoid(S) > tau``; ``tau`` follows
+            the schedule's progress from 0 to this value (the scheduled ``sparsity`` is a cap: the top
+            ``1 - sparsity`` scores are always kept).
+        movement_l1: soft movement pruning's L1 penalty coefficient on ``sigmoid(S)``.
+        movement_lr: step size of the movement scores ``S`` (``S -= lr * (dL/dW' * W + l1 * sigmoid'(S))``).
+        lottery_rounds: lottery-ticket rounds of iterative magnitude pruning between start and end step.
+        lottery_rewind_step: step whose weights the survivors are rewound to after each round
+            (at most ``start_step``).
     """
 
     method: str = "wanda"
@@ -106,6 +124,17 @@ class PruningConfig:
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
     restore_on_error: bool = True
+    # --- pruning during training (hf_prune.training) ---
+    schedule: str = "cubic"
+    start_step: int = 0
+    end_step: int | None = None
+    update_every: int = 10
+    initial_sparsity: float = 0.0
+    movement_threshold: float = 0.5
+    movement_l1: float = 1e-4
+    movement_lr: float = 1.0
+    lottery_rounds: int = 3
+    lottery_rewind_step: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -172,6 +201,41 @@ class PruningConfig:
             )
         if self.owl_threshold <= 0:
             raise ConfigError(f"owl_threshold={self.owl_threshold!r} must be > 0 (paper default 5)")
+        self._validate_training()
+
+    def _validate_training(self) -> None:
+        """Fields used by `hf_prune.PruningCallback` (pruning during training)."""
+        from .training.schedules import SCHEDULES, check_schedule
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is unknown; allowed: {list(SCHEDULES)}")
+        for name in ("start_step", "lottery_rewind_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        for name in ("update_every", "lottery_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.end_step is not None:
+            check_schedule(self.schedule, self.start_step, self.end_step, self.update_every)
+        _check_fraction("initial_sparsity", self.initial_sparsity)
+        if self.initial_sparsity > self.sparsity:  # type: ignore[operator]
+            raise ConfigError(
+                f"initial_sparsity={self.initial_sparsity} is above the final sparsity={self.sparsity}; "
+                "the schedule only ever increases sparsity"
+            )
+        if not (isinstance(self.movement_threshold, (int, float)) and 0 < self.movement_threshold < 1):
+            raise ConfigError(f"movement_threshold={self.movement_threshold!r} must be in (0, 1) (a threshold on sigmoid(S))")
+        for name in ("movement_l1", "movement_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a number >= 0")
+        if self.method == "lottery" and self.lottery_rewind_step > self.start_step:
+            raise ConfigError(
+                f"lottery_rewind_step={self.lottery_rewind_step} must be <= start_step={self.start_step}: survivors "
+                "are rewound to weights saved before the first round prunes"
+            )
 
     # ------------------------------------------------------------------ helpers
     @property

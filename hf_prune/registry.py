@@ -1,9 +1,14 @@
 """Method registry: ``name -> PruningMethod subclass``. Methods register themselves on import.
 
+A class with ``training_only = True`` (gradual magnitude, movement, lottery ticket) is accepted by
+`PruningConfig` but only runs inside `hf_prune.PruningCallback`; one-shot `hf_prune.prune` refuses it.
+
 Example:
-    >>> from hf_prune.registry import available_methods
-    >>> sorted(available_methods())[:3]
+    >>> from hf_prune.registry import available_methods, is_training_only
+    >>> sorted(available_methods(training=False))[:3]
     ['magnitude', 'sparsegpt', 'wanda']
+    >>> is_training_only("gmp"), is_training_only("wanda")
+    (True, False)
 """
 
 from __future__ import annotations
@@ -33,12 +38,24 @@ def register_method(name: str) -> Callable[[T], T]:
 
 def _ensure_builtin() -> None:
     from . import methods  # noqa: F401  (importing registers the built-in methods)
+    from .training import methods as _training_methods  # noqa: F401  (registers gmp, movement, lottery)
 
 
-def available_methods() -> list[str]:
-    """Names accepted by ``PruningConfig(method=...)``."""
+def available_methods(training: bool | None = None) -> list[str]:
+    """Names accepted by ``PruningConfig(method=...)``.
+
+    ``training=None``: all; ``False``: one-shot methods (`hf_prune.prune`); ``True``: training-only methods
+    (`hf_prune.PruningCallback`, which also accepts the one-shot ones as a constant starting mask).
+    """
     _ensure_builtin()
-    return list(_REGISTRY)
+    if training is None:
+        return list(_REGISTRY)
+    return [name for name, cls in _REGISTRY.items() if bool(getattr(cls, "training_only", False)) == training]
+
+
+def is_training_only(name: str) -> bool:
+    """True for methods that only run during training (inside `hf_prune.PruningCallback`)."""
+    return bool(getattr(get_method(name), "training_only", False))
 
 
 def get_method(name: str) -> type[PruningMethod]:

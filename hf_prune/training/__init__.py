@@ -1,0 +1,20 @@
+"""Pruning during training: `PruningCallback` for transformers' `Trainer` and trl's `SFTTrainer`.
+
+Modules: `schedules` (pure sparsity schedules), `state` (masks and their enforcement), `movement`
+(movement-pruning scores), `lottery` (rewinding), `checkpoint` (state in Trainer checkpoints), `callback`
+(lifecycle), `methods` (registry entries of the training-only method names).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PruningCallback"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the registry entries must not import the Trainer
+    if name == "PruningCallback":
+        from .callback import PruningCallback
+
+        return PruningCallback
+    raise AttributeError(name)

@@ -1,0 +1,210 @@
+"""Mask state of a model pruned during training: which weights are masked, and enforcing it.
+
+One boolean mask per prunable *parameter* (``True`` = keep), in the parameter's own layout (GPT-2 `Conv1D`
+``[in, out]``, fused MoE experts ``[E, out, in]``); `PrunableLayer` views give the ``[out, in]`` matrix of
+each layer/expert. Enforcement, every optimizer step:
+
+* `mask_grads_` zeroes the gradient of masked weights before ``optimizer.step()``;
+* `apply_` multiplies the weights by their masks after it (exact zeros whatever the optimizer did);
+* `mask_optimizer_state_` zeroes optimizer moments (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) of
+  masked entries whenever a mask changes, so momentum cannot resurrect a pruned weight.
+
+Example:
+    >>> import torch
+    >>> from hf_prune.training.state import gradual_nm_mask
+    >>> s = torch.tensor([[4., 1., 3., 2., 8., 7., 6., 5.]])
+    >>> gradual_nm_mask(s, 2, 4, 0.5).int().tolist()   # half of the N:M cuts made, the lowest scores first
+    [[1, 0, 1, 0, 1, 1, 1, 1]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import PruningConfig
+from ..errors import UnsupportedModelError
+from ..masks import check_nm_shape, nm_mask, unstructured_mask
+from ..targets import PrunableLayer, find_blocks, iter_prunable
+
+
+def layer_view(layer: PrunableLayer, tensor: torch.Tensor) -> torch.Tensor:
+    """The ``[out, in]`` view of ``layer`` inside a tensor laid out like its parameter."""
+    if layer.kind == "conv1d":
+        return tensor.t()
+    if layer.kind == "expert":
+        return tensor[layer.expert]
+    return tensor
+
+
+def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.Tensor:
+    """An N:M mask reached gradually: of the weights the final N:M mask drops, drop only the ``fraction``
+    with the lowest scores (whole matrix). ``fraction >= 1`` is the exact N:M mask."""
+    final = nm_mask(scores, n, m)
+    if fraction >= 1.0 - 1e-9:
+        return final
+    if fraction <= 0:
+        return torch.ones_like(final)
+    dropped = ~final
+    k = int(fraction * int(dropped.sum()))
+    if k == 0:
+        return torch.ones_like(final)
+    cand = torch.where(dropped, scores.float(), torch.full_like(scores, float("inf"), dtype=torch.float32))
+    order = torch.argsort(cand.flatten(), stable=True)[:k]
+    keep = torch.ones(final.numel(), dtype=torch.bool, device=final.device)
+    keep[order] = False
+    return keep.view_as(final)
+
+
+def layer_mask(
+    scores: torch.Tensor, target: float, final: float, nm: tuple[int, int] | None, group: str = "layer"
+) -> torch.Tensor:
+    """Keep-mask of one ``[out, in]`` matrix at scheduled sparsity ``target`` (``final`` at the end)."""
+    if nm is None:
+        return unstructured_mask(scores, target, group)
+    return gradual_nm_mask(scores, *nm, fraction=target / final if final > 0 else 1.0)
+
+
+@dataclass
+class MaskedParam:
+    """A prunable parameter, its layers (one, or one per fused expert) and its keep-mask."""
+
+    name: str
+    param: nn.Parameter
+    layers: list[PrunableLayer] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+
+    def views(self, tensor: torch.Tensor) -> Iterator[tuple[PrunableLayer, torch.Tensor]]:
+        for layer in self.layers:
+            yield layer, layer_view(layer, tensor)
+
+
+class MaskState:
+    """Masks of every prunable parameter of ``model`` selected by ``config.targets`` / ``config.ignore``."""
+
+    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+        self.config = config
+        try:
+            prefix, blocks = find_blocks(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"PruningCallback: the model has no prunable modules ({exc})") from None
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.params: dict[str, MaskedParam] = {}
+        for i, block in enumerate(blocks):
+            for layer in iter_prunable(block, f"{prefix}.{i}", config.targets, config.ignore):
+                param = layer.param
+                if param.device.type == "meta":
+                    raise UnsupportedModelError(
+                        f"{layer.name}: offloaded (meta) parameters cannot be pruned during training; load the "
+                        "model without a disk/CPU offload device_map"
+                    )
+                if config.nm is not None:
+                    check_nm_shape(layer.shape[1], config.nm[1], layer.name)
+                name = names.get(id(param), f"{layer.name}.{layer.param_name}")
+                entry = self.params.setdefault(name, MaskedParam(name, param))
+                entry.layers.append(layer)
+        if not self.params:
+            raise UnsupportedModelError(
+                f"PruningCallback: no prunable modules in {type(model).__name__} match targets={config.targets} / "
+                f"ignore={config.ignore}; loosen the patterns (targets=None selects every linear layer of the decoder "
+                "blocks)"
+            )
+        for entry in self.params.values():
+            entry.mask = torch.ones_like(entry.param, dtype=torch.bool)
+
+    # ---------------------------------------------------------------- masks
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: e.mask for name, e in self.params.items()}  # type: ignore[misc]
+
+    def compute(self, score_fn: Callable[[MaskedParam, PrunableLayer, torch.Tensor], torch.Tensor],
+                target: float) -> dict[str, torch.Tensor]:
+        """New masks from per-layer scores: ``score_fn(entry, layer, weight_view) -> [out, in] scores``."""
+        final = float(self.config.sparsity)  # type: ignore[arg-type]
+        out: dict[str, torch.Tensor] = {}
+        for name, entry in self.params.items():
+            new = torch.empty_like(entry.mask)  # type: ignore[arg-type]
+            for layer, view in entry.views(new):
+                scores = score_fn(entry, layer, layer_view(layer, entry.param.data))
+                view.copy_(layer_mask(scores, target, final, self.config.nm, self.config.magnitude_group))
+            out[name] = new
+        return out
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> list[str]:
+        """Install ``masks``; return the names whose mask changed."""
+        changed = []
+        for name, entry in self.params.items():
+            new = masks[name].to(device=entry.param.device, dtype=torch.bool)
+            if new.shape != entry.param.shape:
+                raise ValueError(f"mask for {name} has shape {tuple(new.shape)}, parameter {tuple(entry.param.shape)}")
+            if not torch.equal(new, entry.mask):
+                changed.append(name)
+            entry.mask = new
+        return changed
+
+    def masks_from_weights(self) -> dict[str, torch.Tensor]:
+        """Masks that keep exactly the non-zero weights (a model pruned beforehand, e.g. by `hf_prune.prune`)."""
+        return {name: e.param.data != 0 for name, e in self.params.items()}
+
+    # ---------------------------------------------------------------- enforcement
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every masked weight."""
+        for entry in self.params.values():
+            entry.param.data.mul_(entry.mask)
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        """Zero the gradients of masked weights."""
+        for entry in self.params.values():
+            if entry.param.grad is not None:
+                entry.param.grad.mul_(entry.mask)
+
+    @torch.no_grad()
+    def mask_optimizer_state_(self, optimizer: object | None, names: list[str] | None = None, reset: bool = False) -> None:
+        """Zero optimizer state tensors (moments) of masked entries; ``reset=True`` zeroes them entirely."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        state = getattr(opt, "state", None)
+        if not state:
+            return
+        for name in names if names is not None else list(self.params):
+            entry = self.params[name]
+            for value in state.get(entry.param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == entry.param.shape:
+                    if reset:
+                        value.zero_()
+                    else:
+                        value.mul_(entry.mask)
+
+    @staticmethod
+    def broadcast(masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
+        """Rank ``src``'s masks on every rank (unchanged without an initialised multi-process group)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return masks
+        if torch.distributed.get_world_size() < 2:
+            return masks
+        out = {}
+        for name, mask in masks.items():
+            buf = mask.to(torch.uint8).contiguous()
+            torch.distributed.broadcast(buf, src)
+            out[name] = buf.bool()
+        return out
+
+    # ---------------------------------------------------------------- accounting
+    def layer_stats(self) -> list[tuple[str, list[int], int, int]]:
+        """``(name, shape, params, non-zero weights)`` per parameter."""
+        return [(n, list(e.param.shape), e.param.numel(), int(torch.count_nonzero(e.param.data)))
+                for n, e in self.params.items()]
+
+    def sparsity(self) -> float:
+        """Achieved sparsity: fraction of exact zeros over all targeted weights."""
+        total = sum(e.param.numel() for e in self.params.values())
+        nonzero = sum(int(torch.count_nonzero(e.param.data)) for e in self.params.values())
+        return 1.0 - nonzero / max(total, 1)
+
+    def mask_sparsity(self) -> float:
+        total = sum(e.mask.numel() for e in self.params.values())  # type: ignore[union-attr]
+        kept = sum(int(e.mask.sum()) for e in self.params.values())  # type: ignore[union-attr]
+        return 1.0 - kept / max(total, 1)
