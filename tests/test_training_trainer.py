@@ -13,7 +13,12 @@ from transformers import TrainerCallback
 
 from hf_prune import ConfigError, PruningCallback, PruningConfig, UnsupportedModelError
 from hf_prune.masks import is_nm_sparse
-from hf_prune.training.callback import LOG_ACHIEVED, LOG_TARGET, UnsupportedTrainingSetupError, _check_supported
+from hf_prune.training.callback import (
+    LOG_ACHIEVED,
+    LOG_TARGET,
+    UnsupportedTrainingSetupError,
+    _check_supported,
+)
 from hf_prune.training.schedules import target_sparsity
 from hf_prune.training.state import layer_mask, layer_view
 
