@@ -137,6 +137,31 @@ class IntegrityProbe(TrainerCallback):
         self._check(optimizer)
 
 
+class GradProbe(TrainerCallback):
+    """Runs before PruningCallback's hooks: the gradients that clipping and the optimizer saw."""
+
+    def __init__(self, holder: dict) -> None:
+        self.holder, self.masked_grad_nonzero, self.checked = holder, 0, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        for entry in self.holder["cb"].masks.params.values():
+            if entry.param.grad is not None:
+                self.masked_grad_nonzero += int(torch.count_nonzero(entry.param.grad[~entry.mask]))
+                self.checked += 1
+
+
+@pytest.mark.parametrize("method, masked_before_step", [("gmp", True), ("movement", False)])
+def test_gradients_masked_before_clipping(tmp_path, method: str, masked_before_step: bool) -> None:
+    cb = PruningCallback(_cfg(method, sparsity=0.7, end_step=4, update_every=1), verbose=False)
+    probe = GradProbe({"cb": cb})
+    trainer = make_trainer("llama", tmp_path, [probe, cb], gradient_accumulation_steps=2, max_grad_norm=0.5)
+    trainer.train()
+    assert probe.checked > 0
+    # gmp: masked by autograd hooks, so the clipping norm counts live weights only; movement needs dense gradients
+    assert (probe.masked_grad_nonzero == 0) == masked_before_step
+    assert_masked_zero(cb)
+
+
 @pytest.mark.parametrize(
     "arch, overrides",
     [

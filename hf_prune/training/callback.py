@@ -3,6 +3,8 @@
 Lifecycle only; the math lives in `schedules` (target sparsity per step), `state` (masks and enforcement),
 `movement` (scores) and `lottery` (rewinding). Per optimizer step:
 
+0. backward: gradient hooks zero masked gradients (before DDP's all-reduce and gradient clipping), except for
+   movement pruning, whose scores need the dense gradient of ``W'``;
 1. ``on_pre_optimizer_step``: movement scores take the (all-reduced, clipped) gradients; masked gradients
    are zeroed;
 2. ``optimizer.step()``;
@@ -138,6 +140,8 @@ class PruningCallback(TrainerCallback):
                     self._update(0, optimizer)
         self.masks.apply_()
         self.masks.mask_optimizer_state_(optimizer)
+        if self.scores is None:
+            self.masks.register_grad_hooks()
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -187,6 +191,7 @@ class PruningCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.masks is None:
             return control
+        self.masks.remove_grad_hooks()
         self.masks.apply_()
         sparsity = self.masks.sparsity()
         if getattr(model, "config", None) is not None:

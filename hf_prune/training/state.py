@@ -4,7 +4,8 @@ One boolean mask per prunable *parameter* (``True`` = keep), in the parameter's 
 ``[in, out]``, fused MoE experts ``[E, out, in]``); `PrunableLayer` views give the ``[out, in]`` matrix of
 each layer/expert. Enforcement, every optimizer step:
 
-* `mask_grads_` zeroes the gradient of masked weights before ``optimizer.step()``;
+* `register_grad_hooks` masks gradients as backward produces them (not for movement pruning), and
+  `mask_grads_` zeroes the gradient of masked weights again right before ``optimizer.step()``;
 * `apply_` multiplies the weights by their masks after it (exact zeros whatever the optimizer did);
 * `mask_optimizer_state_` zeroes optimizer moments (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) of
   masked entries whenever a mask changes, so momentum cannot resurrect a pruned weight.
@@ -154,6 +155,17 @@ class MaskState:
         """Zero every masked weight."""
         for entry in self.params.values():
             entry.param.data.mul_(entry.mask)
+
+    def register_grad_hooks(self) -> None:
+        """Mask gradients as autograd produces them (before DDP's all-reduce and before gradient clipping, so the
+        clipped norm only counts live weights). Not for movement pruning, whose scores need the dense gradient."""
+        self.remove_grad_hooks()
+        self._hooks = [e.param.register_hook(lambda g, e=e: g * e.mask) for e in self.params.values()]
+
+    def remove_grad_hooks(self) -> None:
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
