@@ -45,6 +45,7 @@ def _check_structure(cb: PruningCallback, cfg: PruningConfig) -> None:
         ("qwen3_moe", "gmp", "2:4"),  # fused 3-D expert tensors
         ("llama", "movement", "unstructured"),
         ("gpt2", "movement", "2:4"),
+        ("llama", "soft_movement", "2:4"),  # N:M soft movement: top-N of S per group
         ("qwen3_moe", "movement", "unstructured"),
         ("llama", "lottery", "unstructured"),
         ("qwen3_moe", "lottery", "2:4"),

@@ -115,6 +115,7 @@ class MaskState:
             )
         for entry in self.params.values():
             entry.mask = torch.ones_like(entry.param, dtype=torch.bool)
+        self.active = False  # any weight masked? (enforcement is skipped while nothing is)
 
     # ---------------------------------------------------------------- masks
     def masks(self) -> dict[str, torch.Tensor]:
@@ -143,6 +144,7 @@ class MaskState:
             if not torch.equal(new, entry.mask):
                 changed.append(name)
             entry.mask = new
+        self.active = any(not bool(e.mask.all()) for e in self.params.values())  # type: ignore[union-attr]
         return changed
 
     def masks_from_weights(self) -> dict[str, torch.Tensor]:
@@ -153,6 +155,8 @@ class MaskState:
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every masked weight."""
+        if not self.active:
+            return
         for entry in self.params.values():
             entry.param.data.mul_(entry.mask)
 
@@ -160,7 +164,8 @@ class MaskState:
         """Mask gradients as autograd produces them (before DDP's all-reduce and before gradient clipping, so the
         clipped norm only counts live weights). Not for movement pruning, whose scores need the dense gradient."""
         self.remove_grad_hooks()
-        self._hooks = [e.param.register_hook(lambda g, e=e: g * e.mask) for e in self.params.values()]
+        self._hooks = [e.param.register_hook(lambda g, e=e: g * e.mask if self.active else None)
+                       for e in self.params.values()]
 
     def remove_grad_hooks(self) -> None:
         for handle in getattr(self, "_hooks", []):
@@ -170,6 +175,8 @@ class MaskState:
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of masked weights."""
+        if not self.active:
+            return
         for entry in self.params.values():
             if entry.param.grad is not None:
                 entry.param.grad.mul_(entry.mask)
