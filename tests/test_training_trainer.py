@@ -300,6 +300,29 @@ def test_schedule_ending_before_start_against_max_steps(tmp_path) -> None:
         make_trainer("llama", tmp_path, [cb]).train()
 
 
+def test_schedule_longer_than_training_warns(tmp_path, caplog) -> None:
+    cb = PruningCallback(_cfg("gmp", end_step=100, update_every=4), verbose=False)
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        make_trainer("llama", tmp_path, [cb]).train()
+    assert "end_step=100 is after the Trainer's max_steps=8" in caplog.text
+    assert cb.masks.mask_sparsity() < 0.6
+
+
+def test_callback_reused_for_a_second_run(tmp_path) -> None:
+    cb = PruningCallback(_cfg("lottery"), verbose=False)
+    first = make_trainer("llama", tmp_path / "a", [cb])
+    first.train()
+    first_params = [e.param for e in cb.masks.params.values()]
+    assert not any(p._backward_hooks for p in first_params)  # gradient hooks are removed at the end of training
+    snapshot_shapes = {n: t.shape for n, t in cb.rewind.tensors.items()}
+    second = make_trainer("gpt2", tmp_path / "b", [cb])
+    second.train()
+    assert_masked_zero(cb)
+    assert all(n.startswith("transformer.h.") for n in cb.masks.params)
+    assert set(cb.rewind.tensors) != set(snapshot_shapes)  # fresh snapshot of the new model
+    assert cb.lottery_round == 2 and cb.masks.mask_sparsity() == pytest.approx(0.6, abs=2e-3)
+
+
 def test_bad_callback_arguments() -> None:
     with pytest.raises(ConfigError, match="sparsity"):
         PruningCallback(method="gmp", sparsity=1.2)

@@ -116,8 +116,14 @@ class PruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_supported(args, model)
         cfg = self.config
-        self.masks = MaskState(model, cfg)
+        if self.masks is not None:  # the callback is reused for another train() call
+            self.masks.remove_grad_hooks()
+        self.masks, self.scores, self.rewind = MaskState(model, cfg), None, RewindSnapshot()
+        self.target, self.threshold, self.last_update_step, self.lottery_round = 0.0, 0.0, None, 0
         self.end_step = cfg.end_step if cfg.end_step is not None else int(state.max_steps)
+        if not self.is_one_shot and self.end_step > state.max_steps > 0:
+            logger.warning("hf_prune: end_step=%d is after the Trainer's max_steps=%d: training stops before the final "
+                           "sparsity %.3g is reached", self.end_step, state.max_steps, cfg.sparsity)
         if not self.is_one_shot:
             try:
                 check_schedule(cfg.schedule, cfg.start_step, self.end_step, cfg.update_every)
