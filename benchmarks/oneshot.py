@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One-shot quality/speed/memory benchmark on the real SmolLM2-135M, side by side with llm-compressor.
 
-    python benchmarks/oneshot.py                 # full run (~1 h on 2 CPU cores), writes results/oneshot.json
+    chrt -r 1 python benchmarks/oneshot.py      # full run (~1 h on 2 CPU cores), writes results/oneshot.json
     python benchmarks/oneshot.py --quick         # 16 x 256 calibration tokens, 8 eval windows: a smoke test
 
 Protocol (same for every tool, in one run on one machine):
@@ -11,7 +11,9 @@ Protocol (same for every tool, in one run on one machine):
 * evaluation: the first ``--eval-windows`` (default 64) non-overlapping ``--seqlen``-token windows of the last 20%,
   PPL = exp(total NLL / predicted tokens), bf16 forward, fp32 log-softmax (`hf_prune.perplexity`);
 * each pruning run is its own process: ``seconds`` is the prune call alone, ``peak_rss_mb`` the process peak RSS
-  (model load included) for both tools;
+  before saving (model load included) for both tools;
+* ``chrt -r 1`` (round-robin real-time priority, inherited by every child process) keeps other work on the machine
+  from stealing cycles from whichever tool is being timed;
 * llm-compressor 0.14 runs in its own venv (``benchmarks/llmc/setup.sh``) with its defaults (``batch_size=1``);
   magnitude is compared with ``torch.nn.utils.prune.l1_unstructured`` instead, because llm-compressor's magnitude
   modifier prunes nothing in oneshot and has no N:M;
@@ -167,7 +169,8 @@ def main() -> None:
     results = {
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(["benchmarks/oneshot.py", *sys.argv[1:]]),
+        "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
+                   + " ".join(["benchmarks/oneshot.py", *sys.argv[1:]]),
         "calibration": f"{args.samples} x {args.seqlen} tokens, seed 0, first 80% of the gensim Wikipedia sample",
         "evaluation": f"first {args.eval_windows} non-overlapping {args.seqlen}-token windows of the last 20%",
         "precision": "bf16 model and forward passes for every tool; hf_prune pruning math (Hessians, Cholesky, "

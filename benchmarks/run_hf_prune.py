@@ -6,7 +6,7 @@
 
 Loads the model in bf16 (as run_llmc.py does), prunes with the calibration tokens in TOKENS.pt (a LongTensor
 [n_samples, seqlen] shared with llm-compressor), saves a plain checkpoint and writes ``seconds`` (the prune call
-only), ``peak_rss_mb`` (process peak RSS, ru_maxrss, model load included, as for llm-compressor) and
+only), ``peak_rss_mb`` (process peak RSS before saving, ru_maxrss, model load included, as for llm-compressor) and
 ``achieved_sparsity``.
 """
 
@@ -46,10 +46,11 @@ def main() -> None:
     start = time.perf_counter()
     report = model.prune(config, calibration=calib, show_progress=False, verbose=False)
     seconds = time.perf_counter() - start
+    peak_rss_mb = lifetime_peak_rss_mb()  # before saving, as run_llmc.py measures it
     model.save_pretrained(args.output)
     result = {
         "seconds": seconds,
-        "peak_rss_mb": lifetime_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb,
         "peak_rss_mb_during_prune": report.peak_rss_mb,
         "achieved_sparsity": report.achieved_sparsity,
         "block_sparsity": report.block_sparsity,

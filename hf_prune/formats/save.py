@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.save import publish_directory
 from ..nn import sparse_linear as _sl  # module import: hf_prune.nn imports formats.packing
 from .packing import SparseFormat, parse_format
 from .quantizer import HfPruneSparseConfig, HfPruneSparseQuantizer, register
@@ -42,8 +43,6 @@ __all__ = ["save_sparse_pretrained", "select_modules"]
 
 logger = logging.getLogger("hf_prune.formats")
 
-_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_model")
-_REWRITTEN = {"config.json", "generation_config.json"}
 
 
 def _excluded_module_ids(model: nn.Module) -> set[int]:
@@ -134,42 +133,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _is_weight_file(name: str) -> bool:
-    return name.startswith(_WEIGHT_FILE_PREFIXES) and (".safetensors" in name or ".bin" in name)
-
-
-def _atomic_publish(tmp: Path, out: Path) -> None:
-    """Move the finished checkpoint ``tmp`` to ``out``, keeping the user's other files."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
-    produced = {p.name for p in tmp.iterdir()}
-    dropped = []
-    for p in out.iterdir():
-        if p.name in produced or p.name in _REWRITTEN:
-            continue
-        if _is_weight_file(p.name):
-            dropped.append(p.name)
-            continue
-        dest = tmp / p.name
-        if p.is_dir():
-            shutil.copytree(p, dest, symlinks=True)
-        else:
-            shutil.copy2(p, dest, follow_symlinks=False)
-    backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    if dropped:
-        logger.warning("replaced old weight files in %s: %s", out, dropped)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def save_sparse_pretrained(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -243,7 +206,7 @@ def save_sparse_pretrained(
         model.config.quantization_config = qc
         model.hf_quantizer = HfPruneSparseQuantizer(qc, pre_quantized=True)
         model.save_pretrained(str(tmp), **save_kwargs)
-        _atomic_publish(tmp, out)
+        publish_directory(tmp, out)
     finally:
         for name, mod in originals.items():
             _set_module(model, name, mod)
