@@ -52,5 +52,17 @@ class PeakMemory:
 
 
 def lifetime_peak_rss_mb() -> float:
-    """Peak RSS of this process since it started (``ru_maxrss``), in MB."""
+    """Peak RSS of this process since it started, in MB.
+
+    Reads ``VmHWM`` from ``/proc/self/status`` (the high-water mark of this process's own address space).
+    ``ru_maxrss`` is only the fallback: on Linux it survives fork+exec, so a child process started by a large
+    parent reports at least the parent's RSS.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

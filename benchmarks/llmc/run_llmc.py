@@ -41,7 +41,15 @@ attention and MLP projections of the decoder blocks; never lm_head or embeddings
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MB: VmHWM from /proc/self/status (ru_maxrss survives
+    fork+exec on Linux, so a child of a large parent would report the parent's RSS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
