@@ -1,5 +1,5 @@
-"""Multi-process data parallel training (DDP over gloo, 2 CPU processes launched by torchrun, run by the
-Trainer through accelerate):
+"""Multi-process data parallel training (DDP over gloo, 2 CPU processes launched by `accelerate launch` or
+torchrun, run by the Trainer through accelerate):
 masks identical on every rank, masked weights zero, pruning state saved once into the checkpoint."""
 
 from __future__ import annotations
@@ -43,19 +43,25 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("method", ["gmp", "movement"])
-def test_ddp_two_processes_identical_masks(tmp_path, method: str) -> None:
+LAUNCHERS = {
+    # `accelerate launch --cpu` starts multi-CPU jobs through mpirun (not installed here); `--multi_gpu` starts the
+    # processes with torchrun, and with use_cpu=True the Trainer's accelerate state runs DDP over gloo on CPU.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method, launcher", [("gmp", "accelerate"), ("movement", "torchrun")])
+def test_ddp_two_processes_identical_masks(tmp_path, method: str, launcher: str) -> None:
     from safetensors.torch import load_file
 
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    # `accelerate launch --cpu` runs multi-CPU jobs through mpirun (not installed here); torchrun starts the same
-    # two-process job and the Trainer's accelerate state picks it up (gloo backend on CPU).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path), method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=230)
+    cmd = [sys.executable, *LAUNCHERS[launcher], str(script), str(tmp_path), method]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=290)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world_size"] for i in infos] == [2, 2] and all(i["distributed"] for i in infos)
