@@ -33,6 +33,7 @@ def _run(out, cfg, resume=None, **overrides):
     ("movement", "unstructured", "path"),
     ("soft_movement", "unstructured", "latest"),
     ("lottery", "unstructured", "path"),
+    ("magnitude", "2:4", "path"),  # one-shot start mask, constant; checkpoints go through hf_prune's atomic save
 ])
 def test_resume_matches_uninterrupted_run(tmp_path, method: str, structure: str, mode: str) -> None:
     cfg = _cfg(method, structure)
@@ -48,7 +49,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, method: str, structure: str,
         shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-5")
         _, cb = _run(tmp_path / "resumed", cfg, resume=True)
     assert cb.history == cb_full.history  # same (step, target, achieved) at every mask update
-    assert len(cb.history) >= 2 and cb.history[-1][0] > 5  # updates happened after the resume point
+    if method != "magnitude":
+        assert len(cb.history) >= 2 and cb.history[-1][0] > 5  # updates happened after the resume point
     full_params = masked_params(cb_full)
     for name, (w, m) in masked_params(cb).items():
         assert torch.equal(m, full_params[name][1]), f"{name}: mask differs from the uninterrupted run"
