@@ -17,8 +17,10 @@ Example:
 
 __version__ = "0.1.0"
 
-from . import formats  # noqa: E402,F401  (registers the compressed-checkpoint quantizer)
-from . import methods  # noqa: E402,F401  (registers built-in methods)
+from . import (
+    formats,  # noqa: E402,F401  (registers the compressed-checkpoint quantizer)
+    methods,  # noqa: E402,F401  (registers built-in methods)
+)
 from . import patches as _patches  # noqa: E402
 from .api import prune, validate  # noqa: E402
 from .config import PruningConfig  # noqa: E402
