@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is decorated, so it must be set before any test module imports the
+    # kernel package (test_kernels.py runs the kernels in Triton's CPU interpreter).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

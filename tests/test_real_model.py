@@ -36,7 +36,8 @@ def test_wanda_2of4_on_smollm2_reloads_with_stock_transformers(smollm2, tmp_path
     report = model.prune(hf_prune.PruningConfig(method="wanda", structure="2:4", sparsity=None,
                                                 num_calibration_samples=16, seqlen=256),
                          calibration=[calib], tokenizer=tok, show_progress=False, verbose=False)
-    assert report.achieved_sparsity == pytest.approx(0.5, abs=1e-6)
+    # exactly half of every group of 4 is pruned; the GGUF-dequantized weights also hold a few exact zeros
+    assert 0.5 <= report.achieved_sparsity < 0.5 + 1e-4
     assert len(report.layers) == 30 * 7
     assert is_nm_sparse(model.model.layers[17].mlp.down_proj.weight, 2, 4)
     pruned = hf_prune.perplexity(model, held_out, tok, seqlen=256, max_windows=8, show_progress=False).ppl
