@@ -23,25 +23,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, cuda={torch.cuda.is_available()}"
+sys.path.insert(0, str(HERE))
+from oneshot import machine  # noqa: E402  (one machine description for every benchmark)
 
 
 def timed_callback(cls):
