@@ -52,14 +52,19 @@ def _sample_windows(ids: torch.Tensor, num_samples: int, seqlen: int, seed: int,
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def _tokenize(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
+def tokenize_texts(texts: Sequence[str], tokenizer: Any, what: str = "calibration") -> torch.Tensor:
+    """Join texts with blank lines and tokenize once, without special tokens (1-D LongTensor).
+
+    Shared by calibration and evaluation (`hf_prune.evaluate.tokenize_for_eval`).
+    """
     if tokenizer is None:
         raise CalibrationError(
-            "calibration is text, so a tokenizer is needed: pass tokenizer=AutoTokenizer.from_pretrained(...)"
+            f"{what} is text, so a tokenizer is needed: pass tokenizer=AutoTokenizer.from_pretrained(...)"
         )
     joined = "\n\n".join(t for t in texts if t)
     if not joined.strip():
-        raise CalibrationError("calibration text is empty: pass non-empty text (a file, a list of strings or a dataset)")
+        hint = ": pass non-empty text (a file, a list of strings or a dataset)" if what == "calibration" else ""
+        raise CalibrationError(f"{what} text is empty{hint}")
     ids = tokenizer(joined, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     return ids.to(torch.long)
 
@@ -91,7 +96,7 @@ def _from_dataset(ds: Any, tokenizer: Any, num_samples: int, seqlen: int, seed: 
         raise CalibrationError(
             f"calibration dataset has columns {columns}; it needs an 'input_ids' column or a text column (e.g. 'text')"
         )
-    return _sample_windows(_tokenize(ds[text_col], tokenizer), num_samples, seqlen, seed, f"dataset column {text_col!r}")
+    return _sample_windows(tokenize_texts(ds[text_col], tokenizer), num_samples, seqlen, seed, f"dataset column {text_col!r}")
 
 
 def _from_path(path: str, tokenizer: Any, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -110,7 +115,7 @@ def _from_path(path: str, tokenizer: Any, num_samples: int, seqlen: int, seed: i
         return _from_dataset(ds, tokenizer, num_samples, seqlen, seed)
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    return _sample_windows(_tokenize([text], tokenizer), num_samples, seqlen, seed, f"file {path!r}")
+    return _sample_windows(tokenize_texts([text], tokenizer), num_samples, seqlen, seed, f"file {path!r}")
 
 
 def build_calibration(
@@ -143,7 +148,7 @@ def build_calibration(
         if not calibration:
             raise CalibrationError("calibration list is empty")
         if all(isinstance(t, str) for t in calibration):
-            return _sample_windows(_tokenize(calibration, tokenizer), num_samples, seqlen, seed, "text list")
+            return _sample_windows(tokenize_texts(calibration, tokenizer), num_samples, seqlen, seed, "text list")
         if all(isinstance(t, torch.Tensor) for t in calibration):
             return _from_token_rows(list(calibration), num_samples, seqlen, seed, "tensor list")
         raise CalibrationError("a calibration list must hold strings (with tokenizer=) or LongTensors of token ids")

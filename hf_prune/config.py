@@ -243,12 +243,17 @@ class PruningConfig:
         """``(N, M)`` for N:M structures, else ``None``."""
         return parse_structure(self.structure)
 
-    def sparsity_for(self, module_name: str) -> float:
-        """Target sparsity of one module (per-layer overrides first)."""
+    def layer_override(self, module_name: str) -> float | None:
+        """The first ``layer_sparsity`` value whose regex matches ``module_name``, else ``None``."""
         for pattern, value in self.layer_sparsity.items():
             if re.search(pattern, module_name):
                 return float(value)
-        return float(self.sparsity)  # type: ignore[arg-type]
+        return None
+
+    def sparsity_for(self, module_name: str) -> float:
+        """Target sparsity of one module (per-layer overrides first)."""
+        override = self.layer_override(module_name)
+        return float(self.sparsity) if override is None else override  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import tokenize_texts
 from .errors import CalibrationError
+from .targets import input_device
 
 
 @dataclass
@@ -43,17 +45,7 @@ class PerplexityResult:
 
 def tokenize_for_eval(text: str | Sequence[str], tokenizer: Any) -> torch.Tensor:
     """Join texts with blank lines and tokenize once (1-D LongTensor)."""
-    joined = text if isinstance(text, str) else "\n\n".join(text)
-    if not joined.strip():
-        raise CalibrationError("evaluation text is empty")
-    return tokenizer(joined, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and emb.weight.device.type != "meta":
-        return emb.weight.device
-    return torch.device("cpu")
+    return tokenize_texts([text] if isinstance(text, str) else list(text), tokenizer, what="evaluation")
 
 
 @torch.no_grad()
@@ -78,7 +70,7 @@ def perplexity(
     if n_windows == 0:
         raise CalibrationError(f"evaluation data has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = _model_device(model)
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -34,7 +33,7 @@ from .errors import NumericalError
 from .methods.base import InputStats, PruningMethod
 from .methods.functional import owl_block_sparsities, owl_outlier_ratio, wanda_scores
 from .registry import get_method
-from .targets import PrunableLayer, _read_param, find_blocks, iter_prunable
+from .targets import PrunableLayer, _read_param, find_blocks, input_device, iter_prunable
 
 logger = logging.getLogger("hf_prune")
 
@@ -82,13 +81,6 @@ def _is_hooked(block: nn.Module) -> bool:
     return any(getattr(m, "_hf_hook", None) is not None for m in block.modules())
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and emb.weight.device.type != "meta":
-        return emb.weight.device
-    return torch.device("cpu")
-
-
 def record_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
@@ -114,7 +106,7 @@ def record_block_inputs(
 
         return stub
 
-    device = _input_device(model)
+    device = input_device(model)
     try:
         for i, blk in enumerate(blocks):
             blk.forward = make_stub(i)
@@ -221,7 +213,8 @@ class _StatsCollector:
             hidden = hidden.reshape(-1, hidden.shape[-1])
             gate_up = by_param.get("gate_up_proj", {})
             down = by_param.get("down_proj", {})
-            for e in range(_read_param(mod, "gate_up_proj").shape[0]):
+            gate_up_weight = _read_param(mod, "gate_up_proj")  # once per call: offloaded reads load the tensor
+            for e in range(gate_up_weight.shape[0]):
                 tokens = (top_k_index == e).any(-1).reshape(-1)
                 if not bool(tokens.any()):
                     continue
@@ -229,7 +222,7 @@ class _StatsCollector:
                 if e in gate_up:
                     self.stats[gate_up[e].name].add(x)
                 if e in down:
-                    w = _read_param(mod, "gate_up_proj")[e].to(x.device, x.dtype)
+                    w = gate_up_weight[e].to(x.device, x.dtype)
                     g, u = nn.functional.linear(x, w).chunk(2, dim=-1)
                     self.stats[down[e].name].add(mod.act_fn(g) * u)
             self._done(mod)
@@ -322,9 +315,8 @@ class SequentialPruner:
         return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, unit="block")
 
     def target_sparsity(self, layer: PrunableLayer, block_idx: int) -> float:
-        if any(re.search(p, layer.report_name) for p in self.config.layer_sparsity):
-            return self.config.sparsity_for(layer.report_name)
-        return self.block_sparsity[block_idx]
+        override = self.config.layer_override(layer.report_name)
+        return self.block_sparsity[block_idx] if override is None else override
 
     # ---------------------------------------------------------------- main entry
     def run(self, calib: torch.Tensor | None) -> list[LayerResult]:

@@ -39,6 +39,14 @@ except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model expects its input ids: the input embedding's device (CPU if it is offloaded)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    return torch.device("cpu")
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified_name, module_list)`` of the repeated decoder blocks."""
     best: tuple[int, str, nn.ModuleList] | None = None
