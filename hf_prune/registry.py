@@ -38,6 +38,7 @@ def register_method(name: str) -> Callable[[T], T]:
 
 def _ensure_builtin() -> None:
     from . import methods  # noqa: F401  (importing registers the built-in methods)
+    from .structure import methods as _structured_methods  # noqa: F401  (registers flap, taylor, angular, ...)
     from .training import methods as _training_methods  # noqa: F401  (registers gmp, movement, lottery)
 
 

@@ -1,0 +1,277 @@
+"""Calibration statistics for structured scoring (lifecycle: hooks, devices, blocks; math in `scores`).
+
+* `collect_width_stats` and `collect_depth_stats` run block by block with the one-shot pipeline's machinery
+  (`hf_prune.pipeline.record_block_inputs`, `on_device`, per-block replay of the recorded kwargs): only one
+  block and the calibration activations live on the compute device. Statistics are taken on the *dense*
+  model in one pass: scoring only plans, nothing is removed until surgery, and global allocation needs the
+  scores of every block before it can pick anything (FLAP collects them the same way).
+* `collect_taylor_grads` is *not* block by block: first-order Taylor needs the gradient of the causal-LM
+  loss, so the whole model runs forward + backward on every calibration batch (in eval mode). Gradients
+  of the scored weights are folded into float32 accumulators by post-accumulate hooks and the ``.grad``
+  tensors are freed at once; no other parameter gets a gradient. The model must fit its device(s) for
+  training-style forward+backward (a CPU model is moved to ``device`` for the duration).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_prune.structure.collect import collect_depth_stats
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...                                      num_attention_heads=4, vocab_size=100)).eval()
+    >>> stats = collect_depth_stats(model, torch.randint(0, 100, (4, 16)), 2, torch.device("cpu"))
+    >>> len(stats.block_influence), stats.last_token_states.shape
+    (3, torch.Size([4, 4, 32]))
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError
+from ..pipeline import _check_finite, _run_block, on_device, record_block_inputs
+from ..targets import find_blocks, input_device
+from .plan import BlockSpec
+from .scores import RunningMoments, angular_distance, span_distances, token_cosine
+
+BlockHook = Callable[[int, nn.Module], list[Any]]
+BlockDone = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
+
+
+def _progress(iterable: Iterable, desc: str, total: int, show: bool, unit: str = "block") -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not show, unit=unit)
+
+
+def sweep_blocks(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    before: BlockHook | None = None,
+    after: BlockDone | None = None,
+    desc: str = "structured: statistics",
+    show_progress: bool = False,
+) -> None:
+    """Run the calibration batches through the dense model block by block.
+
+    ``before(i, block)`` may register hooks and returns their handles (removed after the block ran);
+    ``after(i, inputs, outputs)`` sees the block's per-batch input and output hidden states.
+    """
+    _, blocks = find_blocks(model)
+    hidden, calls = record_block_inputs(model, blocks, calibration, batch_size)
+    hidden = [h.to(device) for h in hidden]
+    _check_finite(hidden, "entering block 0 (embeddings)")
+    for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
+        block = blocks[i]
+        with on_device(block, device):
+            handles = before(i, block) if before is not None else []
+            try:
+                out = _run_block(block, hidden, calls[i], device)
+            finally:
+                for h in handles:
+                    h.remove()
+        _check_finite(out, f"leaving block {i}")
+        if after is not None:
+            after(i, hidden, out)
+        hidden = out
+
+
+# ----------------------------------------------------------------------------------------- width stats
+def collect_width_stats(
+    model: nn.Module,
+    specs: Sequence[BlockSpec],
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = False,
+    desc: str = "structured: input statistics",
+) -> dict[str, RunningMoments]:
+    """Mean/variance/sum of squares per input channel of every attention and MLP output projection.
+
+    Keyed by the projection's module path (``spec.attention.o`` / ``spec.mlp.output``).
+    """
+    stats: dict[str, RunningMoments] = {}
+    by_block = {s.index: s for s in specs}
+
+    def hook_for(path: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if path not in stats:
+                stats[path] = RunningMoments(x.shape[-1], device=x.device)
+            stats[path].add(x)
+
+        return hook
+
+    def before(i: int, block: nn.Module) -> list[Any]:
+        spec = by_block.get(i)
+        paths = [] if spec is None else [p for p in (spec.attention and spec.attention.o,
+                                                     spec.mlp and spec.mlp.output) if p]
+        return [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths]
+
+    sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
+    for path, s in stats.items():
+        if not s.is_finite():
+            raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------- depth stats
+@dataclass
+class DepthStats:
+    """Block Influence per block and last-token hidden states at every block boundary.
+
+    ``last_token_states`` is ``[samples, blocks + 1, hidden]`` (float32, CPU): boundary ``l`` is the input of
+    block ``l``, the last one the output of the last block. ``span_all_tokens`` (only when requested with a
+    span length ``n``) holds the angular distance between boundaries ``l`` and ``l + n`` averaged over all
+    tokens.
+    """
+
+    block_influence: list[float]
+    last_token_states: torch.Tensor
+    span: int | None = None
+    span_all_tokens: torch.Tensor | None = None
+    tokens: int = 0
+
+    def span_distances(self, n: int, last_token: bool = True) -> torch.Tensor:
+        """Angular distance of removing blocks ``l..l+n-1`` for every start ``l``."""
+        if last_token:
+            return span_distances(self.last_token_states, n)
+        if self.span != n or self.span_all_tokens is None:
+            raise ValueError(f"all-token distances were collected for span {self.span}, not {n}")
+        return self.span_all_tokens
+
+
+@dataclass
+class _DepthAccumulator:
+    n_blocks: int
+    span: int | None
+    cos_sum: list[float] = field(default_factory=list)
+    count: list[int] = field(default_factory=list)
+    last: list[list[torch.Tensor]] = field(default_factory=list)  # per boundary, per batch [b, hidden]
+    ring: deque = field(default_factory=deque)  # (boundary, per-batch hidden on CPU) for all-token spans
+    span_sum: list[float] = field(default_factory=list)
+    span_count: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cos_sum = [0.0] * self.n_blocks
+        self.count = [0] * self.n_blocks
+        self.last = [[] for _ in range(self.n_blocks + 1)]
+        if self.span:
+            self.span_sum = [0.0] * (self.n_blocks + 1 - self.span)
+            self.span_count = [0] * (self.n_blocks + 1 - self.span)
+
+    def boundary(self, b: int, hidden: list[torch.Tensor]) -> None:
+        self.last[b] = [h[:, -1, :].float().cpu() for h in hidden]
+        if not self.span:
+            return
+        if b >= self.span:
+            start, old = self.ring[0]
+            assert start == b - self.span
+            for h_old, h_new in zip(old, hidden):
+                d = angular_distance(token_cosine(h_old, h_new.cpu()))
+                self.span_sum[start] += float(d.double().sum())
+                self.span_count[start] += d.numel()
+            self.ring.popleft()
+        if b + self.span <= self.n_blocks:
+            self.ring.append((b, [h.detach().cpu() for h in hidden]))
+
+    def after(self, i: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        if i == 0:
+            self.boundary(0, inputs)
+        for a, b in zip(inputs, outputs):
+            cos = token_cosine(a, b)
+            self.cos_sum[i] += float(cos.double().sum())
+            self.count[i] += cos.numel()
+        self.boundary(i + 1, outputs)
+
+
+def collect_depth_stats(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = False,
+    all_token_span: int | None = None,
+) -> DepthStats:
+    """One dense block-by-block pass: Block Influence of every block and last-token boundary states.
+
+    ``all_token_span=n`` also averages the angular distance of every span of ``n`` blocks over *all* tokens;
+    this keeps up to ``n`` boundaries' hidden states on the CPU (``n`` times the calibration activations).
+    """
+    _, blocks = find_blocks(model)
+    acc = _DepthAccumulator(len(blocks), all_token_span)
+    sweep_blocks(model, calibration, batch_size, device, after=acc.after, desc="structured: block similarity",
+                 show_progress=show_progress)
+    bi = [1.0 - s / max(c, 1) for s, c in zip(acc.cos_sum, acc.count)]
+    states = torch.stack([torch.cat(per_batch, 0) for per_batch in acc.last], dim=1)
+    span_all = None
+    if all_token_span:
+        span_all = torch.tensor([s / max(c, 1) for s, c in zip(acc.span_sum, acc.span_count)])
+    return DepthStats(bi, states, all_token_span, span_all, tokens=sum(acc.count[:1]))
+
+
+# ------------------------------------------------------------------------------------------ taylor
+def collect_taylor_grads(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Sum over calibration batches of ``d loss / d p`` (float32) for each named parameter in ``params``.
+
+    The loss is the causal-LM loss (labels = inputs) of each batch. Only ``params`` require grad during the
+    run (the original ``requires_grad`` flags are restored); each ``.grad`` is folded into its float32
+    accumulator as soon as autograd has produced it and then released.
+    """
+    grads: dict[str, torch.Tensor] = {}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p): name for name, p in params.items()}
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(p: torch.Tensor) -> None:
+            if name in grads:
+                grads[name] += p.grad.float()
+            else:
+                grads[name] = p.grad.float().clone()
+            p.grad = None
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        for name, p in params.items():
+            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        with on_device(model, device), torch.enable_grad():
+            dev = input_device(model)
+            batches = calibration.split(batch_size)
+            for batch in _progress(batches, "taylor: gradients", len(batches), show_progress, unit="batch"):
+                batch = batch.to(dev)
+                out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch, use_cache=False)
+                if not bool(torch.isfinite(out.loss)):
+                    raise NumericalError("taylor: the calibration loss is NaN/Inf; load the model in bfloat16/"
+                                         "float32 or check the calibration data")
+                out.loss.backward()
+                del out
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    missing = [name for name in params if name not in grads]
+    if missing:
+        raise NumericalError(f"taylor: no gradient reached {missing[:3]} (is the parameter used by the forward?)")
+    return grads

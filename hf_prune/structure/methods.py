@@ -1,0 +1,481 @@
+"""Registered structured methods: each decides what to remove and returns a `StructuredPlan`.
+
+========================  ==========  ==========================================================
+name                      structured  score
+========================  ==========  ==========================================================
+``"flap"``                width       input fluctuation of the output projections (FLAP)
+``"wanda-sp"``            width       ``mean |W| * ||X||`` of the output projections
+``"taylor"``              width       first-order Taylor ``w * dL/dw`` per dependency group
+``"block-influence"``     depth       ShortGPT Block Influence, lowest blocks go
+``"angular"``             depth       contiguous span with the smallest angular distance
+``"finercut"``            sublayer    greedy removal of attention / MLP sublayers
+========================  ==========  ==========================================================
+
+Every method has ``plan(model, calibration, config, device, show_progress) -> (StructuredPlan, info)``;
+surgery (`hf_prune.structure.surgery.apply_plan`) makes the model smaller afterwards. ``config.sparsity``
+is the fraction of decoder-block parameters to remove.
+
+Config fields read (with these defaults): ``sparsity``, ``width_units="both"`` (``"mlp"``, ``"heads"``),
+``allocation="global"`` (``"uniform"``), ``gqa_mode="query"`` (``"group"``), ``bias_compensation=True``
+(FLAP and Wanda-sp), ``round_to=1``, ``angular_last_token=True``, ``taylor_variant="element"``
+(``"vector"``), ``finercut_tokens=2048``, plus ``batch_size``.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_prune.registry import get_method
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    ...                                      num_attention_heads=4, vocab_size=100)).eval()
+    >>> method = get_method("block-influence")
+    >>> method.structured
+    'depth'
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(sparsity=0.25, batch_size=4)
+    >>> plan, info = method(cfg).plan(model, torch.randint(0, 100, (4, 16)), cfg, torch.device("cpu"), False)
+    >>> len(plan.remove_blocks)
+    1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, ConfigError
+from ..methods.base import PruningMethod
+from ..registry import register_method
+from ..targets import PrunableLayer, find_blocks
+from .allocate import WidthScores, allocate_width, check_choice, choose_blocks, span_length
+from .collect import collect_depth_stats, collect_taylor_grads, collect_width_stats
+from .finercut import greedy_sublayers
+from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
+from .scores import (
+    best_span,
+    bias_compensation,
+    fluctuation_scores,
+    group_sum,
+    head_channels,
+    taylor_importance,
+    unit_terms,
+    wanda_sp_scores,
+)
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+DEFAULTS: dict[str, Any] = {
+    "width_units": "both",
+    "allocation": "global",
+    "gqa_mode": "query",
+    "bias_compensation": True,
+    "round_to": 1,
+    "angular_last_token": True,
+    "taylor_variant": "element",
+    "finercut_tokens": 2048,
+    "batch_size": 8,
+}
+
+
+def option(config: Any, name: str) -> Any:
+    """``config.<name>``, or the documented default while the field does not exist."""
+    value = getattr(config, name, None)
+    return DEFAULTS.get(name) if value is None else value
+
+
+def block_specs(model: nn.Module) -> list[BlockSpec]:
+    """The architecture specs of every decoder block (`hf_prune.structure.arch.block_specs`)."""
+    from .arch import block_specs as specs
+
+    return specs(model)
+
+
+# ------------------------------------------------------------------------------------- parameter costs
+def _is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Parameters removed with one unit of one block (``kv_group``: a kv head with all of its query heads)."""
+
+    mlp_channel: int = 0
+    query_head: int = 0
+    kv_group: int = 0
+    attention: int = 0
+    mlp: int = 0
+    block: int = 0
+
+
+def unit_costs(model: nn.Module, spec: BlockSpec) -> UnitCosts:
+    """Parameter cost of each removable unit of one block (from `hf_prune.structure.arch.unit_params`)."""
+    from .arch import unit_params
+
+    u = unit_params(model, spec)
+    q_per_kv = spec.attention.num_heads // spec.attention.num_kv_heads if spec.attention is not None else 0
+    return UnitCosts(u["mlp_channel"], u["query_head"], q_per_kv * u["query_head"] + u["kv_head"],
+                     u["attention"], u["mlp"], u["block"])
+
+
+def _budget(model: nn.Module, config: Any) -> tuple[float, int, list[nn.Module]]:
+    sparsity = getattr(config, "sparsity", None)
+    if not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        raise ConfigError(f"sparsity={sparsity!r}: structured pruning needs the fraction of decoder-block "
+                          "parameters to remove, a number in (0, 1)")
+    _, blocks = find_blocks(model)
+    total = sum(_numel(b) for b in blocks)
+    return float(sparsity) * total, total, list(blocks)
+
+
+def _require_calibration(name: str, calibration: torch.Tensor | None) -> torch.Tensor:
+    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+        raise CalibrationError(f"method={name!r} needs calibration token ids [samples, seqlen]; got "
+                               f"{type(calibration).__name__}")
+    return calibration
+
+
+def _weight(model: nn.Module, path: str) -> torch.Tensor:
+    """The ``[out, in]`` float32 weight of a linear / Conv1D module."""
+    module = model.get_submodule(path)
+    layer = PrunableLayer(path, module, kind="conv1d" if _is_conv1d(module) else "linear")
+    return layer.read_weight().float()
+
+
+class StructuredMethod(PruningMethod):
+    """Base of the structured methods (``structured`` = ``"width"`` | ``"depth"`` | ``"sublayer"``)."""
+
+    structured: ClassVar[str] = ""
+
+    def plan(
+        self, model: nn.Module, calibration: torch.Tensor | None, config: Any, device: torch.device,
+        show_progress: bool = True,
+    ) -> tuple[StructuredPlan, dict]:
+        raise NotImplementedError
+
+    def prune_group(self, weights, stats, sparsities, names):  # type: ignore[no-untyped-def]
+        raise ConfigError(f"method={self.name!r} is structured: use hf_prune.prune, not the one-shot pipeline")
+
+
+# ------------------------------------------------------------------------------------------ width
+class _WidthMethod(StructuredMethod):
+    structured = "width"
+    standardized: ClassVar[bool] = True  # global threshold on per-module standardized scores
+    compensates: ClassVar[bool] = False  # may add FLAP's bias compensation
+
+    def scores(
+        self, model: nn.Module, specs: list[BlockSpec], calibration: torch.Tensor, config: Any,
+        device: torch.device, show_progress: bool,
+    ) -> tuple[dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]], dict]:
+        """Per block: (MLP channel scores, query-head scores, kv-group scores or None); plus stats."""
+        raise NotImplementedError
+
+    def plan(
+        self, model: nn.Module, calibration: torch.Tensor | None, config: Any, device: torch.device,
+        show_progress: bool = True,
+    ) -> tuple[StructuredPlan, dict]:
+        calibration = _require_calibration(self.name, calibration)
+        units, allocation = option(config, "width_units"), option(config, "allocation")
+        gqa_mode, round_to = option(config, "gqa_mode"), option(config, "round_to")
+        check_choice("width_units", units, ("mlp", "heads", "both"))
+        target, total, blocks = _budget(model, config)
+        specs = block_specs(model)
+        scores, stats = self.scores(model, specs, calibration, config, device, show_progress)
+        width: list[WidthScores] = []
+        for spec in specs:
+            c = unit_costs(model, spec)
+            mlp_s, head_s, group_s = scores.get(spec.index, (None, None, None))
+            kv = spec.attention.num_kv_heads if spec.attention is not None else 1
+            width.append(WidthScores(spec.index, mlp_s, head_s, group_s, kv, c.mlp_channel, c.query_head, c.kv_group))
+        layers, info = allocate_width(width, target, allocation, gqa_mode, units, round_to, self.standardized)
+        if self.compensates and option(config, "bias_compensation"):
+            self._compensate(model, specs, layers, stats)
+        info.update({"method": self.name, "block_params": total, "sparsity": info["removed_params"] / total,
+                     "layers": _layer_report(specs, layers)})
+        return StructuredPlan(layers=layers), info
+
+    @staticmethod
+    def _compensate(model: nn.Module, specs: list[BlockSpec], layers: dict[int, LayerPlan], stats: dict) -> None:
+        for spec in specs:
+            plan = layers.get(spec.index)
+            if plan is None:
+                continue
+            if plan.mlp_keep is not None and spec.mlp is not None:
+                keep = set(plan.mlp_keep)
+                pruned = [j for j in range(spec.mlp.intermediate) if j not in keep]
+                plan.mlp_bias = bias_compensation(_weight(model, spec.mlp.output), stats[spec.mlp.output].mean,
+                                                  pruned).cpu()
+            if plan.heads_keep is not None and spec.attention is not None:
+                a = spec.attention
+                keep = set(plan.heads_keep)
+                pruned = head_channels([h for h in range(a.num_heads) if h not in keep], a.head_dim)
+                plan.attn_bias = bias_compensation(_weight(model, a.o), stats[a.o].mean, pruned).cpu()
+
+
+def _layer_report(specs: list[BlockSpec], layers: dict[int, LayerPlan]) -> dict[int, dict]:
+    out = {}
+    for spec in specs:
+        plan = layers.get(spec.index, LayerPlan())
+        row: dict[str, Any] = {}
+        if spec.mlp is not None:
+            row["mlp"] = f"{len(plan.mlp_keep) if plan.mlp_keep is not None else spec.mlp.intermediate}" \
+                         f"/{spec.mlp.intermediate}"
+        if spec.attention is not None:
+            a = spec.attention
+            row["heads"] = f"{len(plan.heads_keep) if plan.heads_keep is not None else a.num_heads}/{a.num_heads}"
+            row["kv_heads"] = (f"{len(plan.kv_heads_keep) if plan.kv_heads_keep is not None else a.num_kv_heads}"
+                               f"/{a.num_kv_heads}")
+        out[spec.index] = row
+    return out
+
+
+class _ActivationWidthMethod(_WidthMethod):
+    """Scores from the inputs of the attention / MLP output projections (FLAP, Wanda-sp)."""
+
+    compensates = True
+
+    def channel_scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, model, specs, calibration, config, device, show_progress):  # type: ignore[no-untyped-def]
+        stats = collect_width_stats(model, specs, calibration, option(config, "batch_size"), device, show_progress,
+                                    desc=f"{self.name}: input statistics")
+        out: dict[int, tuple] = {}
+        for spec in specs:
+            mlp_s = head_s = None
+            if spec.mlp is not None:
+                mlp_s = self.channel_scores(_weight(model, spec.mlp.output), stats[spec.mlp.output]).cpu()
+            if spec.attention is not None:
+                a = spec.attention
+                head_s = group_sum(self.channel_scores(_weight(model, a.o), stats[a.o]), a.head_dim).cpu()
+            out[spec.index] = (mlp_s, head_s, None)
+        return out, stats
+
+
+@register_method("flap")
+class Flap(_ActivationWidthMethod):
+    """FLAP (An et al., 2024): fluctuation ``Var(X_j) * ||W[:, j]||^2``, standardized, global, bias compensated."""
+
+    def channel_scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
+        return fluctuation_scores(weight, stats.var)
+
+
+@register_method("wanda-sp")
+class WandaSp(_ActivationWidthMethod):
+    """Wanda-sp: ``mean_i |W_ij| * ||X_j||`` per channel, summed per head."""
+
+    def channel_scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
+        return wanda_sp_scores(weight, stats.sum_sq)
+
+
+# ------------------------------------------------------------------------------------------ taylor
+def _rows(start: int, units: int, size: int, stride: int | None = None) -> torch.Tensor:
+    """``[units, size]`` row indices: unit u owns ``start + u*stride .. + size`` (stride defaults to size)."""
+    stride = size if stride is None else stride
+    return start + torch.arange(units).view(-1, 1) * stride + torch.arange(size).view(1, -1)
+
+
+def _taylor_params(model: nn.Module, specs: list[BlockSpec]) -> dict[str, nn.Parameter]:
+    paths: list[str] = []
+    for spec in specs:
+        if spec.attention is not None:
+            a = spec.attention
+            paths += [p for p in (a.q, a.k, a.v, a.qkv, a.o) if p]
+        if spec.mlp is not None:
+            paths += [*spec.mlp.inputs, spec.mlp.output] + ([spec.mlp.fused_gate_up] if spec.mlp.fused_gate_up else [])
+    params: dict[str, nn.Parameter] = {}
+    for path in paths:
+        module = model.get_submodule(path)
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if isinstance(p, nn.Parameter):
+                params[f"{path}.{pname}"] = p
+    return params
+
+
+class _TaylorTerms:
+    """Accumulates per-unit ``(sum w*g, sum |w*g|)`` over the parameters of a group."""
+
+    def __init__(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+        self.model, self.grads = model, grads
+
+    def terms(self, path: str, index: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit terms of module ``path``'s weight (``dim`` 0 = rows, 1 = columns of ``[out, in]``) and bias."""
+        module = self.model.get_submodule(path)
+        w = module.weight.detach()
+        g = self.grads[f"{path}.weight"].to(w.device)
+        prod = w.float() * g
+        if _is_conv1d(module):
+            prod = prod.t()
+        signed, absolute = unit_terms(prod, index, dim)
+        bias = getattr(module, "bias", None)
+        if dim == 0 and isinstance(bias, nn.Parameter) and f"{path}.bias" in self.grads:
+            s_b, a_b = unit_terms(bias.detach().float() * self.grads[f"{path}.bias"].to(bias.device), index, 0)
+            signed, absolute = signed + s_b, absolute + a_b
+        return signed.cpu(), absolute.cpu()
+
+
+@register_method("taylor")
+class Taylor(_WidthMethod):
+    """LLM-Pruner's first-order Taylor importance per dependency group (needs gradients; not block by block).
+
+    Groups: MLP channel ``j`` = row ``j`` of every input projection (gate/up/fc, both halves of a fused
+    gate_up) + column ``j`` of the output projection; query head ``h`` = its q rows + its o columns; a kv
+    group (``gqa_mode="group"``) adds the kv head's k and v rows to its query heads. Raw scores estimate
+    the loss change, so the global threshold compares them directly (no standardization).
+    """
+
+    standardized = False
+
+    def scores(self, model, specs, calibration, config, device, show_progress):  # type: ignore[no-untyped-def]
+        variant = option(config, "taylor_variant")
+        check_choice("taylor_variant", variant, ("element", "vector"))
+        grads = collect_taylor_grads(model, _taylor_params(model, specs), calibration, option(config, "batch_size"),
+                                     device, show_progress)
+        t = _TaylorTerms(model, grads)
+        out: dict[int, tuple] = {}
+        for spec in specs:
+            mlp_s = head_s = group_s = None
+            if spec.mlp is not None:
+                mlp_s = taylor_importance(*_mlp_terms(t, spec.mlp), variant)
+            if spec.attention is not None:
+                (hs, ha), (ks, ka) = _attention_terms(t, spec.attention)
+                head_s = taylor_importance(hs, ha, variant)
+                q = spec.attention.num_heads // spec.attention.num_kv_heads
+                gs = hs.view(-1, q).sum(1) + ks
+                ga = ha.view(-1, q).sum(1) + ka
+                group_s = taylor_importance(gs, ga, variant)
+            out[spec.index] = (mlp_s, head_s, group_s)
+        del grads
+        return out, {}
+
+
+def _mlp_terms(t: _TaylorTerms, m: MlpSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    n = m.intermediate
+    rows = torch.arange(n).view(-1, 1)
+    parts = [t.terms(p, rows, 0) for p in m.inputs]
+    if m.fused_gate_up:
+        parts.append(t.terms(m.fused_gate_up, torch.cat([rows, rows + n], 1), 0))
+    parts.append(t.terms(m.output, rows, 1))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)  # type: ignore[return-value]
+
+
+def _attention_terms(t: _TaylorTerms, a: AttentionSpec) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    h, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
+    o = t.terms(a.o, _rows(0, h, d), 1)
+    if a.qkv is None:
+        q = t.terms(a.q, _rows(0, h, d), 0)  # type: ignore[arg-type]
+        k = t.terms(a.k, _rows(0, kv, d), 0)  # type: ignore[arg-type]
+        v = t.terms(a.v, _rows(0, kv, d), 0)  # type: ignore[arg-type]
+    elif a.qkv_layout == "interleaved":
+        if kv != h:
+            raise ConfigError(f"{a.module}: interleaved qkv with grouped kv heads is not supported by taylor")
+        q = t.terms(a.qkv, _rows(0, h, d, 3 * d), 0)
+        k = t.terms(a.qkv, _rows(d, h, d, 3 * d), 0)
+        v = t.terms(a.qkv, _rows(2 * d, h, d, 3 * d), 0)
+    else:
+        q = t.terms(a.qkv, _rows(0, h, d), 0)
+        k = t.terms(a.qkv, _rows(h * d, kv, d), 0)
+        v = t.terms(a.qkv, _rows((h + kv) * d, kv, d), 0)
+    head = (q[0] + o[0], q[1] + o[1])
+    kvg = (k[0] + v[0], k[1] + v[1])
+    return head, kvg
+
+
+# ------------------------------------------------------------------------------------------ depth
+@register_method("block-influence")
+class BlockInfluence(StructuredMethod):
+    """ShortGPT: remove the blocks with the lowest ``BI = 1 - mean cos(x_in, x_out)``."""
+
+    structured = "depth"
+
+    def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
+        calibration = _require_calibration(self.name, calibration)
+        target, total, blocks = _budget(model, config)
+        costs = [_numel(b) for b in blocks]
+        stats = collect_depth_stats(model, calibration, option(config, "batch_size"), device, show_progress)
+        chosen = choose_blocks(stats.block_influence, costs, target)
+        removed = sum(costs[i] for i in chosen)
+        info = {"method": self.name, "block_influence": stats.block_influence, "remove_blocks": chosen,
+                "block_params": total, "removed_params": removed, "target_params": int(round(target)),
+                "sparsity": removed / total}
+        return StructuredPlan(remove_blocks=chosen), info
+
+
+@register_method("angular")
+class Angular(StructuredMethod):
+    """Gromov et al.: remove the contiguous span of ``n`` blocks with the smallest angular distance."""
+
+    structured = "depth"
+
+    def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
+        calibration = _require_calibration(self.name, calibration)
+        target, total, blocks = _budget(model, config)
+        costs = [_numel(b) for b in blocks]
+        n = span_length(costs, target)
+        last_token = bool(option(config, "angular_last_token"))
+        info: dict[str, Any] = {"method": self.name, "block_params": total, "target_params": int(round(target)),
+                                "span": n, "last_token": last_token}
+        if n == 0:
+            info.update({"remove_blocks": [], "removed_params": 0, "sparsity": 0.0})
+            return StructuredPlan(), info
+        stats = collect_depth_stats(model, calibration, option(config, "batch_size"), device, show_progress,
+                                    all_token_span=None if last_token else n)
+        dist = stats.span_distances(n, last_token)
+        start = best_span(dist)
+        chosen = list(range(start, start + n))
+        removed = sum(costs[i] for i in chosen)
+        info.update({"distances": dist.tolist(), "start": start, "remove_blocks": chosen,
+                     "removed_params": removed, "sparsity": removed / total})
+        return StructuredPlan(remove_blocks=chosen), info
+
+
+# ---------------------------------------------------------------------------------------- sublayer
+@register_method("finercut")
+class FinerCut(StructuredMethod):
+    """FinerCut: greedily remove the attention / MLP sublayers whose removal changes the output least.
+
+    Uses the first ``finercut_tokens`` (default 2048) calibration tokens: ``max(1, tokens // seqlen)``
+    sequences, each cut to at most ``tokens`` positions. A block whose attention and MLP both go is
+    removed as a whole block.
+    """
+
+    structured = "sublayer"
+
+    def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
+        calibration = _require_calibration(self.name, calibration)
+        tokens = int(option(config, "finercut_tokens"))
+        seqlen = min(calibration.shape[1], tokens)
+        calib = calibration[: max(1, tokens // seqlen), :seqlen]
+        target, total, blocks = _budget(model, config)
+        specs = block_specs(model)
+        costs: dict[tuple[int, str], int] = {}
+        for spec in specs:
+            c = unit_costs(model, spec)
+            if spec.attention is not None:
+                costs[(spec.index, "attention")] = c.attention
+            if spec.mlp is not None:
+                costs[(spec.index, "mlp")] = c.mlp
+        order = greedy_sublayers(model, specs, costs, calib, option(config, "batch_size"), device, target,
+                                 show_progress)
+        layers: dict[int, LayerPlan] = {}
+        for step in order:
+            plan = layers.setdefault(step["block"], LayerPlan())
+            if step["sublayer"] == "attention":
+                plan.remove_attention = True
+            else:
+                plan.remove_mlp = True
+        both = sorted(i for i, p in layers.items() if p.remove_attention and p.remove_mlp)
+        for i in both:
+            del layers[i]
+        removed = sum(s["params"] for s in order)
+        info = {"method": self.name, "order": order, "block_params": total, "removed_params": removed,
+                "target_params": int(round(target)), "sparsity": removed / total, "tokens": calib.numel()}
+        return StructuredPlan(layers=layers, remove_blocks=both), info
