@@ -32,15 +32,26 @@ def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *
         if args:
             raise TypeError("save_pretrained(..., sparse_format=...) takes keyword arguments only after save_directory")
         return save_sparse_pretrained(self, save_directory, sparse_format, **kwargs)
-    if kwargs.get("push_to_hub") or not getattr(self, "_hf_prune_report", None) and not _is_pruned(self):
+    structured = _is_structured(self)
+    if kwargs.get("push_to_hub") or not getattr(self, "_hf_prune_report", None) and not _is_pruned(self) \
+            and not structured:
         return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
     from .io import atomic_save_pretrained
+    from .structure.loading import finalize_checkpoint
 
-    return atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, **kwargs)
+    return atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, finalize=finalize_checkpoint,
+                                  **kwargs)
 
 
 def _is_pruned(model: PreTrainedModel) -> bool:
     return bool(getattr(getattr(model, "config", None), "pruning_config", None))
+
+
+def _is_structured(model: PreTrainedModel) -> bool:
+    """Structurally pruned: per-layer shapes (hf_prune_structure) or a model loaded through the remote-code class."""
+    from .structure.config_io import is_structured
+
+    return is_structured(getattr(model, "config", None)) or type(model).__name__.startswith("HfPrune")
 
 
 def install() -> None:
@@ -52,6 +63,9 @@ def install() -> None:
 
     PreTrainedModel.prune = _model_prune  # type: ignore[attr-defined]
     PreTrainedModel.save_pretrained = functools.wraps(_ORIGINAL_SAVE)(_save_pretrained)  # type: ignore[method-assign]
+    from .structure import loading
+
+    loading.install()  # build structurally pruned checkpoints with their per-layer shapes
     _INSTALLED = True
 
 
@@ -61,4 +75,7 @@ def uninstall() -> None:
     if hasattr(PreTrainedModel, "prune"):
         del PreTrainedModel.prune  # type: ignore[attr-defined]
     PreTrainedModel.save_pretrained = _ORIGINAL_SAVE  # type: ignore[method-assign]
+    from .structure import loading
+
+    loading.uninstall()
     _INSTALLED = False

@@ -63,10 +63,12 @@ def publish_directory(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
 
 
 def atomic_save_pretrained(
-    save_fn: Callable[..., Any], model: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
+    save_fn: Callable[..., Any], model: Any, save_directory: str | os.PathLike, *args: Any,
+    finalize: Callable[[Any, Path], None] | None = None, **kwargs: Any
 ) -> Any:
     """Call ``save_fn(model, tmpdir, ...)``, add ``pruning_report.json`` if the model carries a report from
-    `hf_prune.prune`, and publish the folder to ``save_directory`` with `publish_directory`."""
+    `hf_prune.prune`, run ``finalize(model, tmpdir)`` if given (e.g. add the structured-pruning modeling file),
+    and publish the folder to ``save_directory`` with `publish_directory`."""
     out = Path(save_directory).resolve()
     if out.is_file():
         raise FileExistsError(f"save_directory={str(out)!r} is a file; pass a folder path")
@@ -77,6 +79,8 @@ def atomic_save_pretrained(
         report = getattr(model, "_hf_prune_report", None)
         if report is not None:
             report.save(tmp)
+        if finalize is not None:
+            finalize(model, tmp)
         publish_directory(tmp, out)
         return result
     finally:

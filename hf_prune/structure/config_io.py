@@ -1,0 +1,232 @@
+"""Make a structurally pruned model's config describe it.
+
+`rewrite_config` first tries the stock fields (``intermediate_size``/``ffn_dim``/``n_inner``,
+``num_attention_heads``, ``num_key_value_heads``, explicit ``head_dim``, ``num_hidden_layers``, trimmed
+``layer_types``, ``attention_bias``/``mlp_bias``) and *verifies* the result by building the stock model class on
+the meta device and comparing every parameter shape with the pruned model. When that fails (per-layer shapes,
+removed attention sublayers, biases the stock class cannot have, head counts where the stock class derives
+``head_dim`` from ``hidden_size``) the global fields stay as they were and the differences go to
+``config.hf_prune_structure`` (read by hf_prune and by the ``trust_remote_code`` modeling file) and, under stock
+field names, to transformers' ``config.per_layer_config``. That result is verified the same way.
+
+Example:
+    >>> from transformers import LlamaConfig
+    >>> from hf_prune.structure.config_io import is_structured
+    >>> is_structured(LlamaConfig())
+    False
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from . import modeling_hf_prune as core
+
+STRUCTURE_KEY = core.STRUCTURE_KEY
+
+
+def is_structured(config: Any) -> bool:
+    """True if ``config`` needs hf_prune (or the saved modeling file) to build the model."""
+    return bool(getattr(config, STRUCTURE_KEY, None))
+
+
+def describe(block: nn.Module) -> dict[str, Any]:
+    """Shapes of one block as built: head counts, MLP width, removed attention, extra output biases."""
+    out: dict[str, Any] = {"attention_removed": False}
+    zero = next((m for m in block.children() if isinstance(m, core.ZeroAttention)), None)
+    attn, mlp = core.attention_layout(block), core.mlp_layout(block)
+    if zero is not None:
+        out.update(attention_removed=True, attention_bias=zero.bias is not None)
+    elif attn is not None:
+        o = block.get_submodule(attn["o"])
+        out.update(num_heads=attn["num_heads"], num_kv_heads=attn["num_kv_heads"], head_dim=attn["head_dim"],
+                   o_bias=o.bias is not None)
+    if mlp is not None:
+        out.update(intermediate=mlp["intermediate"], mlp_bias=block.get_submodule(mlp["output"]).bias is not None)
+    return out
+
+
+def _raw(config: Any) -> dict[str, Any]:
+    return dict(config.__dict__)
+
+
+def _trim_layers(config: Any, kept: list[int], n_before: int) -> None:
+    sparse = None
+    if _raw(config).get("mlp_only_layers") is not None and hasattr(config, "decoder_sparse_step"):
+        only, step = set(config.mlp_only_layers), config.decoder_sparse_step
+        experts = getattr(config, "num_experts", 0) or 0
+        sparse = [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n_before)]
+    for key, value in _raw(config).items():
+        if isinstance(value, list) and len(value) == n_before and not key.startswith("_"):
+            setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+    if sparse is not None:  # Qwen-MoE: which blocks are MoE follows the block index; make it explicit
+        config.decoder_sparse_step = 1
+        config.mlp_only_layers = [j for j, i in enumerate(kept) if not sparse[i]]
+
+
+def _clean_copy(config: Any) -> Any:
+    base = copy.deepcopy(config)
+    base.per_layer_config = None
+    for key in (STRUCTURE_KEY, "auto_map"):
+        base.__dict__.pop(key, None)
+    return base
+
+
+def _meta_build(cls: type, config: Any, structured: bool = False) -> nn.Module:
+    with torch.device("meta"):
+        if not structured:
+            return cls(config)
+        model = cls.__new__(cls)
+        core.begin_build(model, config)
+        cls.__init__(model, config)
+        core.finish_build(model)  # no-op when hf_prune's post_init hook already ran it
+        return model
+
+
+def _shape_diff(live: nn.Module, ref: nn.Module) -> tuple[list[str], list[str]]:
+    """(problems, ref-only bias keys that the live model could add as zeros)."""
+    a = {k: tuple(v.shape) for k, v in live.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    problems = [f"{k}: {a[k]} vs {b[k]}" for k in a.keys() & b.keys() if a[k] != b[k]]
+    problems += [f"{k}: only in the pruned model" for k in a.keys() - b.keys()]
+    addable = []
+    for k in b.keys() - a.keys():
+        path, _, leaf = k.rpartition(".")
+        try:
+            mod = live.get_submodule(path)
+        except AttributeError:
+            mod = None
+        if leaf == "bias" and isinstance(mod, core._LINEAR) and mod.bias is None:
+            addable.append(path)
+        else:
+            problems.append(f"{k}: only in the stock model")
+    return problems, addable
+
+
+def _uniform_fields(base: Any, ref: list[dict], actual: list[dict]) -> dict[str, Any] | None:
+    first = actual[0]
+    if any(d != first for d in actual) or first["attention_removed"]:
+        return None
+    r = ref[0]
+    fields: dict[str, Any] = {}
+    if "num_heads" in first and (first["num_heads"], first["num_kv_heads"]) != (r["num_heads"], r["num_kv_heads"]):
+        fields["num_attention_heads"] = first["num_heads"]
+        if core._has_field(base, "num_key_value_heads"):
+            fields["num_key_value_heads"] = first["num_kv_heads"]
+        fields["head_dim"] = first["head_dim"]
+    if "intermediate" in first and first["intermediate"] != r["intermediate"]:
+        field = core.mlp_field(base)
+        if field is None:
+            return None
+        fields[field] = first["intermediate"]
+    if first.get("o_bias") and not r.get("o_bias"):
+        if not core._has_field(base, "attention_bias"):
+            return None
+        fields["attention_bias"] = True
+    if first.get("mlp_bias") and not r.get("mlp_bias"):
+        if not core._has_field(base, "mlp_bias"):
+            return None
+        fields["mlp_bias"] = True
+    return fields
+
+
+def _try_uniform(model: nn.Module, base: Any, fields: dict[str, Any]) -> bool:
+    candidate = copy.deepcopy(base)
+    for key, value in fields.items():
+        setattr(candidate, key, value)
+    try:
+        ref = _meta_build(type(model), candidate)
+    except Exception:  # the stock class cannot be built from these fields: not expressible
+        return False
+    problems, addable = _shape_diff(model, ref)
+    if problems:
+        return False
+    for path in addable:  # e.g. attention_bias=True also gives q/k/v a bias: zeros keep the function
+        core.add_bias(model.get_submodule(path))
+    config = model.config
+    config.per_layer_config = None
+    config.__dict__.pop(STRUCTURE_KEY, None)
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return True
+
+
+def _layer_entry(i: int, a: dict, r: dict) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    if a["attention_removed"]:
+        if not r["attention_removed"]:
+            entry["attention_removed"] = True
+            if a["attention_bias"]:
+                entry["attention_bias"] = True
+    elif "num_heads" in a:
+        if a["head_dim"] != r.get("head_dim") or a["num_heads"] > r["num_heads"] or a["num_kv_heads"] > r["num_kv_heads"]:
+            raise UnsupportedModelError(f"layer {i}: attention shape {a} cannot be built by shrinking {r}")
+        if (a["num_heads"], a["num_kv_heads"]) != (r["num_heads"], r["num_kv_heads"]):
+            entry.update(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"])
+        if a["o_bias"] and not r["o_bias"]:
+            entry["o_bias"] = True
+    if "intermediate" in a:
+        if a["intermediate"] > r["intermediate"]:
+            raise UnsupportedModelError(f"layer {i}: MLP width {a['intermediate']} exceeds {r['intermediate']}")
+        if a["intermediate"] != r["intermediate"]:
+            entry["intermediate"] = a["intermediate"]
+        if a["mlp_bias"] and not r["mlp_bias"]:
+            entry["mlp_bias"] = True
+    return entry
+
+
+def _stock_overrides(base: Any, entry: dict) -> dict[str, Any]:
+    """The same per-layer shapes under stock field names, where the stock meaning matches."""
+    out: dict[str, Any] = {}
+    field = core.mlp_field(base)
+    if "intermediate" in entry and field is not None:
+        out[field] = entry["intermediate"]
+    # Head counts stay out: in transformers 5.23 the Llama-family config validators read num_attention_heads
+    # globally, which raises on a heterogeneous config (save and load fail); hf_prune_structure carries them.
+    if entry.get("attention_removed"):
+        out["skip"] = ["attention"]
+    return out
+
+
+def rewrite_config(model: nn.Module, prefix: str, kept: list[int], n_before: int) -> str:
+    """Rewrite ``model.config`` after surgery; returns ``"stock"`` or ``"per_layer"`` (which path reloads it).
+
+    ``kept``: original indices of the blocks still in the model (in order), ``n_before``: block count before.
+    """
+    config = model.config
+    config.per_layer_config = None  # rebuilt from the modules below
+    if len(kept) < n_before:
+        _trim_layers(config, kept, n_before)
+    blocks = model.get_submodule(prefix)
+    base = _clean_copy(config)
+    ref_model = _meta_build(type(model), base)
+    ref = [describe(b) for b in core.find_structured_blocks(ref_model, prefix)]
+    actual = [describe(b) for b in blocks]
+    fields = _uniform_fields(base, ref, actual)
+    if fields is not None and _try_uniform(model, base, fields):
+        core.unbind_layer_configs(model)
+        return "stock"
+    layers, per_layer = {}, {}
+    for i, (a, r) in enumerate(zip(actual, ref, strict=True)):
+        entry = _layer_entry(i, a, r)
+        if entry:
+            layers[str(i)] = entry
+            if overrides := _stock_overrides(base, entry):
+                per_layer[i] = overrides
+    config.__dict__[STRUCTURE_KEY] = {"format": core.FORMAT_VERSION, "blocks": prefix, "layers": layers}
+    config.per_layer_config = per_layer or None
+    core.bind_layer_configs(model, blocks)
+    check = _meta_build(type(model), copy.deepcopy(config), structured=True)
+    problems, _ = _shape_diff(model, check)
+    if problems:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the pruned shapes cannot be rebuilt from the rewritten config "
+            f"({'; '.join(sorted(problems)[:3])}); this architecture's structured save is not supported yet"
+        )
+    return "per_layer"

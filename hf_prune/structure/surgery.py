@@ -1,0 +1,209 @@
+"""Physical structured surgery: apply a `StructuredPlan` to a model in place.
+
+Two steps, kept apart: `resolve_plan` validates the whole plan against the model's `BlockSpec`s and turns it into
+per-layer keep lists (pure index math, nothing is touched), then `apply_plan` slices the projections, replaces
+removed attention sublayers, drops whole blocks and rewrites the config (`hf_prune.structure.config_io`).
+
+Semantics of removals: a removed MLP keeps zero channels and its output bias is zeroed, a removed attention becomes
+a `ZeroAttention` (it still advances the KV cache), so the residual branch contributes nothing. With FLAP bias
+compensation (``LayerPlan.attn_bias`` / ``mlp_bias``) the branch instead outputs its original output bias plus
+the compensation, i.e. the mean output of what was removed.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from hf_prune.structure.plan import LayerPlan, StructuredPlan
+    >>> from hf_prune.structure.surgery import apply_plan
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> plan = StructuredPlan(layers={l: LayerPlan(mlp_keep=list(range(32))) for l in (0, 1)}, remove_blocks=[2])
+    >>> removed = apply_plan(model, plan)
+    >>> model.config.intermediate_size, model.config.num_hidden_layers, len(model.model.layers)
+    (32, 2, 2)
+    >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+    torch.Size([1, 3, 100])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..targets import find_blocks
+from . import modeling_hf_prune as core
+from .arch import block_specs
+from .config_io import rewrite_config
+from .plan import BlockSpec, LayerPlan, StructuredPlan
+
+
+@dataclass
+class LayerCut:
+    """What surgery does to one block (original indices; ``None`` = unchanged)."""
+
+    heads: list[int] | None = None
+    kv_heads: list[int] | None = None
+    channels: list[int] | None = None
+    remove_attention: bool = False
+    remove_mlp: bool = False
+    attn_bias: torch.Tensor | None = None
+    mlp_bias: torch.Tensor | None = None
+
+
+def _indices(values: list[int] | None, limit: int, what: str, layer: int) -> list[int] | None:
+    if values is None:
+        return None
+    out = sorted(int(v) for v in values)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"layer {layer}: {what} has repeated indices; give each kept index once")
+    bad = [v for v in out if v < 0 or v >= limit]
+    if bad:
+        raise ConfigError(f"layer {layer}: {what} indices {bad[:5]} are out of range; allowed 0..{limit - 1}")
+    return out
+
+
+def _bias_vector(value: torch.Tensor | None, hidden: int, what: str, layer: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if tuple(value.shape) != (hidden,):
+        raise ConfigError(f"layer {layer}: {what} must have shape [{hidden}] (hidden size), got {tuple(value.shape)}")
+    return value.detach()
+
+
+def _resolve_heads(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int], list[int]] | None:
+    a = spec.attention
+    if lp.heads_keep is None and lp.kv_heads_keep is None:
+        return None
+    if a is None:
+        raise ConfigError(f"layer {i}: heads_keep/kv_heads_keep given but the block has no prunable attention "
+                          "(already removed or unsupported); drop them from the plan")
+    group = a.num_heads // a.num_kv_heads
+    heads = _indices(lp.heads_keep, a.num_heads, "heads_keep", i)
+    kv = _indices(lp.kv_heads_keep, a.num_kv_heads, "kv_heads_keep", i)
+    if heads is None:
+        heads = [h for k in kv for h in range(k * group, (k + 1) * group)]
+    if kv is None:
+        kv = sorted({h // group for h in heads})
+    if not heads:
+        raise ConfigError(f"layer {i}: the plan keeps no attention head; set remove_attention=True to drop the "
+                          "attention sublayer instead")
+    orphans = sorted({h for h in heads if h // group not in kv})
+    if orphans:
+        raise ConfigError(f"layer {i}: query heads {orphans} are kept but their key/value heads "
+                          f"{sorted({h // group for h in orphans})} are not; keep those kv heads or drop the heads")
+    counts = {k: sum(1 for h in heads if h // group == k) for k in kv}
+    if len(set(counts.values())) != 1:
+        raise ConfigError(f"layer {i}: kept query heads per kv head differ ({counts}); grouped-query attention "
+                          "needs the same number of kept query heads in every kept kv group")
+    if a.qkv_layout == "interleaved" or a.num_heads == a.num_kv_heads:
+        if heads != kv:
+            raise ConfigError(f"layer {i}: this attention has one key/value head per query head; heads_keep and "
+                              f"kv_heads_keep must be equal (got {heads} and {kv})")
+    return heads, kv
+
+
+def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> tuple[dict[int, LayerCut], list[int]]:
+    """Validate the whole ``plan`` and return (per-layer cuts, indices of kept blocks). Touches nothing.
+
+    Raises `ConfigError` naming the layer and what is allowed.
+    """
+    n = len(specs)
+    removed = set(_indices(list(plan.remove_blocks), n, "remove_blocks", -1) or [])
+    if len(removed) == n:
+        raise ConfigError(f"the plan removes all {n} blocks; keep at least one")
+    cuts: dict[int, LayerCut] = {}
+    for i, lp in sorted(plan.layers.items()):
+        if not 0 <= int(i) < n:
+            raise ConfigError(f"plan has a LayerPlan for block {i}; the model has blocks 0..{n - 1}")
+        i = int(i)
+        if i in removed:
+            raise ConfigError(f"layer {i}: the plan both removes the block and prunes inside it; keep one of the two")
+        spec = specs[i]
+        cut = LayerCut(remove_attention=lp.remove_attention, remove_mlp=lp.remove_mlp,
+                       attn_bias=_bias_vector(lp.attn_bias, hidden, "attn_bias", i),
+                       mlp_bias=_bias_vector(lp.mlp_bias, hidden, "mlp_bias", i))
+        if lp.remove_attention:
+            if spec.attention is None:
+                raise ConfigError(f"layer {i}: remove_attention=True but the block has no removable attention")
+            if lp.heads_keep is not None or lp.kv_heads_keep is not None:
+                raise ConfigError(f"layer {i}: remove_attention=True together with heads_keep; give one of them")
+        else:
+            resolved = _resolve_heads(spec, lp, i)
+            if resolved is not None:
+                cut.heads, cut.kv_heads = resolved
+            if cut.attn_bias is not None and spec.attention is None:
+                raise ConfigError(f"layer {i}: attn_bias given but the block has no attention output projection")
+        if lp.remove_mlp or lp.mlp_keep is not None or cut.mlp_bias is not None:
+            if spec.mlp is None:
+                raise ConfigError(f"layer {i}: the block has no dense MLP (MoE or none), so mlp_keep/remove_mlp/"
+                                  "mlp_bias cannot apply; remove the whole block or only prune attention")
+        if lp.remove_mlp:
+            if lp.mlp_keep is not None:
+                raise ConfigError(f"layer {i}: remove_mlp=True together with mlp_keep; give one of them")
+            cut.channels = []
+        elif lp.mlp_keep is not None:
+            cut.channels = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
+            if not cut.channels:
+                raise ConfigError(f"layer {i}: mlp_keep is empty; set remove_mlp=True to drop the MLP sublayer")
+        cuts[i] = cut
+    return cuts, [i for i in range(n) if i not in removed]
+
+
+def _cut_block(block: nn.Module, cut: LayerCut) -> None:
+    attn, mlp = core.attention_layout(block), core.mlp_layout(block)
+    if cut.remove_attention:
+        bias = None
+        if cut.attn_bias is not None:
+            o = block.get_submodule(attn["o"])
+            bias = cut.attn_bias.to(o.weight.device, o.weight.dtype)
+            if o.bias is not None:
+                bias = bias + o.bias.data
+        core.remove_attention(block, attn, bias)
+    else:
+        if cut.heads is not None:
+            core.keep_heads(block, attn, cut.heads, cut.kv_heads)
+        if cut.attn_bias is not None:
+            core.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
+    if cut.channels is not None:
+        core.keep_channels(block, mlp, cut.channels)
+        out = block.get_submodule(mlp["output"])
+        if cut.remove_mlp and cut.mlp_bias is None and out.bias is not None:
+            out.bias.data.zero_()
+    if cut.mlp_bias is not None:
+        core.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
+    """Physically apply ``plan`` to ``model`` in place and rewrite ``model.config`` to describe the result.
+
+    Returns the number of parameters removed per block, keyed by *original* block index (a removed block counts
+    all its parameters; FLAP biases added to a bias-free projection count negative). The whole plan is validated
+    first (`ConfigError`); nothing is changed when it is invalid. Works on CPU, GPU and meta tensors.
+    """
+    specs = block_specs(model)
+    prefix, blocks = find_blocks(model)
+    hidden = model.config.get_text_config(decoder=True).hidden_size if hasattr(model, "config") else None
+    if hidden is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no config.hidden_size; structured surgery needs it")
+    cuts, kept = resolve_plan(specs, plan, hidden)
+    if len(kept) < len(blocks) and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError("this GPT-2 config scales attention by 1/(layer index); removing blocks would change "
+                          "the scaling of later blocks on reload. Prune heads/channels only, or keep all blocks")
+    before = [_count(b) for b in blocks]
+    for i, cut in cuts.items():
+        _cut_block(blocks[i], cut)
+    if len(kept) < len(blocks):
+        new_blocks = nn.ModuleList([blocks[i] for i in kept])
+        for new_index, block in enumerate(new_blocks):
+            core.renumber(block, new_index)
+        model.set_submodule(prefix, new_blocks)
+        blocks = new_blocks
+    rewrite_config(model, prefix, kept, n_before=len(before))
+    after = dict(zip(kept, (_count(b) for b in blocks), strict=True))
+    return {i: before[i] - after.get(i, 0) for i in range(len(before)) if before[i] != after.get(i, 0)}
