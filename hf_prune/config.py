@@ -32,6 +32,11 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 )
 
 MAGNITUDE_GROUPS = ("layer", "row")
+#: ``structure`` values of structured methods (`hf_prune.structure`): what a method physically removes.
+STRUCTURED_KINDS = ("width", "depth", "sublayer")
+WIDTH_UNITS = ("both", "mlp", "heads")
+ALLOCATIONS = ("global", "uniform")
+GQA_MODES = ("query", "group")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -42,13 +47,13 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
     """
     if not isinstance(structure, str):
         raise ConfigError(f"structure must be a string ('unstructured' or 'N:M', e.g. '2:4'), got {structure!r}")
-    if structure.strip().lower() == "unstructured":
+    if structure.strip().lower() == "unstructured" or structure in STRUCTURED_KINDS:
         return None
     match = _NM_RE.match(structure)
     if not match:
         raise ConfigError(
             f"structure={structure!r} is not understood; allowed: 'unstructured' or 'N:M' with integers "
-            "0 < N < M (e.g. '2:4', '4:8')"
+            f"0 < N < M (e.g. '2:4', '4:8'), or for structured methods one of {list(STRUCTURED_KINDS)}"
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
@@ -87,6 +92,23 @@ class PruningConfig:
             restores the model. Turn off for models that do not fit twice in CPU memory; a failed run
             then marks the model as incomplete and `save_pretrained` refuses it.
 
+    Structured pruning (methods ``"flap"``, ``"wanda-sp"``, ``"taylor"`` remove MLP channels and attention
+    heads; ``"block-influence"``, ``"angular"`` remove whole blocks; ``"finercut"`` removes attention/MLP
+    sublayers). For these, ``sparsity`` is the fraction of decoder-block *parameters* removed, and
+    ``structure`` is the method's kind (``"width"``, ``"depth"`` or ``"sublayer"``; filled in when omitted).
+
+    Args:
+        width_units: what width methods remove: ``"both"`` (MLP channels and heads), ``"mlp"`` or ``"heads"``.
+        allocation: ``"global"`` (one standardized threshold across layers, FLAP style: layers lose different
+            amounts) or ``"uniform"`` (every layer loses the same fraction).
+        gqa_mode: ``"query"`` removes the same number of query heads from every key/value group of a layer;
+            ``"group"`` removes whole key/value groups (a kv head and all its query heads).
+        bias_compensation: FLAP's bias compensation (the mean contribution of removed channels is added to the
+            output projection's bias); used by ``"flap"`` and ``"wanda-sp"``.
+        round_to: keep a multiple of this many MLP channels per layer (e.g. 8 or 32 for faster kernels).
+        angular_last_token: ``"angular"`` measures distances on each sequence's last token (the paper's
+            choice) instead of all tokens.
+
     Pruning during training (`hf_prune.PruningCallback`; ignored by one-shot `prune`):
 
     Args:
@@ -124,6 +146,13 @@ class PruningConfig:
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
     restore_on_error: bool = True
+    # --- structured pruning (hf_prune.structure) ---
+    width_units: str = "both"
+    allocation: str = "global"
+    gqa_mode: str = "query"
+    bias_compensation: bool = True
+    round_to: int = 1
+    angular_last_token: bool = True
     # --- pruning during training (hf_prune.training) ---
     schedule: str = "cubic"
     start_step: int = 0
@@ -148,6 +177,7 @@ class PruningConfig:
             close = difflib.get_close_matches(str(self.method), available_methods(), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"method={self.method!r} is unknown; allowed: {sorted(available_methods())}.{hint}")
+        self._validate_structured()
         nm = parse_structure(self.structure)
         if nm is not None:
             n, m = nm
@@ -202,6 +232,51 @@ class PruningConfig:
         if self.owl_threshold <= 0:
             raise ConfigError(f"owl_threshold={self.owl_threshold!r} must be > 0 (paper default 5)")
         self._validate_training()
+
+    @property
+    def structured_kind(self) -> str | None:
+        """``"width"``, ``"depth"`` or ``"sublayer"`` for structured methods, else ``None``."""
+        from .registry import get_method
+
+        return getattr(get_method(self.method), "structured", None)
+
+    def _validate_structured(self) -> None:
+        kind = self.structured_kind
+        if kind is None:
+            if self.structure in STRUCTURED_KINDS:
+                from .registry import available_methods, get_method
+
+                names = [m for m in available_methods() if getattr(get_method(m), "structured", None) == self.structure]
+                raise ConfigError(
+                    f"structure={self.structure!r} is a structured-pruning kind, but method={self.method!r} zeroes "
+                    f"weights; use structure='unstructured' or 'N:M', or a {self.structure} method: {names}"
+                )
+            return
+        if self.structure in ("unstructured", kind):
+            self.structure = kind
+        else:
+            raise ConfigError(
+                f"structure={self.structure!r} does not fit method={self.method!r}, which removes {kind} "
+                f"(structure={kind!r}); leave structure unset"
+            )
+        if self.sparsity is None or not 0 < float(self.sparsity) < 1:
+            raise ConfigError(
+                f"sparsity={self.sparsity!r}: for structured method {self.method!r} it is the fraction of decoder "
+                "parameters to remove, a number in (0, 1), e.g. 0.2"
+            )
+        for name, allowed in (("width_units", WIDTH_UNITS), ("allocation", ALLOCATIONS), ("gqa_mode", GQA_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {list(allowed)}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (1 = no rounding)")
+        for name in ("bias_compensation", "angular_last_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.owl or self.layer_sparsity:
+            raise ConfigError(
+                f"owl and layer_sparsity apply to unstructured pruning; structured method {self.method!r} "
+                "allocates per layer itself (allocation='global' or 'uniform')"
+            )
 
     def _validate_training(self) -> None:
         """Fields used by `hf_prune.PruningCallback` (pruning during training)."""

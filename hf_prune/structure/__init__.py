@@ -1,0 +1,1 @@
+"""Structured pruning: remove MLP channels, attention heads, sublayers and whole blocks physically."""
