@@ -39,6 +39,9 @@ def describe(block: nn.Module) -> dict[str, Any]:
     """Shapes of one block as built: head counts, MLP width, removed attention, extra output biases."""
     out: dict[str, Any] = {"attention_removed": False}
     zero = next((m for m in block.children() if isinstance(m, core.ZeroAttention)), None)
+    zero_mlp = next((m for m in block.children() if isinstance(m, core.ZeroMlp)), None)
+    if zero_mlp is not None:
+        out.update(mlp_removed=True, mlp_removed_bias=zero_mlp.bias is not None)
     attn, mlp = core.attention_layout(block), core.mlp_layout(block)
     if zero is not None:
         out.update(attention_removed=True, attention_bias=zero.bias is not None)
@@ -111,7 +114,7 @@ def _shape_diff(live: nn.Module, ref: nn.Module) -> tuple[list[str], list[str]]:
 
 def _uniform_fields(base: Any, ref: list[dict], actual: list[dict]) -> dict[str, Any] | None:
     first = actual[0]
-    if any(d != first for d in actual) or first["attention_removed"]:
+    if any(d != first for d in actual) or first["attention_removed"] or first.get("mlp_removed"):
         return None
     r = ref[0]
     fields: dict[str, Any] = {}
@@ -171,6 +174,10 @@ def _layer_entry(i: int, a: dict, r: dict) -> dict[str, Any]:
             entry.update(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"])
         if a["o_bias"] and not r["o_bias"]:
             entry["o_bias"] = True
+    if a.get("mlp_removed") and not r.get("mlp_removed"):
+        entry["mlp_removed"] = True
+        if a["mlp_removed_bias"]:
+            entry["mlp_removed_bias"] = True
     if "intermediate" in a:
         if a["intermediate"] > r["intermediate"]:
             raise UnsupportedModelError(f"layer {i}: MLP width {a['intermediate']} exceeds {r['intermediate']}")
@@ -189,8 +196,9 @@ def _stock_overrides(base: Any, entry: dict) -> dict[str, Any]:
         out[field] = entry["intermediate"]
     # Head counts stay out: in transformers 5.23 the Llama-family config validators read num_attention_heads
     # globally, which raises on a heterogeneous config (save and load fail); hf_prune_structure carries them.
-    if entry.get("attention_removed"):
-        out["skip"] = ["attention"]
+    skip = [name for name in ("attention", "mlp") if entry.get(f"{name}_removed")]
+    if skip:
+        out["skip"] = skip
     return out
 
 

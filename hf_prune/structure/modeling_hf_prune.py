@@ -280,6 +280,39 @@ class ZeroAttention(nn.Module):
         return f"hidden_size={self.hidden_size}, layer_idx={self.layer_idx}, bias={self.bias is not None}"
 
 
+class ZeroMlp(nn.Module):
+    """Stands in for a removed MLP sublayer: its residual branch is zero (or a constant ``bias``)."""
+
+    def __init__(self, hidden_size: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.hidden_size)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, bias={self.bias is not None}"
+
+
+def remove_mlp(block: nn.Module, layout: dict, bias: torch.Tensor | None = None) -> None:
+    """Remove the block's MLP: replace its module by a `ZeroMlp` (constant output ``bias`` if given), or, where
+    the projections live in the block itself (OPT ``fc1``/``fc2``), keep zero channels and set the output bias."""
+    out = _child(block, layout["output"])
+    if bias is not None:
+        bias = bias.detach().to(dtype=out.weight.dtype, device=out.weight.device).clone()
+    if layout["module"]:
+        block.set_submodule(layout["module"], ZeroMlp(out_features(out), bias))
+        return
+    keep_channels(block, layout, [])
+    if out.bias is not None or bias is not None:
+        add_bias(out)
+        out.bias.data.zero_()
+        if bias is not None:
+            out.bias.data += bias
+
+
 def remove_attention(block: nn.Module, layout: dict, bias: torch.Tensor | None = None) -> None:
     """Replace the block's attention by a `ZeroAttention` (constant output ``bias`` if given)."""
     attn = _child(block, layout["module"])
@@ -413,7 +446,14 @@ def apply_layer_entry(block: nn.Module, entry: dict) -> None:
             if o.bias is None:
                 add_bias(o)
     mlp = mlp_layout(block)
-    if mlp is not None:
+    if entry.get("mlp_removed"):
+        if mlp is not None:
+            out = _child(block, mlp["output"])
+            bias = None
+            if entry.get("mlp_removed_bias"):
+                bias = torch.zeros(out_features(out), dtype=out.weight.dtype, device=out.weight.device)
+            remove_mlp(block, mlp, bias)
+    elif mlp is not None:
         width = entry.get("intermediate", mlp["intermediate"])
         if width != mlp["intermediate"]:
             keep_channels(block, mlp, list(range(width)))
@@ -515,6 +555,6 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["STRUCTURE_KEY", "ZeroAttention", "LayerConfig", "attention_layout", "mlp_layout", "keep_heads",
+__all__ = ["STRUCTURE_KEY", "ZeroAttention", "ZeroMlp", "remove_mlp", "LayerConfig", "attention_layout", "mlp_layout", "keep_heads",
            "keep_channels", "remove_attention", "apply_structure", "begin_build", "finish_build",
            "structured_class"]

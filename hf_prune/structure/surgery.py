@@ -4,8 +4,9 @@ Two steps, kept apart: `resolve_plan` validates the whole plan against the model
 per-layer keep lists (pure index math, nothing is touched), then `apply_plan` slices the projections, replaces
 removed attention sublayers, drops whole blocks and rewrites the config (`hf_prune.structure.config_io`).
 
-Semantics of removals: a removed MLP keeps zero channels and its output bias is zeroed, a removed attention becomes
-a `ZeroAttention` (it still advances the KV cache), so the residual branch contributes nothing. With FLAP bias
+Semantics of removals: a removed MLP becomes a `ZeroMlp` (OPT, whose fc1/fc2 sit in the block: zero channels and a
+zero output bias), a removed attention becomes a `ZeroAttention` (it still advances the KV cache), so the residual
+branch contributes nothing. With FLAP bias
 compensation (``LayerPlan.attn_bias`` / ``mlp_bias``) the branch instead outputs its original output bias plus
 the compensation, i.e. the mean output of what was removed.
 
@@ -97,10 +98,6 @@ def _resolve_heads(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int], l
     if len(set(counts.values())) != 1:
         raise ConfigError(f"layer {i}: kept query heads per kv head differ ({counts}); grouped-query attention "
                           "needs the same number of kept query heads in every kept kv group")
-    if a.qkv_layout == "interleaved" or a.num_heads == a.num_kv_heads:
-        if heads != kv:
-            raise ConfigError(f"layer {i}: this attention has one key/value head per query head; heads_keep and "
-                              f"kv_heads_keep must be equal (got {heads} and {kv})")
     return heads, kv
 
 
@@ -142,7 +139,6 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
         if lp.remove_mlp:
             if lp.mlp_keep is not None:
                 raise ConfigError(f"layer {i}: remove_mlp=True together with mlp_keep; give one of them")
-            cut.channels = []
         elif lp.mlp_keep is not None:
             cut.channels = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
             if not cut.channels:
@@ -166,11 +162,17 @@ def _cut_block(block: nn.Module, cut: LayerCut) -> None:
             core.keep_heads(block, attn, cut.heads, cut.kv_heads)
         if cut.attn_bias is not None:
             core.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
+    if cut.remove_mlp:
+        bias = None
+        if cut.mlp_bias is not None:
+            out = block.get_submodule(mlp["output"])
+            bias = cut.mlp_bias.to(out.weight.device, out.weight.dtype)
+            if out.bias is not None:
+                bias = bias + out.bias.data
+        core.remove_mlp(block, mlp, bias)
+        return
     if cut.channels is not None:
         core.keep_channels(block, mlp, cut.channels)
-        out = block.get_submodule(mlp["output"])
-        if cut.remove_mlp and cut.mlp_bias is None and out.bias is not None:
-            out.bias.data.zero_()
     if cut.mlp_bias is not None:
         core.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
 
