@@ -1,0 +1,154 @@
+"""Save -> reload of structurally pruned tiny models through every load path, with identical logits.
+
+* ``stock``: uniform shapes. The rewritten stock config fields describe the model; a subprocess without hf_prune
+  loads it with plain ``AutoModelForCausalLM.from_pretrained``.
+* ``per_layer``: non-uniform shapes. Loads with hf_prune imported (no ``trust_remote_code``, no prompt), and in a
+  subprocess without hf_prune importable with ``trust_remote_code=True`` (the saved ``modeling_hf_prune.py``).
+
+``RELOAD_TABLE`` is the machine-readable result (architecture x plan kind -> path) that the README quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_structured_surgery import make_plan
+from tiny_models import ARCHITECTURES, build, calib_ids
+from transformers import AutoModelForCausalLM
+
+import hf_prune  # noqa: F401  (installs the load hook)
+from hf_prune.structure.arch import block_specs
+from hf_prune.structure.config_io import is_structured
+from hf_prune.structure.plan import LayerPlan, StructuredPlan
+from hf_prune.structure.surgery import apply_plan
+
+# kind -> what it cuts: channels = same MLP width in every block (only listed where it differs from uniform);
+# uniform = same MLP width and head counts in every block; mixed = per-block widths/heads, one MLP and one attention sublayer removed; blocks = one block removed.
+RELOAD_TABLE: dict[str, dict[str, str]] = {
+    **{a: {"uniform": "stock", "mixed": "per_layer", "blocks": "stock"}
+       for a in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")},
+    **{a: {"channels": "stock", "uniform": "per_layer", "mixed": "per_layer", "blocks": "stock"}
+       for a in ("gpt2", "opt", "gpt_neox")},
+    "qwen3_moe": {"uniform": "stock", "mixed": "per_layer", "blocks": "stock"},
+}
+
+HIDE_HF_PRUNE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
+sys.path[:] = [p for p in sys.path if not p.startswith(REPO)]
+try:
+    import hf_prune
+    raise SystemExit("hf_prune is importable in the clean subprocess: " + hf_prune.__file__)
+except ImportError:
+    pass
+"""
+
+LOADER = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+jobs = json.loads(sys.argv[1])
+ids = torch.load(jobs["ids"])
+for folder in jobs["folders"]:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=jobs["trust"])
+    with torch.no_grad():
+        torch.save(model(ids).logits, folder + "/reloaded.pt")
+print("loaded", len(jobs["folders"]))
+"""
+
+
+def _channels_plan(model: torch.nn.Module) -> StructuredPlan:
+    return StructuredPlan(layers={s.index: LayerPlan(mlp_keep=list(range(0, s.mlp.intermediate, 2)))
+                                  for s in block_specs(model)})
+
+
+CASES = [(arch, kind) for arch, kinds in RELOAD_TABLE.items() for kind in kinds]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, torch.Tensor, str]]:
+    """Prune, save and record logits for every (arch, kind) once."""
+    root = tmp_path_factory.mktemp("structured")
+    ids = calib_ids(2, 10)
+    torch.save(ids, root / "ids.pt")
+    out = {}
+    for arch, kind in CASES:
+        model = build(arch)
+        plan = _channels_plan(model) if kind == "channels" else make_plan(model, kind, seed=7)
+        apply_plan(model, plan)
+        with torch.no_grad():
+            logits = model(ids).logits
+        folder = root / f"{arch}-{kind}"
+        model.save_pretrained(folder)
+        out[(arch, kind)] = (folder, logits, "per_layer" if is_structured(model.config) else "stock")
+    return out
+
+
+def test_reload_table_matches(saved: dict) -> None:
+    found: dict[str, dict[str, str]] = {}
+    for (arch, kind), (folder, _, path) in saved.items():
+        found.setdefault(arch, {})[kind] = path
+        files = set(os.listdir(folder))
+        assert ("modeling_hf_prune.py" in files) == (path == "per_layer")
+        config = json.loads((folder / "config.json").read_text())
+        assert ("auto_map" in config) == (path == "per_layer") == ("hf_prune_structure" in config)
+    print(json.dumps(found, indent=1))
+    assert found == RELOAD_TABLE
+    assert set(RELOAD_TABLE) == set(ARCHITECTURES)
+
+
+def test_reload_with_hf_prune_imported(saved: dict) -> None:
+    ids = calib_ids(2, 10)
+    for (arch, kind), (folder, logits, path) in saved.items():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, logits), (arch, kind)
+        assert is_structured(model.config) == (path == "per_layer")
+
+
+def _run_clean(tmp_path: Path, folders: list[Path], trust: bool) -> None:
+    """Load ``folders`` in a fresh interpreter where hf_prune cannot be imported (cwd outside the repo)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "load.py"
+    script.write_text(f"REPO = {repo!r}\n" + textwrap.dedent(HIDE_HF_PRUNE) + textwrap.dedent(LOADER))
+    jobs = {"ids": str(folders[0].parent / "ids.pt"), "folders": [str(f) for f in folders], "trust": trust}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"loaded {len(folders)}" in proc.stdout
+
+
+# The clean-subprocess loads (the slow part) cover every architecture and both paths: each architecture's first
+# stock kind and every per-layer case. The in-process reload above covers all cases.
+CLEAN_STOCK = {arch: next(k for k, p in kinds.items() if p == "stock") for arch, kinds in RELOAD_TABLE.items()}
+
+
+@pytest.mark.parametrize("path", ["stock", "per_layer"])
+def test_reload_without_hf_prune(saved: dict, tmp_path: Path, path: str) -> None:
+    cases = {key: value for key, value in saved.items()
+             if value[2] == path and (path == "per_layer" or CLEAN_STOCK[key[0]] == key[1])}
+    _run_clean(tmp_path, [folder for folder, _, _ in cases.values()], trust=path == "per_layer")
+    for (arch, kind), (folder, logits, _) in cases.items():
+        reloaded = torch.load(folder / "reloaded.pt")
+        if arch == "qwen3_moe":  # the fused-experts kernel may sum experts in another order in a fresh process
+            torch.testing.assert_close(reloaded, logits, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(reloaded, logits), (arch, kind)
+
+
+def test_resave_of_reloaded_structured_model(saved: dict, tmp_path: Path) -> None:
+    folder, logits, _ = saved[("gpt2", "mixed")]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(calib_ids(2, 10)).logits, logits)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
