@@ -210,3 +210,13 @@ def test_errors_are_clear() -> None:
 
     with pytest.raises(CalibrationError, match="calibration"):
         get_method("flap")(_cfg("flap")).plan(model, None, _cfg("flap"), CPU, False)
+
+
+def test_pruning_config_drives_the_plan() -> None:
+    from hf_prune import PruningConfig
+
+    cfg = PruningConfig(method="wanda-sp", sparsity=0.2, allocation="uniform", round_to=8, batch_size=4)
+    model = build("llama")
+    plan, info = get_method(cfg.method)(cfg).plan(model, calib_ids(4, 32), cfg, CPU, False)
+    assert {len(lp.mlp_keep) % 8 for lp in plan.layers.values()} == {0}
+    assert info["sparsity"] == pytest.approx(0.2, abs=0.05)
