@@ -358,8 +358,8 @@ class PruningConfig:
         if not stored:
             return None
         data = dict(stored)
-        data.pop("achieved_sparsity", None)
-        data.pop("hf_prune_version", None)
+        for key in ("achieved_sparsity", "achieved_fraction", "hf_prune_version"):  # run metadata, not fields
+            data.pop(key, None)
         return cls.from_dict(data)
 
 
