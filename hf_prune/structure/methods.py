@@ -58,6 +58,7 @@ from .scores import (
     fluctuation_scores,
     group_sum,
     head_channels,
+    standardize,
     taylor_importance,
     unit_terms,
     wanda_sp_scores,
@@ -261,10 +262,32 @@ class _ActivationWidthMethod(_WidthMethod):
 
 @register_method("flap")
 class Flap(_ActivationWidthMethod):
-    """FLAP (An et al., 2024): fluctuation ``Var(X_j) * ||W[:, j]||^2``, standardized, global, bias compensated."""
+    """FLAP (An et al., 2024): fluctuation ``Var(X_j) * ||W[:, j]||^2``, standardized, global, bias compensated.
+
+    Scores follow the authors' implementation (which reproduces the paper's numbers): channel scores are
+    standardized per module *before* they are pooled into heads, a head's score is the mean of its channels'
+    standardized scores, and the attention channel metric is squared first. Pooling standardized channels
+    keeps head scores near 0 unless a whole head is consistently weak, so heads are not removed more eagerly
+    than MLP channels just because a layer has few of them.
+    """
+
+    standardized = False  # done here, at channel level
 
     def channel_scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
         return fluctuation_scores(weight, stats.var)
+
+    def scores(self, model, specs, calibration, config, device, show_progress):  # type: ignore[no-untyped-def]
+        raw, stats = super().scores(model, specs, calibration, config, device, show_progress)
+        out: dict[int, tuple] = {}
+        for spec in specs:
+            mlp_s = raw[spec.index][0]
+            head_s = None
+            if spec.attention is not None:
+                a = spec.attention
+                channels = self.channel_scores(_weight(model, a.o), stats[a.o]).square()
+                head_s = group_sum(standardize(channels), a.head_dim).cpu() / a.head_dim
+            out[spec.index] = (None if mlp_s is None else standardize(mlp_s), head_s, None)
+        return out, stats
 
 
 @register_method("wanda-sp")
