@@ -37,6 +37,7 @@ STRUCTURED_KINDS = ("width", "depth", "sublayer")
 WIDTH_UNITS = ("both", "mlp", "heads")
 ALLOCATIONS = ("global", "uniform")
 GQA_MODES = ("query", "group")
+TAYLOR_VARIANTS = ("element", "vector")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -108,6 +109,13 @@ class PruningConfig:
         round_to: keep a multiple of this many MLP channels per layer (e.g. 8 or 32 for faster kernels).
         angular_last_token: ``"angular"`` measures distances on each sequence's last token (the paper's
             choice) instead of all tokens.
+        taylor_variant: ``"taylor"`` importance: ``"element"`` (sum of |w * g|, LLM-Pruner's best) or ``"vector"``
+            (|sum of w * g| over the group).
+        finercut_tokens: calibration tokens ``"finercut"`` uses to compare each candidate removal with the dense
+            model (its greedy search runs many forwards, so it uses fewer tokens than the other methods).
+        reconstruct: after choosing what to remove, refit the output projections (o_proj / down_proj) by least
+            squares on the calibration activations of the kept channels (with an intercept that replaces bias
+            compensation); no gradient steps. Width methods only.
 
     Pruning during training (`hf_prune.PruningCallback`; ignored by one-shot `prune`):
 
@@ -153,6 +161,9 @@ class PruningConfig:
     bias_compensation: bool = True
     round_to: int = 1
     angular_last_token: bool = True
+    taylor_variant: str = "element"
+    finercut_tokens: int = 2048
+    reconstruct: bool = False
     # --- pruning during training (hf_prune.training) ---
     schedule: str = "cubic"
     start_step: int = 0
@@ -264,12 +275,18 @@ class PruningConfig:
                 f"sparsity={self.sparsity!r}: for structured method {self.method!r} it is the fraction of decoder "
                 "parameters to remove, a number in (0, 1), e.g. 0.2"
             )
-        for name, allowed in (("width_units", WIDTH_UNITS), ("allocation", ALLOCATIONS), ("gqa_mode", GQA_MODES)):
+        for name, allowed in (("width_units", WIDTH_UNITS), ("allocation", ALLOCATIONS), ("gqa_mode", GQA_MODES),
+                              ("taylor_variant", TAYLOR_VARIANTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {list(allowed)}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (1 = no rounding)")
-        for name in ("bias_compensation", "angular_last_token"):
+        if isinstance(self.finercut_tokens, bool) or not isinstance(self.finercut_tokens, int) or self.finercut_tokens < 1:
+            raise ConfigError(f"finercut_tokens={self.finercut_tokens!r} must be a positive integer (default 2048)")
+        if self.reconstruct and kind != "width":
+            raise ConfigError(f"reconstruct=True refits output projections after width pruning; method={self.method!r} "
+                              f"removes {kind}. Use flap, wanda-sp or taylor, or reconstruct=False")
+        for name in ("bias_compensation", "angular_last_token", "reconstruct"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.owl or self.layer_sparsity:
