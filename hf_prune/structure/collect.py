@@ -5,6 +5,13 @@
   block and the calibration activations live on the compute device. Statistics are taken on the *dense*
   model in one pass: scoring only plans, nothing is removed until surgery, and global allocation needs the
   scores of every block before it can pick anything (FLAP collects them the same way).
+* `collect_second_moments` (``reconstruct=True``) is a second dense block-by-block pass, run once the plan is
+  known: it accumulates ``sum x x^T`` of the chosen output projections' inputs and hands each block's
+  matrices to a callback as soon as that block is done (the refit), then drops them, so only one block's
+  ``[in, in]`` matrices exist at a time. It cannot share the scoring pass: global allocation needs every
+  block's scores before it can choose what a block keeps, so refitting during that pass would mean keeping
+  every block's matrices (about 320 MB for SmolLM2-135M, ~28 GB in float32 for an 8B Llama), and Taylor has
+  no activation pass at all.
 * `collect_taylor_grads` is *not* block by block: first-order Taylor needs the gradient of the causal-LM
   loss, so the whole model runs forward + backward on every calibration batch (in eval mode). Gradients
   of the scored weights are folded into float32 accumulators by post-accumulate hooks and the ``.grad``
@@ -36,6 +43,7 @@ from ..errors import NumericalError
 from ..pipeline import _check_finite, _run_block, on_device, record_block_inputs
 from ..targets import find_blocks, input_device
 from .plan import BlockSpec
+from .reconstruct import SecondMoments
 from .scores import RunningMoments, angular_distance, span_distances, token_cosine
 
 BlockHook = Callable[[int, nn.Module], list[Any]]
@@ -119,6 +127,52 @@ def collect_width_stats(
         if not s.is_finite():
             raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
     return stats
+
+
+def collect_second_moments(
+    model: nn.Module,
+    paths: dict[int, list[str]],
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    on_block: Callable[[int, dict[str, SecondMoments]], None],
+    show_progress: bool = False,
+    desc: str = "structured: reconstruction",
+) -> None:
+    """Second moments of the inputs of the modules ``paths[block]``, one dense block-by-block pass.
+
+    ``on_block(i, moments)`` is called right after block ``i`` ran, with a `SecondMoments` per path (on
+    ``device``); they are released afterwards. Blocks not in ``paths`` run without hooks.
+    """
+    current: dict[str, SecondMoments] = {}
+
+    def hook_for(path: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if path not in current:
+                current[path] = SecondMoments(x.shape[-1], device=x.device)
+            current[path].add(x)
+
+        return hook
+
+    def before(i: int, block: nn.Module) -> list[Any]:
+        current.clear()
+        return [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths.get(i, [])]
+
+    def after(i: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        if i not in paths:
+            return
+        missing = [p for p in paths[i] if p not in current]
+        if missing:
+            raise NumericalError(f"block {i}: {missing} received no input during the calibration forward")
+        for path, m in current.items():
+            if not m.is_finite():
+                raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
+        on_block(i, dict(current))
+        current.clear()
+
+    sweep_blocks(model, calibration, batch_size, device, before=before, after=after, desc=desc,
+                 show_progress=show_progress)
 
 
 # ----------------------------------------------------------------------------------------- depth stats

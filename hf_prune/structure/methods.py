@@ -18,7 +18,15 @@ is the fraction of decoder-block parameters to remove.
 Config fields read (with these defaults): ``sparsity``, ``width_units="both"`` (``"mlp"``, ``"heads"``),
 ``allocation="global"`` (``"uniform"``), ``gqa_mode="query"`` (``"group"``), ``bias_compensation=True``
 (FLAP and Wanda-sp), ``round_to=1``, ``angular_last_token=True``, ``taylor_variant="element"``
-(``"vector"``), ``finercut_tokens=2048``, plus ``batch_size``.
+(``"vector"``), ``finercut_tokens=2048``, ``reconstruct=False`` (width methods), ``dampening=0.01`` and
+``max_damp_retries=3`` (reconstruction), plus ``batch_size``.
+
+``reconstruct=True``: once a width method has chosen what each block keeps, a second dense block-by-block
+pass collects ``E[x x^T]`` and ``E[x]`` of every pruned output projection's input, and the projection is refit
+on its kept columns by least squares against the dense output, with an intercept
+(`hf_prune.structure.reconstruct.refit_projection`); the refit weights and intercepts go into the plan
+(``LayerPlan.attn_out_weight`` / ``mlp_out_weight``, ``attn_bias`` / ``mlp_bias``). The intercept does the
+job of FLAP's bias compensation, so ``bias_compensation`` is not applied on top. No gradient steps.
 
 Example:
     >>> import torch
@@ -49,9 +57,10 @@ from ..methods.base import PruningMethod
 from ..registry import register_method
 from ..targets import PrunableLayer, find_blocks
 from .allocate import WidthScores, allocate_width, check_choice, choose_blocks, span_length
-from .collect import collect_depth_stats, collect_taylor_grads, collect_width_stats
+from .collect import collect_depth_stats, collect_second_moments, collect_taylor_grads, collect_width_stats
 from .finercut import greedy_sublayers
 from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
+from .reconstruct import SecondMoments, refit_projection
 from .scores import (
     best_span,
     bias_compensation,
@@ -78,6 +87,9 @@ DEFAULTS: dict[str, Any] = {
     "angular_last_token": True,
     "taylor_variant": "element",
     "finercut_tokens": 2048,
+    "reconstruct": False,
+    "dampening": 0.01,
+    "max_damp_retries": 3,
     "batch_size": 8,
 }
 
@@ -196,7 +208,9 @@ class _WidthMethod(StructuredMethod):
             kv = spec.attention.num_kv_heads if spec.attention is not None else 1
             width.append(WidthScores(spec.index, mlp_s, head_s, group_s, kv, c.mlp_channel, c.query_head, c.kv_group))
         layers, info = allocate_width(width, target, allocation, gqa_mode, units, round_to, self.standardized)
-        if self.compensates and option(config, "bias_compensation"):
+        if option(config, "reconstruct"):
+            info["reconstruct"] = self._reconstruct(model, specs, layers, calibration, config, device, show_progress)
+        elif self.compensates and option(config, "bias_compensation"):
             self._compensate(model, specs, layers, stats)
         info.update({"method": self.name, "block_params": total, "sparsity": info["removed_params"] / total,
                      "layers": _layer_report(specs, layers)})
@@ -218,6 +232,40 @@ class _WidthMethod(StructuredMethod):
                 keep = set(plan.heads_keep)
                 pruned = head_channels([h for h in range(a.num_heads) if h not in keep], a.head_dim)
                 plan.attn_bias = bias_compensation(_weight(model, a.o), stats[a.o].mean, pruned).cpu()
+
+
+    def _reconstruct(
+        self, model: nn.Module, specs: list[BlockSpec], layers: dict[int, LayerPlan], calibration: torch.Tensor,
+        config: Any, device: torch.device, show_progress: bool,
+    ) -> dict[str, float]:
+        """Refit every pruned output projection (one more dense pass); fills the plans' weights and biases.
+
+        Returns the largest dampening any refit needed (``{"max_dampening": ...}``).
+        """
+        by_index = {s.index: s for s in specs}
+        jobs: dict[int, dict[str, tuple[str, list[int]]]] = {}  # block -> path -> (which, kept columns)
+        for i, plan in layers.items():
+            spec = by_index[i]
+            if plan.mlp_keep is not None and spec.mlp is not None:
+                jobs.setdefault(i, {})[spec.mlp.output] = ("mlp", list(plan.mlp_keep))
+            if plan.heads_keep is not None and spec.attention is not None:
+                a = spec.attention
+                jobs.setdefault(i, {})[a.o] = ("attn", head_channels(plan.heads_keep, a.head_dim).tolist())
+        damp0, retries = float(option(config, "dampening")), int(option(config, "max_damp_retries"))
+        used = [damp0]
+
+        def on_block(i: int, moments: dict[str, SecondMoments]) -> None:
+            for path, m in moments.items():
+                which, keep = jobs[i][path]
+                w, b, damp = refit_projection(_weight(model, path), m.hessian, m.mean, keep, damp0, retries, path)
+                used.append(damp)
+                setattr(layers[i], f"{which}_out_weight", w.cpu())
+                setattr(layers[i], f"{which}_bias", b.cpu())
+
+        collect_second_moments(model, {i: list(j) for i, j in jobs.items()}, calibration,
+                               option(config, "batch_size"), device, on_block, show_progress,
+                               desc=f"{self.name}: reconstruction")
+        return {"max_dampening": max(used)}
 
 
 def _layer_report(specs: list[BlockSpec], layers: dict[int, LayerPlan]) -> dict[int, dict]:

@@ -86,8 +86,13 @@ class LayerPlan:
             same number of query heads, and every kept query head's kv head must be kept (GQA consistency).
         remove_attention: drop the whole attention sublayer (its residual branch becomes zero).
         remove_mlp: drop the whole MLP sublayer.
-        attn_bias: FLAP bias compensation added to the attention output projection's bias, shape [hidden].
-        mlp_bias: FLAP bias compensation added to the MLP output projection's bias, shape [hidden].
+        attn_bias: added to the attention output projection's bias, shape [hidden] (FLAP bias compensation,
+            or the intercept of the ``reconstruct=True`` refit).
+        mlp_bias: added to the MLP output projection's bias, shape [hidden] (same two sources).
+        attn_out_weight: ``reconstruct=True`` refit of the attention output projection on its kept input
+            channels: replaces its weight after slicing, shape [hidden, kept heads * head_dim] in the
+            ``[out, in]`` orientation (transposed for a GPT-2 ``Conv1D`` by surgery).
+        mlp_out_weight: the same for the MLP output projection, shape [hidden, kept channels].
     """
 
     mlp_keep: list[int] | None = None
@@ -97,6 +102,8 @@ class LayerPlan:
     remove_mlp: bool = False
     attn_bias: torch.Tensor | None = None
     mlp_bias: torch.Tensor | None = None
+    attn_out_weight: torch.Tensor | None = None
+    mlp_out_weight: torch.Tensor | None = None
 
 
 @dataclass

@@ -8,7 +8,9 @@ Semantics of removals: a removed MLP becomes a `ZeroMlp` (OPT, whose fc1/fc2 sit
 zero output bias), a removed attention becomes a `ZeroAttention` (it still advances the KV cache), so the residual
 branch contributes nothing. With FLAP bias
 compensation (``LayerPlan.attn_bias`` / ``mlp_bias``) the branch instead outputs its original output bias plus
-the compensation, i.e. the mean output of what was removed.
+the compensation, i.e. the mean output of what was removed. A ``reconstruct=True`` refit
+(``LayerPlan.attn_out_weight`` / ``mlp_out_weight``) replaces the sliced output projection's weight; its intercept
+travels in ``attn_bias`` / ``mlp_bias`` and is added to the bias like the compensation.
 
 Example:
     >>> import torch
@@ -51,6 +53,8 @@ class LayerCut:
     remove_mlp: bool = False
     attn_bias: torch.Tensor | None = None
     mlp_bias: torch.Tensor | None = None
+    attn_out_weight: torch.Tensor | None = None
+    mlp_out_weight: torch.Tensor | None = None
 
 
 def _indices(values: list[int] | None, limit: int, what: str, layer: int) -> list[int] | None:
@@ -70,6 +74,15 @@ def _bias_vector(value: torch.Tensor | None, hidden: int, what: str, layer: int)
         return None
     if tuple(value.shape) != (hidden,):
         raise ConfigError(f"layer {layer}: {what} must have shape [{hidden}] (hidden size), got {tuple(value.shape)}")
+    return value.detach()
+
+
+def _out_weight(value: torch.Tensor | None, shape: tuple[int, int], what: str, layer: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if tuple(value.shape) != shape:
+        raise ConfigError(f"layer {layer}: {what} must have shape {list(shape)} ([hidden, kept input channels] of "
+                          f"the output projection), got {list(value.shape)}")
     return value.detach()
 
 
@@ -122,6 +135,9 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
                        attn_bias=_bias_vector(lp.attn_bias, hidden, "attn_bias", i),
                        mlp_bias=_bias_vector(lp.mlp_bias, hidden, "mlp_bias", i))
         if lp.remove_attention:
+            if lp.attn_out_weight is not None:
+                raise ConfigError(f"layer {i}: remove_attention=True together with attn_out_weight; give one of "
+                                  "them")
             if spec.attention is None:
                 raise ConfigError(f"layer {i}: remove_attention=True but the block has no removable attention")
             if lp.heads_keep is not None or lp.kv_heads_keep is not None:
@@ -132,19 +148,44 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
                 cut.heads, cut.kv_heads = resolved
             if cut.attn_bias is not None and spec.attention is None:
                 raise ConfigError(f"layer {i}: attn_bias given but the block has no attention output projection")
-        if lp.remove_mlp or lp.mlp_keep is not None or cut.mlp_bias is not None:
+            if lp.attn_out_weight is not None:
+                a = spec.attention
+                if a is None:
+                    raise ConfigError(f"layer {i}: attn_out_weight given but the block has no attention output "
+                                      "projection")
+                n_heads = len(cut.heads) if cut.heads is not None else a.num_heads
+                cut.attn_out_weight = _out_weight(lp.attn_out_weight, (hidden, n_heads * a.head_dim),
+                                                  "attn_out_weight", i)
+        if lp.remove_mlp or lp.mlp_keep is not None or cut.mlp_bias is not None or lp.mlp_out_weight is not None:
             if spec.mlp is None:
                 raise ConfigError(f"layer {i}: the block has no dense MLP (MoE or none), so mlp_keep/remove_mlp/"
                                   "mlp_bias cannot apply; remove the whole block or only prune attention")
         if lp.remove_mlp:
+            if lp.mlp_keep is not None or lp.mlp_out_weight is not None:
+                raise ConfigError(f"layer {i}: remove_mlp=True together with mlp_keep/mlp_out_weight; give one "
+                                  "of them")
+        else:
             if lp.mlp_keep is not None:
-                raise ConfigError(f"layer {i}: remove_mlp=True together with mlp_keep; give one of them")
-        elif lp.mlp_keep is not None:
-            cut.channels = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
-            if not cut.channels:
-                raise ConfigError(f"layer {i}: mlp_keep is empty; set remove_mlp=True to drop the MLP sublayer")
+                cut.channels = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
+                if not cut.channels:
+                    raise ConfigError(f"layer {i}: mlp_keep is empty; set remove_mlp=True to drop the MLP sublayer")
+            if lp.mlp_out_weight is not None:
+                n_ch = len(cut.channels) if cut.channels is not None else spec.mlp.intermediate
+                cut.mlp_out_weight = _out_weight(lp.mlp_out_weight, (hidden, n_ch), "mlp_out_weight", i)
         cuts[i] = cut
     return cuts, [i for i in range(n) if i not in removed]
+
+
+def _set_weight(mod: nn.Module, value: torch.Tensor) -> None:
+    """Overwrite a (sliced) Linear / Conv1D weight with ``value`` given as ``[out, in]``."""
+    w = mod.weight
+    if w.device.type == "meta":
+        return
+    value = value.t() if core._is_conv1d(mod) else value
+    if tuple(value.shape) != tuple(w.shape):
+        raise ConfigError(f"refit weight of shape {list(value.shape)} does not fit the projection's "
+                          f"{list(w.shape)}")
+    w.data.copy_(value.to(dtype=w.dtype, device=w.device))
 
 
 def _cut_block(block: nn.Module, cut: LayerCut) -> None:
@@ -160,6 +201,8 @@ def _cut_block(block: nn.Module, cut: LayerCut) -> None:
     else:
         if cut.heads is not None:
             core.keep_heads(block, attn, cut.heads, cut.kv_heads)
+        if cut.attn_out_weight is not None:
+            _set_weight(block.get_submodule(attn["o"]), cut.attn_out_weight)
         if cut.attn_bias is not None:
             core.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
     if cut.remove_mlp:
@@ -173,6 +216,8 @@ def _cut_block(block: nn.Module, cut: LayerCut) -> None:
         return
     if cut.channels is not None:
         core.keep_channels(block, mlp, cut.channels)
+    if cut.mlp_out_weight is not None:
+        _set_weight(block.get_submodule(mlp["output"]), cut.mlp_out_weight)
     if cut.mlp_bias is not None:
         core.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
 
