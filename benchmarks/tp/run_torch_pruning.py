@@ -9,8 +9,11 @@ Runs INSIDE the Torch-Pruning venv (``bash benchmarks/tp/setup.sh``):
 
 Recipe: Torch-Pruning's LLM example (``examples/LLMs/prune_llm.py`` in the Torch-Pruning repository), local (per
 layer, uniform) pruning with ``tp.pruner.BasePruner``, ``round_to=4``:
-* importance ``GroupMagnitudeImportance(p=2, group_reduction="mean")`` as in the example (``--importance taylor``:
-  ``GroupTaylorImportance`` from the gradients of ``--calib-samples`` x ``--seqlen`` calibration tokens instead);
+* importance (default ``--importance taylor``): ``GroupTaylorImportance`` from the loss gradients (fp32) of
+  ``--calib-samples`` x ``--seqlen`` calibration windows (seed 0, first 80% of the text, as hf_prune calibrates).
+  ``--importance magnitude`` is the example's ``GroupMagnitudeImportance(p=2, group_reduction="mean")``; on SmolLM2
+  it destroys the model (PPL ~9e5 at 20% of decoder params, 16 eval windows, against 39.5 for Taylor), so Taylor is
+  the default: the stronger Torch-Pruning baseline;
 * the ratio applies to the MLP intermediate channels (gate/up rows and down columns go together);
 * ``lm_head`` and ``embed_tokens`` are ignored, so the hidden size is kept. The example also narrows the hidden size
   (embedding width); here only what hf_prune's structured pruning removes is pruned, so both are compared on the
@@ -196,7 +199,7 @@ def main() -> None:
     p.add_argument("--heads", action="store_true",
                    help="also prune attention heads as the example does (does NOT terminate with Torch-Pruning 1.6.1 "
                         "on transformers 5 Llama; kept for newer versions)")
-    p.add_argument("--importance", choices=("magnitude", "taylor"), default="magnitude")
+    p.add_argument("--importance", choices=("magnitude", "taylor"), default="taylor")
     p.add_argument("--calib-samples", type=int, default=32, help="taylor only: calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
