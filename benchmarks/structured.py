@@ -13,7 +13,9 @@ Protocol (one process for hf_prune, one subprocess per Torch-Pruning run, same m
 * calibration: ``--samples`` x ``--seqlen`` tokens, seed 0, first 80% of the gensim Wikipedia sample;
 * perplexity: first ``--eval-windows`` non-overlapping 512-token windows of the last 20% (`hf_prune.perplexity`);
 * speed: `speed.measure_speed` (bf16, prefill of 512 tokens, batch-1 greedy decode with KV cache; medians of
-  ``--runs``); the dense model is timed at the start and again at the end of the run (drift check);
+  ``--runs``), timed in a separate phase over the saved checkpoints (``--phase speed``, run alone under
+  ``chrt -r 1``), the dense model first and again last (drift check). ``--phase quality`` prunes and evaluates
+  only, so it may share the machine; ``--phase all`` (default) does both in turn;
 * ``removed_fraction``: parameters removed / decoder-block parameters of the dense model (embeddings and lm_head
   excluded, as every method leaves them alone).
 """
@@ -24,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -55,14 +56,34 @@ def decoder_params(model: torch.nn.Module) -> int:
 
 
 def measure(path: Path | str, ctx: dict) -> dict:
-    """Reload ``path`` with from_pretrained in bf16; perplexity, parameters and speed."""
+    """Reload ``path`` with from_pretrained in bf16; perplexity and parameters (speed is timed in `speed_phase`)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ppl = perplexity(model, ctx["eval_ids"], seqlen=512, batch_size=8, max_windows=ctx["windows"], show_progress=False)
-    speed = measure_speed(model, runs=ctx["runs"])
     out = {"ppl": ppl.ppl, "params": sum(p.numel() for p in model.parameters()), "decoder_params": decoder_params(model),
-           "decode_tok_s": speed["decode_tok_s"], "prefill_tok_s": speed["prefill_tok_s"], "speed_raw": speed}
+           "checkpoint": str(path)}
     del model
     return out
+
+
+def timed(model: torch.nn.Module, ctx: dict) -> dict:
+    speed = measure_speed(model, runs=ctx["runs"])
+    return {"decode_tok_s": speed["decode_tok_s"], "prefill_tok_s": speed["prefill_tok_s"], "speed_raw": speed}
+
+
+def speed_phase(res: dict, ctx: dict) -> None:
+    """Time every saved checkpoint of a finished quality phase, dense first and last (drift check)."""
+    def load_and_time(path: str) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        out = timed(model, ctx)
+        del model
+        return out
+
+    res["dense"].update(load_and_time(str(ctx["model_dir"])))
+    for row in res["rows"] + res["torch_pruning"]:
+        row.update(load_and_time(row["checkpoint"]))
+        print(f"  {row.get('method')} {row.get('removed_fraction', 0):.3f}: decode {row['decode_tok_s']:.1f} tok/s, "
+              f"prefill {row['prefill_tok_s']:.0f} tok/s", flush=True)
+    res["dense_end"] = load_and_time(str(ctx["model_dir"]))
 
 
 def run_hf_prune(method: str, fraction: float, ctx: dict, extra: dict | None = None) -> dict:
@@ -74,47 +95,55 @@ def run_hf_prune(method: str, fraction: float, ctx: dict, extra: dict | None = N
     start = time.perf_counter()
     report = model.prune(cfg, calibration=ctx["calib"], show_progress=False, verbose=False)
     seconds = time.perf_counter() - start
-    model.save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out)
     del model
     row = {"method": method, "settings": extra or {}, "target_fraction": fraction,
            "removed_fraction": report.achieved_fraction, "reload_path": report.reload_path, "prune_seconds": seconds,
            **measure(out, ctx)}
-    shutil.rmtree(out, ignore_errors=True)
-    print(f"  {tag}: removed {row['removed_fraction']:.3f}, ppl {row['ppl']:.2f}, decode {row['decode_tok_s']:.1f} "
-          f"tok/s, prefill {row['prefill_tok_s']:.0f} tok/s, {seconds:.0f} s", flush=True)
+    print(f"  {tag}: removed {row['removed_fraction']:.3f}, ppl {row['ppl']:.2f}, {seconds:.0f} s", flush=True)
     return row
 
 
 def run_torch_pruning(fraction: float, ctx: dict) -> dict:
     result = ctx["work"] / f"tp-{fraction}.json"
+    saved = ctx["work"] / f"tp-{fraction}"
     cmd = [str(TP_PY), str(HERE / "tp" / "run_torch_pruning.py"), "--target-removed", str(fraction),
-           "--eval-windows", str(ctx["windows"]), "--runs", str(ctx["runs"]), "--result", str(result)]
+           "--eval-windows", str(ctx["windows"]), "--speed-runs", str(ctx["runs"]), "--result", str(result),
+           "--calib-samples", str(int(ctx["calib"].shape[0])), "--importance", "taylor"]
+    cmd += ["--no-speed", "--save", str(saved)]
     with open(ctx["work"] / f"tp-{fraction}.log", "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {ctx['work'] / f'tp-{fraction}.log'}")
     data = json.loads(result.read_text())
-    print(f"  torch-pruning-{fraction}: removed {data['removed_fraction']:.3f}, ppl {data['ppl']:.2f}, decode "
-          f"{data['decode_tok_s']:.1f} tok/s", flush=True)
+    data["checkpoint"] = str(saved)
+    print(f"  torch-pruning-{fraction}: removed {data['removed_fraction']:.3f}, ppl {data['ppl']:.2f}", flush=True)
     return data
 
 
 def markdown(res: dict) -> str:
     d = res["dense"]
+
+    def speed(r: dict, key: str, fmt: str) -> str:
+        if key not in r or key not in d:
+            return "– | –"
+        return f"{r[key]:{fmt}} | {r[key] / d[key]:.2f}"
+
     lines = [f"Machine: {res['machine']}  ", f"Date: {res['date']}  ", f"Command: `{res['command']}`  ",
+             *([f"Speed command: `{res['speed_command']}`  "] if res.get("speed_command") else []),
              f"Calibration: {res['calibration']}; evaluation: {res['evaluation']}; speed: {res['speed']}.", "",
              "| method | settings | target | removed | reload | PPL | PPL / dense | params | decode tok/s | decode x | "
              "prefill tok/s | prefill x |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| dense | | 0 | 0 | stock | {d['ppl']:.2f} | 1.00 | {d['params']:,} | {d['decode_tok_s']:.1f} | 1.00 | "
-             f"{d['prefill_tok_s']:.0f} | 1.00 |"]
-    for r in res["rows"] + res["torch_pruning"]:
-        settings = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) if r["method"] != "torch-pruning" \
-            else r.get("importance", "")
+             f"| dense | | 0 | 0 | stock | {d['ppl']:.2f} | 1.00 | {d['params']:,} | {speed(d, 'decode_tok_s', '.1f')} | "
+             f"{speed(d, 'prefill_tok_s', '.0f')} |"]
+    for r in res["rows"] + [{**t, "method": "torch-pruning", "target_fraction": t["target_removed"]}
+                            for t in res["torch_pruning"]]:
+        settings = (", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) if "importance" not in r
+                    else f"{r['importance']} importance, MLP channels only")
         lines.append(
             f"| {r['method']} | {settings} | {r.get('target_fraction', '')} | {r['removed_fraction']:.3f} | "
-            f"{r.get('reload_path', '-')} | {r['ppl']:.2f} | {r['ppl'] / d['ppl']:.2f} | {r['params']:,} | "
-            f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f} | {r['prefill_tok_s']:.0f} | "
-            f"{r['prefill_tok_s'] / d['prefill_tok_s']:.2f} |")
+            f"{r.get('reload_path', 'stock')} | {r['ppl']:.2f} | {r['ppl'] / d['ppl']:.2f} | {r['params']:,} | "
+            f"{speed(r, 'decode_tok_s', '.1f')} | {speed(r, 'prefill_tok_s', '.0f')} |")
     if res.get("dense_end"):
         e = res["dense_end"]
         lines += ["", f"Dense timed again at the end: decode {e['decode_tok_s']:.1f} tok/s, prefill "
@@ -134,6 +163,10 @@ def main() -> None:
     p.add_argument("--extra", action="append", default=[],
                    help="extra hf_prune rows as METHOD:FRACTION:key=value[,key=value] (e.g. flap:0.2:allocation=uniform)")
     p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--append", action="store_true", help="add rows to an existing --out instead of starting over")
+    p.add_argument("--phase", choices=("all", "quality", "speed"), default="all",
+                   help="quality: prune + perplexity, keep the checkpoints (may share the CPU); speed: time the "
+                        "checkpoints of an earlier quality run (run it alone, under chrt -r 1); all: both in turn")
     p.add_argument("--out", default=str(HERE / "results" / "structured.json"))
     args = p.parse_args()
     if args.quick:
@@ -148,6 +181,17 @@ def main() -> None:
     ctx = {"work": work, "model_dir": model_dir, "windows": args.eval_windows, "runs": args.runs,
            "calib": build_calibration([calib_text], tok, args.samples, args.seqlen, seed=0),
            "eval_ids": tokenize_for_eval(eval_text, tok)}
+    if args.phase == "speed":
+        res = json.loads(Path(args.out).read_text())
+        res["speed_command"] = ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python " + \
+            " ".join(["benchmarks/structured.py", *sys.argv[1:]])
+        res["speed"] = (f"bf16, {torch.get_num_threads()} threads, prefill 512 tokens, batch-1 greedy decode, median "
+                        f"of {args.runs} runs")
+        speed_phase(res, ctx)
+        atomic_write_text(args.out, json.dumps(res, indent=2))
+        atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(res) + "\n")
+        print(markdown(res))
+        return
     res: dict = {
         "machine": machine(), "date": datetime.date.today().isoformat(),
         "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
@@ -162,14 +206,19 @@ def main() -> None:
         atomic_write_text(args.out, json.dumps(res, indent=2))
         atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(res) + "\n")
 
-    res["dense"] = measure(model_dir, ctx)
-    print(f"dense: ppl {res['dense']['ppl']:.2f}, decode {res['dense']['decode_tok_s']:.1f} tok/s", flush=True)
-    fractions = [float(f) for f in args.fractions.split(",")]
+    if args.append and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        res.update(dense=previous["dense"], rows=previous["rows"], torch_pruning=previous["torch_pruning"])
+        res["command"] = previous["command"] + " ; " + res["command"]
+    else:
+        res["dense"] = measure(model_dir, ctx)
+    print(f"dense: ppl {res['dense']['ppl']:.2f}", flush=True)
+    fractions = [float(f) for f in args.fractions.split(",") if f]
     for fraction in fractions:
         if not args.skip_tp:
             res["torch_pruning"].append(run_torch_pruning(fraction, ctx))
             save()
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             res["rows"].append(run_hf_prune(method, fraction, ctx))
             save()
     for spec in args.extra:
@@ -180,7 +229,8 @@ def main() -> None:
             extra[key] = json.loads(value) if value in ("true", "false") or value.isdigit() else value
         res["rows"].append(run_hf_prune(method, float(fraction), ctx, extra))
         save()
-    res["dense_end"] = {k: v for k, v in measure(model_dir, ctx).items() if k in ("decode_tok_s", "prefill_tok_s")}
+    if args.phase == "all":
+        speed_phase(res, ctx)
     save()
     print(markdown(res))
 

@@ -93,6 +93,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("gqa_mode", args.gqa_mode),
         ("round_to", args.round_to),
         ("bias_compensation", False if args.no_bias_compensation else None),
+        ("reconstruct", True if args.reconstruct else None),
     ):
         if value is not None:
             data[field] = value
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-mode", choices=("query", "group"), help="structured heads: query heads or whole kv groups")
     p.add_argument("--round-to", type=int, help="structured width: keep a multiple of this many MLP channels")
     p.add_argument("--no-bias-compensation", action="store_true", help="flap/wanda-sp: skip bias compensation")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="structured width: refit output projections by least squares on calibration activations")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype to load the model in (default bfloat16)")
     p.add_argument("--device", help="compute device for each block (default: cuda if available, else cpu)")
     p.add_argument("--device-map", help="accelerate device_map for loading, e.g. 'auto' to offload")
