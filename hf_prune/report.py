@@ -20,6 +20,22 @@ from typing import Any
 REPORT_FILE = "pruning_report.json"
 
 
+class SavedReport:
+    """JSON and ``pruning_report.json`` for report classes that define ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``pruning_report.json`` into ``directory`` atomically; return its path."""
+        path = os.path.join(os.fspath(directory), REPORT_FILE)
+        atomic_write_text(path, self.to_json())
+        return path
+
+
 @dataclass
 class LayerRow:
     name: str
@@ -35,7 +51,7 @@ class LayerRow:
 
 
 @dataclass
-class PruningReport:
+class PruningReport(SavedReport):
     method: str
     structure: str
     target_sparsity: float
@@ -86,15 +102,6 @@ class PruningReport:
             row.pop("sparsity", None)
             layers.append(LayerRow(**row))
         return cls(layers=layers, **data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write ``pruning_report.json`` into ``directory`` atomically; return its path."""
-        path = os.path.join(os.fspath(directory), REPORT_FILE)
-        atomic_write_text(path, self.to_json())
-        return path
 
     def table(self, max_rows: int | None = None) -> str:
         """Per-layer table plus totals, as printed after pruning."""

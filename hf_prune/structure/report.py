@@ -12,12 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..report import REPORT_FILE, atomic_write_text
+from ..report import REPORT_FILE, SavedReport
 
 
 @dataclass
@@ -38,7 +36,7 @@ class BlockRow:
 
 
 @dataclass
-class StructuredReport:
+class StructuredReport(SavedReport):
     method: str
     structure: str
     target_fraction: float
@@ -87,15 +85,6 @@ class StructuredReport:
                     row[key] = tuple(row[key])
             blocks.append(BlockRow(**row))
         return cls(blocks=blocks, **data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write ``pruning_report.json`` into ``directory`` atomically; return its path."""
-        path = os.path.join(os.fspath(directory), REPORT_FILE)
-        atomic_write_text(path, self.to_json())
-        return path
 
     def table(self, max_rows: int | None = None) -> str:
         """Per-block table plus totals, as printed after pruning."""
