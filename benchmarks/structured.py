@@ -111,6 +111,12 @@ def run_torch_pruning(fraction: float, ctx: dict) -> dict:
            "--eval-windows", str(ctx["windows"]), "--speed-runs", str(ctx["runs"]), "--result", str(result),
            "--calib-samples", str(int(ctx["calib"].shape[0])), "--importance", "taylor"]
     cmd += ["--no-speed", "--save", str(saved)]
+    if ctx["reuse_tp"] and result.exists() and (saved / "config.json").exists():
+        data = json.loads(result.read_text())  # same settings, finished earlier (--reuse-tp): keep its row
+        if data.get("eval", {}).get("windows") == ctx["windows"]:
+            data["checkpoint"] = str(saved)
+            print(f"  torch-pruning-{fraction}: reused {result}", flush=True)
+            return data
     with open(ctx["work"] / f"tp-{fraction}.log", "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
@@ -163,6 +169,7 @@ def main() -> None:
     p.add_argument("--extra", action="append", default=[],
                    help="extra hf_prune rows as METHOD:FRACTION:key=value[,key=value] (e.g. flap:0.2:allocation=uniform)")
     p.add_argument("--skip-tp", action="store_true")
+    p.add_argument("--reuse-tp", action="store_true", help="reuse finished Torch-Pruning runs in .bench/structured")
     p.add_argument("--append", action="store_true", help="add rows to an existing --out instead of starting over")
     p.add_argument("--phase", choices=("all", "quality", "speed"), default="all",
                    help="quality: prune + perplexity, keep the checkpoints (may share the CPU); speed: time the "
@@ -179,6 +186,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib_text, eval_text = default_splits()
     ctx = {"work": work, "model_dir": model_dir, "windows": args.eval_windows, "runs": args.runs,
+           "reuse_tp": args.reuse_tp,
            "calib": build_calibration([calib_text], tok, args.samples, args.seqlen, seed=0),
            "eval_ids": tokenize_for_eval(eval_text, tok)}
     if args.phase == "speed":

@@ -119,6 +119,24 @@ def finish(name: str, sparsity: float, steps: int, seconds: float, model, args, 
     return row
 
 
+def markdown(result: dict) -> str:
+    """The results as a markdown table (written next to the JSON)."""
+    lines = [f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
+             *[f"Command: `{c}`  " for c in result.get("commands", [result["command"]])],
+             f"Evaluation: first {result['eval_windows']} held-out windows of {result['seqlen']} tokens, bf16.", "",
+             "| run | sparsity | steps | PPL | train s | s/step | step time vs dense | callback overhead |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        fmt = lambda k, f, r=r: format(r[k], f) if r.get(k) is not None else "–"  # noqa: E731
+        lines.append(f"| {r['run']} | {r['sparsity']:.0%} | {r['steps']} | {r['ppl']:.2f} | {fmt('seconds', '.0f')} | "
+                     f"{fmt('seconds_per_step', '.2f')} | {fmt('step_time_vs_dense', '.3f')} | "
+                     f"{fmt('callback_overhead', '.1%')} |")
+    for c in result.get("gmp_vs_oneshot", []):
+        lines.append(f"\nGMP {c['sparsity']:.0%} after {c['steps']} steps: PPL {c['gmp_ppl']:.1f} vs one-shot Wanda "
+                     f"without training {c['oneshot_ppl']:.1f} ({'GMP better' if c['gmp_better'] else 'one-shot better'}).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -187,6 +205,8 @@ def main() -> None:
               "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps(result, indent=2))
+    atomic_write_text(str(Path(args.output).with_suffix(".md")), markdown(result) + "\n")
+    print(markdown(result))
     print(f"wrote {args.output}")
 
 
