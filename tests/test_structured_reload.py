@@ -42,7 +42,11 @@ RELOAD_TABLE: dict[str, dict[str, str]] = {
 HIDE_HF_PRUNE = """
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", ""))]
-sys.path[:] = [p for p in sys.path if not p.startswith(REPO)]
+import os
+# drop the repo itself (and its folders, e.g. tests/), but keep a virtualenv that lives inside it (.venv/...)
+sys.path[:] = [p for p in sys.path if not (os.path.abspath(p or ".") == REPO
+                                           or (os.path.abspath(p or ".").startswith(REPO + os.sep)
+                                               and "site-packages" not in p))]
 try:
     import hf_prune
     raise SystemExit("hf_prune is importable in the clean subprocess: " + hf_prune.__file__)
