@@ -174,17 +174,24 @@ def main() -> None:
     calib = build_calibration([train_text], tok, args.calib_samples, args.seqlen, 0)
     eval_ids = tokenize_for_eval(eval_text, tok)
     out = Path(os.environ.get("HF_PRUNE_BENCH_TMP", "/tmp/hf_prune_training_bench"))
-    rows = [run_one(name, args, train_ids, calib, eval_ids, out) for name in args.runs.split(",")]
-    commands = [args.command or " ".join(["python", *sys.argv])]
+    # --runs "" --append only recomputes the summary of an existing result file
+    rows = [run_one(name, args, train_ids, calib, eval_ids, out) for name in filter(None, args.runs.split(","))]
+    commands = [args.command or " ".join(["python", *sys.argv])] if rows else []
+    if not rows and not (args.append and Path(args.output).exists()):
+        raise SystemExit("--runs is empty: pass runs, or --append with an existing --output to recompute its summary")
     if args.append and Path(args.output).exists():  # keep earlier rows; a rerun of the same (run, steps) replaces them
         previous = json.loads(Path(args.output).read_text())
         fresh = {(r["run"], r["steps"]) for r in rows}
         rows = [r for r in previous["rows"] if (r["run"], r["steps"]) not in fresh] + rows
         commands = previous.get("commands", [previous.get("command")]) + commands
-    dense = next((r for r in rows if r["run"] == "dense"), None)
+    dense_by_steps = {r["steps"]: r for r in rows if r["run"] == "dense"}  # compare at the same step budget
+    dense = next(iter(dense_by_steps.values()), None)
     for r in rows:
-        if dense and r["steps"]:
-            r["step_time_vs_dense"] = round(r["seconds_per_step"] / dense["seconds_per_step"], 4)
+        ref = dense_by_steps.get(r["steps"])
+        if ref and r["steps"]:
+            r["step_time_vs_dense"] = round(r["seconds_per_step"] / ref["seconds_per_step"], 4)
+        else:
+            r.pop("step_time_vs_dense", None)
     gmp = [r for r in rows if r["run"].startswith("gmp")]
     oneshot = {r["run"]: r for r in rows if r["run"].endswith("-oneshot")}
     result = {"benchmark": "training", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -195,8 +202,8 @@ def main() -> None:
               # time inside PruningCallback's hooks / training time, worst GMP run (target <= 0.10)
               "callback_overhead": max((r["callback_overhead"] for r in gmp), default=None),
               # seconds per step of the GMP runs vs dense training, minus one (includes run-to-run noise)
-              "step_time_overhead_vs_dense": max((r["step_time_vs_dense"] - 1 for r in gmp), default=None)
-              if dense else None,
+              "step_time_overhead_vs_dense": max((r["step_time_vs_dense"] - 1 for r in gmp if "step_time_vs_dense" in r),
+                                                 default=None) if dense else None,
               # GMP with training against one-shot Wanda without training, at the same sparsity
               "gmp_vs_oneshot": [{"sparsity": r["sparsity"], "steps": r["steps"], "gmp_ppl": r["ppl"],
                                   "oneshot_ppl": oneshot[f"wanda-{round(r['sparsity'] * 100)}-oneshot"]["ppl"],
