@@ -77,14 +77,20 @@ def _aggregate(results: list[LayerResult]) -> list[LayerRow]:
     return list(rows.values())
 
 
-def validate(model: nn.Module, config: PruningConfig) -> SequentialPruner:
-    """Check that ``config`` fits ``model`` without modifying anything; return the prepared pruner."""
+def _check_prunable(model: Any) -> None:
+    """A transformers model that no failed run has left half-pruned (every method checks this first)."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if getattr(model, "_hf_prune_incomplete", False):
         raise IncompletePruningError(
-            "this model was left partially pruned by a failed run (restore_on_error=False); reload it and prune again"
+            "this model was left partially pruned by a failed run (restore_on_error=False, or a structured cut that "
+            "failed half-way); reload it and prune again"
         )
+
+
+def validate(model: nn.Module, config: PruningConfig) -> SequentialPruner:
+    """Check that ``config`` fits ``model`` without modifying anything; return the prepared pruner."""
+    _check_prunable(model)
     pruner = SequentialPruner(model, config, torch.device("cpu"), show_progress=False)
     layers = [layer for block in pruner.layers for layer in block]
     if not layers:
@@ -204,10 +210,7 @@ def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, to
     """`prune` for structured methods: same validation order (model, then data), then `prune_structured`."""
     from .structure.runner import check_model, prune_structured
 
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if getattr(model, "_hf_prune_incomplete", False):
-        raise IncompletePruningError("this model was left partially pruned by a failed run; reload it and prune again")
+    _check_prunable(model)
     check_model(model)
     calib = _calibration_tokens(model, cfg, calibration, tokenizer)
     was_training = model.training

@@ -68,7 +68,8 @@ def block_specs(model: nn.Module) -> list[BlockSpec]:
     return specs
 
 
-def _numel(module: nn.Module) -> int:
+def num_params(module: nn.Module) -> int:
+    """Parameters of ``module`` (and its children)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -86,7 +87,7 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
     """
     get = model.get_submodule
     out = {"mlp_channel": 0, "query_head": 0, "kv_head": 0, "attention": 0, "mlp": 0,
-           "block": _numel(get(spec.module))}
+           "block": num_params(get(spec.module))}
     a = spec.attention
     if a is not None:
         o = get(a.o)
@@ -103,7 +104,7 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
             else:
                 out["query_head"] = d * row + d * hidden
                 out["kv_head"] = 2 * d * row
-        out["attention"] = _numel(get(a.module))
+        out["attention"] = num_params(get(a.module))
     m = spec.mlp
     if m is not None:
         names = list(m.inputs) + ([m.fused_gate_up] if m.fused_gate_up else [])
@@ -112,5 +113,5 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
             fused = get(m.fused_gate_up)
             per_channel += 2 * (core.in_features(fused) + _bias(fused))
         out["mlp_channel"] = per_channel + core.out_features(get(m.output))
-        out["mlp"] = sum(_numel(get(n)) for n in names) + _numel(get(m.output))
+        out["mlp"] = sum(num_params(get(n)) for n in names) + num_params(get(m.output))
     return out

@@ -91,6 +91,18 @@ def sweep_blocks(
 
 
 # ----------------------------------------------------------------------------------------- width stats
+def _accumulate(store: dict[str, Any], path: str, factory: Callable[..., Any]) -> Callable:
+    """A forward pre-hook adding the module's input to ``store[path]`` (created by ``factory(width, device=)``)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if path not in store:
+            store[path] = factory(x.shape[-1], device=x.device)
+        store[path].add(x)
+
+    return hook
+
+
 def collect_width_stats(
     model: nn.Module,
     specs: Sequence[BlockSpec],
@@ -107,20 +119,11 @@ def collect_width_stats(
     stats: dict[str, RunningMoments] = {}
     by_block = {s.index: s for s in specs}
 
-    def hook_for(path: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if path not in stats:
-                stats[path] = RunningMoments(x.shape[-1], device=x.device)
-            stats[path].add(x)
-
-        return hook
-
     def before(i: int, block: nn.Module) -> list[Any]:
         spec = by_block.get(i)
         paths = [] if spec is None else [p for p in (spec.attention and spec.attention.o,
                                                      spec.mlp and spec.mlp.output) if p]
-        return [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths]
+        return [model.get_submodule(p).register_forward_pre_hook(_accumulate(stats, p, RunningMoments)) for p in paths]
 
     sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
     for path, s in stats.items():
@@ -146,18 +149,10 @@ def collect_second_moments(
     """
     current: dict[str, SecondMoments] = {}
 
-    def hook_for(path: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if path not in current:
-                current[path] = SecondMoments(x.shape[-1], device=x.device)
-            current[path].add(x)
-
-        return hook
-
     def before(i: int, block: nn.Module) -> list[Any]:
         current.clear()
-        return [model.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in paths.get(i, [])]
+        return [model.get_submodule(p).register_forward_pre_hook(_accumulate(current, p, SecondMoments))
+                for p in paths.get(i, [])]
 
     def after(i: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
         if i not in paths:

@@ -46,17 +46,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..config import PruningConfig
 from ..errors import CalibrationError, ConfigError
 from ..methods.base import PruningMethod
 from ..registry import register_method
 from ..targets import PrunableLayer, find_blocks
 from .allocate import WidthScores, allocate_width, check_choice, choose_blocks, span_length
+from .arch import block_specs, num_params, unit_params
 from .collect import collect_depth_stats, collect_second_moments, collect_taylor_grads, collect_width_stats
 from .finercut import greedy_sublayers
 from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
@@ -78,42 +81,20 @@ try:
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
-DEFAULTS: dict[str, Any] = {
-    "width_units": "both",
-    "allocation": "global",
-    "gqa_mode": "query",
-    "bias_compensation": True,
-    "round_to": 1,
-    "angular_last_token": True,
-    "taylor_variant": "element",
-    "finercut_tokens": 2048,
-    "reconstruct": False,
-    "dampening": 0.01,
-    "max_damp_retries": 3,
-    "batch_size": 8,
-}
+#: `PruningConfig`'s own defaults: a config object that lacks a field (e.g. a plain namespace) gets these.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PruningConfig)
+                            if f.default is not dataclasses.MISSING}
 
 
 def option(config: Any, name: str) -> Any:
-    """``config.<name>``, or the documented default while the field does not exist."""
+    """``config.<name>``, or `PruningConfig`'s default when ``config`` has no such field."""
     value = getattr(config, name, None)
     return DEFAULTS.get(name) if value is None else value
-
-
-def block_specs(model: nn.Module) -> list[BlockSpec]:
-    """The architecture specs of every decoder block (`hf_prune.structure.arch.block_specs`)."""
-    from .arch import block_specs as specs
-
-    return specs(model)
 
 
 # ------------------------------------------------------------------------------------- parameter costs
 def _is_conv1d(module: nn.Module) -> bool:
     return bool(Conv1D) and isinstance(module, Conv1D)
-
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @dataclass(frozen=True)
@@ -130,8 +111,6 @@ class UnitCosts:
 
 def unit_costs(model: nn.Module, spec: BlockSpec) -> UnitCosts:
     """Parameter cost of each removable unit of one block (from `hf_prune.structure.arch.unit_params`)."""
-    from .arch import unit_params
-
     u = unit_params(model, spec)
     q_per_kv = spec.attention.num_heads // spec.attention.num_kv_heads if spec.attention is not None else 0
     return UnitCosts(u["mlp_channel"], u["query_head"], q_per_kv * u["query_head"] + u["kv_head"],
@@ -144,7 +123,7 @@ def _budget(model: nn.Module, config: Any) -> tuple[float, int, list[nn.Module]]
         raise ConfigError(f"sparsity={sparsity!r}: structured pruning needs the fraction of decoder-block "
                           "parameters to remove, a number in (0, 1)")
     _, blocks = find_blocks(model)
-    total = sum(_numel(b) for b in blocks)
+    total = sum(num_params(b) for b in blocks)
     return float(sparsity) * total, total, list(blocks)
 
 
@@ -470,7 +449,7 @@ class BlockInfluence(StructuredMethod):
     def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
         calibration = _require_calibration(self.name, calibration)
         target, total, blocks = _budget(model, config)
-        costs = [_numel(b) for b in blocks]
+        costs = [num_params(b) for b in blocks]
         stats = collect_depth_stats(model, calibration, option(config, "batch_size"), device, show_progress)
         chosen = choose_blocks(stats.block_influence, costs, target)
         removed = sum(costs[i] for i in chosen)
@@ -489,7 +468,7 @@ class Angular(StructuredMethod):
     def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
         calibration = _require_calibration(self.name, calibration)
         target, total, blocks = _budget(model, config)
-        costs = [_numel(b) for b in blocks]
+        costs = [num_params(b) for b in blocks]
         n = span_length(costs, target)
         last_token = bool(option(config, "angular_last_token"))
         info: dict[str, Any] = {"method": self.name, "block_params": total, "target_params": int(round(target)),

@@ -28,15 +28,11 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..memory import PeakMemory
 from ..registry import get_method
 from ..targets import find_blocks
-from .arch import block_specs
+from .arch import block_specs, num_params
 from .config_io import is_structured
 from .plan import BlockSpec, StructuredPlan
 from .report import BlockRow, StructuredReport
 from .surgery import apply_plan
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def check_model(model: nn.Module) -> list[BlockSpec]:
@@ -80,8 +76,8 @@ def prune_structured(
     specs = check_model(model)
     method = get_method(config.method)(config)
     _, blocks = find_blocks(model)
-    before = [_count(b) for b in blocks]
-    params_before = _count(model)
+    before = [num_params(b) for b in blocks]
+    params_before = num_params(model)
     with PeakMemory() as mem:
         start = time.perf_counter()
         plan, info = method.plan(model, calibration, config, device, show_progress)
@@ -99,7 +95,7 @@ def prune_structured(
         target_fraction=float(config.sparsity),
         blocks=_rows(specs, plan, before, removed),
         params_before=params_before,
-        params_after=_count(model),
+        params_after=num_params(model),
         decoder_params_before=sum(before),
         seconds=seconds,
         peak_rss_mb=mem.peak_rss_mb,

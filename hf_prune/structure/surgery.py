@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedModelError
 from ..targets import find_blocks
 from . import modeling_hf_prune as core
-from .arch import block_specs
+from .arch import block_specs, num_params
 from .config_io import rewrite_config
 from .plan import BlockSpec, LayerPlan, StructuredPlan
 
@@ -188,16 +188,18 @@ def _set_weight(mod: nn.Module, value: torch.Tensor) -> None:
     w.data.copy_(value.to(dtype=w.dtype, device=w.device))
 
 
+def _removed_branch_bias(proj: nn.Module, compensation: torch.Tensor | None) -> torch.Tensor | None:
+    """What a removed sublayer outputs: its output projection's bias plus the compensation (None without one)."""
+    if compensation is None:
+        return None
+    bias = compensation.to(proj.weight.device, proj.weight.dtype)
+    return bias if proj.bias is None else bias + proj.bias.data
+
+
 def _cut_block(block: nn.Module, cut: LayerCut) -> None:
     attn, mlp = core.attention_layout(block), core.mlp_layout(block)
     if cut.remove_attention:
-        bias = None
-        if cut.attn_bias is not None:
-            o = block.get_submodule(attn["o"])
-            bias = cut.attn_bias.to(o.weight.device, o.weight.dtype)
-            if o.bias is not None:
-                bias = bias + o.bias.data
-        core.remove_attention(block, attn, bias)
+        core.remove_attention(block, attn, _removed_branch_bias(block.get_submodule(attn["o"]), cut.attn_bias))
     else:
         if cut.heads is not None:
             core.keep_heads(block, attn, cut.heads, cut.kv_heads)
@@ -206,13 +208,7 @@ def _cut_block(block: nn.Module, cut: LayerCut) -> None:
         if cut.attn_bias is not None:
             core.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
     if cut.remove_mlp:
-        bias = None
-        if cut.mlp_bias is not None:
-            out = block.get_submodule(mlp["output"])
-            bias = cut.mlp_bias.to(out.weight.device, out.weight.dtype)
-            if out.bias is not None:
-                bias = bias + out.bias.data
-        core.remove_mlp(block, mlp, bias)
+        core.remove_mlp(block, mlp, _removed_branch_bias(block.get_submodule(mlp["output"]), cut.mlp_bias))
         return
     if cut.channels is not None:
         core.keep_channels(block, mlp, cut.channels)
@@ -220,10 +216,6 @@ def _cut_block(block: nn.Module, cut: LayerCut) -> None:
         _set_weight(block.get_submodule(mlp["output"]), cut.mlp_out_weight)
     if cut.mlp_bias is not None:
         core.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
@@ -242,7 +234,7 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
     if len(kept) < len(blocks) and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ConfigError("this GPT-2 config scales attention by 1/(layer index); removing blocks would change "
                           "the scaling of later blocks on reload. Prune heads/channels only, or keep all blocks")
-    before = [_count(b) for b in blocks]
+    before = [num_params(b) for b in blocks]
     for i, cut in cuts.items():
         _cut_block(blocks[i], cut)
     if len(kept) < len(blocks):
@@ -252,5 +244,5 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
         model.set_submodule(prefix, new_blocks)
         blocks = new_blocks
     rewrite_config(model, prefix, kept, n_before=len(before))
-    after = dict(zip(kept, (_count(b) for b in blocks), strict=True))
+    after = dict(zip(kept, (num_params(b) for b in blocks), strict=True))
     return {i: before[i] - after.get(i, 0) for i in range(len(before)) if before[i] != after.get(i, 0)}
