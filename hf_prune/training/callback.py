@@ -156,7 +156,10 @@ class PruningCallback(TrainerCallback):
         if self.scores is not None:
             l1 = self.config.movement_l1 if self.method == "soft_movement" else 0.0
             self.scores.step(self.masks.params, self.config.movement_lr, l1)
-        self.masks.mask_grads_()
+        if not self.masks.has_grad_hooks or _world_size() > 1:
+            # the hooks already masked every gradient in place; under DDP the all-reduce may write the bucket
+            # back after a hook ran, so mask once more there
+            self.masks.mask_grads_()
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -385,3 +388,8 @@ def _check_supported(args: Any, model: Any) -> None:
         raise UnsupportedTrainingSetupError(
             "PruningCallback does not support DeepSpeed (ZeRO partitions parameters and optimizer state); use DDP"
         )
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

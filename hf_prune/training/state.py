@@ -4,8 +4,9 @@ One boolean mask per prunable *parameter* (``True`` = keep), in the parameter's 
 ``[in, out]``, fused MoE experts ``[E, out, in]``); `PrunableLayer` views give the ``[out, in]`` matrix of
 each layer/expert. Enforcement, every optimizer step:
 
-* `register_grad_hooks` masks gradients as backward produces them (not for movement pruning), and
-  `mask_grads_` zeroes the gradient of masked weights again right before ``optimizer.step()``;
+* `register_grad_hooks` masks gradients in place as backward accumulates them (not for movement pruning);
+  `mask_grads_` zeroes the gradient of masked weights right before ``optimizer.step()`` where no hook did
+  (movement pruning) or where a multi-process all-reduce may have run after the hook;
 * `apply_` multiplies the weights by their masks after it (exact zeros whatever the optimizer did);
 * `mask_optimizer_state_` zeroes optimizer moments (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) of
   masked entries whenever a mask changes, so momentum cannot resurrect a pruned weight.
@@ -161,11 +162,22 @@ class MaskState:
             entry.param.data.mul_(entry.mask)
 
     def register_grad_hooks(self) -> None:
-        """Mask gradients as autograd produces them (before DDP's all-reduce and before gradient clipping, so the
-        clipped norm only counts live weights). Not for movement pruning, whose scores need the dense gradient."""
+        """Mask each gradient in place once autograd has accumulated it into ``.grad`` (before gradient clipping,
+        so the clipped norm only counts live weights). In place and allocation-free: a ``register_hook`` returning
+        ``g * mask`` cost 12% of a SmolLM2 training step, this costs about 3%. Not for movement pruning, whose
+        scores need the dense gradient."""
         self.remove_grad_hooks()
-        self._hooks = [e.param.register_hook(lambda g, e=e: g * e.mask if self.active else None)
+        self._hooks = [e.param.register_post_accumulate_grad_hook(lambda p, e=e: self._mask_grad(p, e))
                        for e in self.params.values()]
+
+    @torch.no_grad()
+    def _mask_grad(self, param: torch.Tensor, entry: MaskedParam) -> None:
+        if self.active and param.grad is not None:
+            param.grad.mul_(entry.mask)
+
+    @property
+    def has_grad_hooks(self) -> bool:
+        return bool(getattr(self, "_hooks", []))
 
     def remove_grad_hooks(self) -> None:
         for handle in getattr(self, "_hooks", []):
