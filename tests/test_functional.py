@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from hf_prune.errors import NumericalError
-from hf_prune.masks import BRACKET_MIN_NUMEL, is_nm_sparse, kth_smallest, mask_from_scores, nm_mask, unstructured_mask
+from hf_prune.masks import (
+    BRACKET_MIN_NUMEL,
+    is_nm_sparse,
+    kth_smallest,
+    mask_from_scores,
+    nm_mask,
+    unstructured_mask,
+)
 from hf_prune.methods.functional import (
     damped_inverse_cholesky,
     owl_block_sparsities,
