@@ -17,6 +17,9 @@ Protocol:
   ``decode_tokens + 1`` new tokens (``min_new_tokens = max_new_tokens``, so EOS cannot stop it early). A logits
   processor stamps the time after every forward; the first forward is the prompt's prefill, so the span from the
   first stamp to the last covers ``decode_tokens`` decode steps only (forward + greedy pick);
+* decode loop (``decode_loop_tok_s``): the same decode as a bare loop, one-token forward with the KV cache and a
+  greedy argmax per step and nothing else: the model's own per-token cost, without ``generate``'s per-step
+  Python bookkeeping, which does not shrink with the model;
 * ``warmup`` untimed runs of each, then ``runs`` timed runs; medians are reported together with every raw run.
 
 dtype: bf16 is the default (``DEFAULT_DTYPE``), chosen with ``--compare-dtypes`` on the dense SmolLM2-135M on the
@@ -136,6 +139,20 @@ def measure_speed(
             raise RuntimeError(f"generate produced {produced} tokens / {len(clock.stamps)} steps, expected {new}")
         if i >= warmup:
             decode_s.append(clock.stamps[-1] - clock.stamps[0])
+
+    # ---- decode without generate(): forward of one token with the KV cache + greedy argmax, nothing else
+    loop_s: list[float] = []
+    for i in range(warmup + runs):
+        out = model(input_ids=prompt, use_cache=True, **prefill_kwargs)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        dt = time.perf_counter() - t0
+        del out
+        if i >= warmup:
+            loop_s.append(dt)
     if was_training:
         model.train()
 
@@ -147,6 +164,8 @@ def measure_speed(
         "decode_s_runs": decode_s,
         "prefill_tok_s_runs": [prefill_tokens / s for s in prefill_s],
         "decode_tok_s_runs": [decode_tokens / s for s in decode_s],
+        "decode_loop_tok_s": decode_tokens / _median(loop_s),
+        "decode_loop_tok_s_runs": [decode_tokens / s for s in loop_s],
         "settings": {
             "prefill_tokens": prefill_tokens,
             "prefill_kwargs": {k: v for k, v in prefill_kwargs.items()},
@@ -154,6 +173,8 @@ def measure_speed(
             "decode_prompt_tokens": decode_prompt_tokens,
             "decode": "greedy generate, batch 1, KV cache, min_new_tokens=max_new_tokens=decode_tokens+1, "
                       "timed from the end of the prompt forward to the end of the last decode step",
+            "decode_loop": "decode_tokens forwards of one token with the KV cache, each followed by a greedy argmax, "
+                           "no generate() bookkeeping (logits processors, stopping criteria, input/mask growth)",
             "runs": runs,
             "warmup": warmup,
             "statistic": "median",

@@ -13,7 +13,7 @@ import hf_prune
 from hf_prune import ConfigError, NumericalError, PruningConfig
 from hf_prune.structure.arch import block_specs
 from hf_prune.structure.plan import LayerPlan, StructuredPlan
-from hf_prune.structure.reconstruct import SecondMoments, refit_projection
+from hf_prune.structure.reconstruct import PairedMoments, SecondMoments, refit_projection
 from hf_prune.structure.scores import bias_compensation
 from hf_prune.structure.surgery import apply_plan
 
@@ -50,6 +50,29 @@ def test_refit_matches_lstsq_with_intercept() -> None:
     ref = torch.linalg.lstsq(design, x @ w.T).solution  # [k + 1, out]
     torch.testing.assert_close(new_w.double(), ref[:-1].T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(b.double(), ref[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_paired_refit_fits_pruned_inputs_to_dense_outputs() -> None:
+    x, w = _data(seed=2)
+    noisy = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    keep = [0, 1, 4, 5, 8]
+    m = PairedMoments(x.shape[1])
+    for a, b in zip(noisy.split([7, 393]), x.split([7, 393])):
+        m.add_pair(a, b)
+    new_w, b, _ = refit_projection(w, m.hessian, m.mean, keep, dampening=1e-10, cross=m.cross,
+                                   dense_mean=m.dense_mean)
+    design = torch.cat([noisy[:, keep], torch.ones(400, 1, dtype=torch.float64)], 1)
+    ref = torch.linalg.lstsq(design, x @ w.T).solution  # inputs of the pruned model, outputs of the dense one
+    torch.testing.assert_close(new_w.double(), ref[:-1].T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.double(), ref[-1], rtol=1e-4, atol=1e-4)
+    # equal streams: exactly the plain refit
+    same = PairedMoments(x.shape[1])
+    same.add_pair(x, x)
+    plain = refit_projection(w, same.hessian, same.mean, keep)
+    paired = refit_projection(w, same.hessian, same.mean, keep, cross=same.cross, dense_mean=same.dense_mean)
+    torch.testing.assert_close(paired[0], plain[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="go together"):
+        refit_projection(w, same.hessian, same.mean, keep, cross=same.cross)
 
 
 def test_refit_beats_bias_compensation_and_tends_to_it() -> None:
@@ -138,6 +161,34 @@ def test_reconstruct_is_closer_to_dense_than_bias_compensation(arch: str) -> Non
     compensated = _output_error(arch, "flap")
     refit = _output_error(arch, "flap", reconstruct=True)
     assert refit < compensated
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_last_mlp_refit_is_least_squares_on_the_pruned_models_inputs(arch: str) -> None:
+    """Sequential refit: the last block's MLP output projection, fed what the *pruned* model feeds it (all
+    earlier blocks pruned and refit), is the least-squares fit of the *dense* projection's output."""
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    calib = calib_ids(16, 64)
+    path = block_specs(model)[-1].mlp.output
+
+    def io(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = m.get_submodule(path).register_forward_hook(lambda mod, a, o: seen.append((a[0], o)))
+        with torch.no_grad():
+            m(calib)
+        handle.remove()
+        return seen[0][0].reshape(-1, seen[0][0].shape[-1]).double(), seen[0][1].reshape(-1, seen[0][1].shape[-1]).double()
+
+    dense_in, dense_out = io(model)
+    cfg = PruningConfig(method="flap", sparsity=0.3, num_calibration_samples=16, seqlen=64, reconstruct=True,
+                        dampening=1e-9, batch_size=16, allocation="uniform")
+    model.prune(cfg, calibration=calib, verbose=False, show_progress=False)
+    pruned_in, pruned_out = io(model)
+    assert pruned_in.shape[1] < dense_in.shape[1]  # the channels really went
+    design = torch.cat([pruned_in, torch.ones(pruned_in.shape[0], 1, dtype=torch.float64)], 1)
+    best = design @ torch.linalg.lstsq(design, dense_out).solution
+    torch.testing.assert_close(pruned_out, best, rtol=2e-3, atol=2e-3)
 
 
 def test_reconstruct_taylor_runs_and_helps() -> None:

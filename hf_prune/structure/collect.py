@@ -5,13 +5,11 @@
   block and the calibration activations live on the compute device. Statistics are taken on the *dense*
   model in one pass: scoring only plans, nothing is removed until surgery, and global allocation needs the
   scores of every block before it can pick anything (FLAP collects them the same way).
-* `collect_second_moments` (``reconstruct=True``) is a second dense block-by-block pass, run once the plan is
-  known: it accumulates ``sum x x^T`` of the chosen output projections' inputs and hands each block's
-  matrices to a callback as soon as that block is done (the refit), then drops them, so only one block's
-  ``[in, in]`` matrices exist at a time. It cannot share the scoring pass: global allocation needs every
-  block's scores before it can choose what a block keeps, so refitting during that pass would mean keeping
-  every block's matrices (about 320 MB for SmolLM2-135M, ~28 GB in float32 for an 8B Llama), and Taylor has
-  no activation pass at all.
+* `sequential_refit` (``reconstruct=True``) runs once the plan is known: a dense and a pruned stream go
+  through the model block by block, and each pruned output projection is refit on the inputs the pruned model
+  really gives it (see its docstring). Each block's ``[in, in]`` matrices exist only while that block is
+  fit. It cannot share the scoring pass: global allocation needs every block's scores before it can choose
+  what a block keeps, and Taylor has no activation pass at all.
 * `collect_taylor_grads` is *not* block by block: first-order Taylor needs the gradient of the causal-LM
   loss, so the whole model runs forward + backward on every calibration batch (in eval mode). Gradients
   of the scored weights are folded into float32 accumulators by post-accumulate hooks and the ``.grad``
@@ -40,10 +38,10 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
-from ..pipeline import _check_finite, _run_block, on_device, record_block_inputs
+from ..pipeline import _BlockDone, _check_finite, _run_block, on_device, record_block_inputs
 from ..targets import find_blocks, input_device
 from .plan import BlockSpec
-from .reconstruct import SecondMoments
+from .reconstruct import PairedMoments
 from .scores import RunningMoments, angular_distance, span_distances, token_cosine
 
 BlockHook = Callable[[int, nn.Module], list[Any]]
@@ -132,42 +130,107 @@ def collect_width_stats(
     return stats
 
 
-def collect_second_moments(
+@dataclass
+class RefitJob:
+    """One output projection to refit: its module path and the original indices of its kept input columns."""
+
+    path: str
+    keep: list[int]
+
+
+#: ``solve(block, job, moments) -> (weight [out, len(keep)], intercept [out])``
+RefitSolve = Callable[[int, RefitJob, PairedMoments], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _replace_output(keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Callable:
+    """A forward hook making a projection compute ``x[..., keep] @ weight^T + bias`` (its refit, pruned self)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        return torch.nn.functional.linear(x.index_select(-1, keep.to(x.device)), weight.to(x.device, x.dtype),
+                                          bias.to(x.device, x.dtype))
+
+    return hook
+
+
+def _capture_input(store: list[torch.Tensor], stop: bool) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        store.append(args[0].detach())
+        if stop:  # nothing after this point of the block is needed: skip the rest of its forward
+            raise _BlockDone
+
+    return hook
+
+
+def sequential_refit(
     model: nn.Module,
-    paths: dict[int, list[str]],
+    jobs: dict[int, list[RefitJob]],
     calibration: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    on_block: Callable[[int, dict[str, SecondMoments]], None],
+    solve: RefitSolve,
     show_progress: bool = False,
     desc: str = "structured: reconstruction",
 ) -> None:
-    """Second moments of the inputs of the modules ``paths[block]``, one dense block-by-block pass.
+    """Refit output projections *sequentially*: each pruned layer is fit on the inputs it will really see.
 
-    ``on_block(i, moments)`` is called right after block ``i`` ran, with a `SecondMoments` per path (on
-    ``device``); they are released afterwards. Blocks not in ``paths`` run without hooks.
+    Two streams of hidden states go through the model block by block: the dense model's and the pruned
+    model's, in which every earlier projection already computes its refit on its kept columns (forward hooks;
+    the weights themselves are not touched, surgery applies the plan later). For each job of a block, in order
+    (attention output before MLP output), the dense input ``x`` and the pruned-stream input ``x~`` of the
+    projection are paired token by token into `PairedMoments`, and ``solve`` fits the kept columns (and an
+    intercept) so that ``W' x~_K + b`` reproduces the dense ``W x``; the error the pruning made upstream is
+    corrected rather than carried on. Partial forwards stop at the captured projection.
+
+    Costs: per pruned block, about two partial plus two full forwards per stream (the dense refit pass needs
+    one), and the pruned stream's hidden states next to the dense ones on ``device``.
     """
-    current: dict[str, SecondMoments] = {}
-
-    def before(i: int, block: nn.Module) -> list[Any]:
-        current.clear()
-        return [model.get_submodule(p).register_forward_pre_hook(_accumulate(current, p, SecondMoments))
-                for p in paths.get(i, [])]
-
-    def after(i: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        if i not in paths:
-            return
-        missing = [p for p in paths[i] if p not in current]
-        if missing:
-            raise NumericalError(f"block {i}: {missing} received no input during the calibration forward")
-        for path, m in current.items():
-            if not m.is_finite():
-                raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
-        on_block(i, dict(current))
-        current.clear()
-
-    sweep_blocks(model, calibration, batch_size, device, before=before, after=after, desc=desc,
-                 show_progress=show_progress)
+    _, blocks = find_blocks(model)
+    dense, calls = record_block_inputs(model, blocks, calibration, batch_size)
+    dense = [h.to(device) for h in dense]
+    _check_finite(dense, "entering block 0 (embeddings)")
+    pruned: list[torch.Tensor] | None = None  # None while no block has been pruned: the streams are equal
+    for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
+        block = blocks[i]
+        fitted: list[Any] = []
+        with on_device(block, device):
+            try:
+                for job in jobs.get(i, []):
+                    module = model.get_submodule(job.path)
+                    x_dense: list[torch.Tensor] = []
+                    x_pruned: list[torch.Tensor] = []
+                    handle = module.register_forward_pre_hook(_capture_input(x_dense, stop=True))
+                    try:
+                        _run_block(block, dense, calls[i], device)
+                    finally:
+                        handle.remove()
+                    handle = module.register_forward_pre_hook(_capture_input(x_pruned, stop=True))
+                    try:
+                        _run_block(block, dense if pruned is None else pruned, calls[i], device)
+                    finally:
+                        handle.remove()
+                    moments = PairedMoments(x_dense[0].shape[-1], device=device)
+                    for xp, xd in zip(x_pruned, x_dense):
+                        moments.add_pair(xp, xd)
+                    del x_dense, x_pruned
+                    if not moments.is_finite():
+                        raise NumericalError(f"{job.path}: NaN/Inf in the calibration statistics of this layer's input")
+                    weight, bias = solve(i, job, moments)
+                    del moments
+                    base = getattr(module, "bias", None)
+                    total = bias.to(device) + (base.detach().float() if base is not None else 0.0)
+                    keep = torch.as_tensor(job.keep, dtype=torch.long, device=device)
+                    fitted.append(module.register_forward_hook(_replace_output(keep, weight.to(device), total)))
+                out_dense = _run_block(block, dense, calls[i], device)
+                out_pruned = None if pruned is None and not fitted else _run_block(
+                    block, dense if pruned is None else pruned, calls[i], device)
+            finally:
+                for h in fitted:
+                    h.remove()
+        _check_finite(out_dense, f"leaving block {i}")
+        if out_pruned is not None:
+            _check_finite(out_pruned, f"leaving block {i} (pruned)")
+        dense, pruned = out_dense, out_pruned
 
 
 # ----------------------------------------------------------------------------------------- depth stats

@@ -21,10 +21,11 @@ Config fields read (with these defaults): ``sparsity``, ``width_units="both"`` (
 (``"vector"``), ``finercut_tokens=2048``, ``reconstruct=False`` (width methods), ``dampening=0.01`` and
 ``max_damp_retries=3`` (reconstruction), plus ``batch_size``.
 
-``reconstruct=True``: once a width method has chosen what each block keeps, a second dense block-by-block
-pass collects ``E[x x^T]`` and ``E[x]`` of every pruned output projection's input, and the projection is refit
-on its kept columns by least squares against the dense output, with an intercept
-(`hf_prune.structure.reconstruct.refit_projection`); the refit weights and intercepts go into the plan
+``reconstruct=True``: once a width method has chosen what each block keeps, every pruned output projection
+is refit on its kept columns by least squares, with an intercept, so that it reproduces the *dense* layer's
+output from the inputs the *pruned* model gives it (`hf_prune.structure.collect.sequential_refit`,
+`hf_prune.structure.reconstruct.refit_projection`): block by block, attention before MLP, so the error of
+earlier pruning is corrected instead of carried on. The refit weights and intercepts go into the plan
 (``LayerPlan.attn_out_weight`` / ``mlp_out_weight``, ``attn_bias`` / ``mlp_bias``). The intercept does the
 job of FLAP's bias compensation, so ``bias_compensation`` is not applied on top. No gradient steps.
 
@@ -60,10 +61,16 @@ from ..registry import register_method
 from ..targets import PrunableLayer, find_blocks
 from .allocate import WidthScores, allocate_width, check_choice, choose_blocks, span_length
 from .arch import block_specs, num_params, unit_params
-from .collect import collect_depth_stats, collect_second_moments, collect_taylor_grads, collect_width_stats
+from .collect import (
+    RefitJob,
+    collect_depth_stats,
+    collect_taylor_grads,
+    collect_width_stats,
+    sequential_refit,
+)
 from .finercut import greedy_sublayers
 from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
-from .reconstruct import SecondMoments, refit_projection
+from .reconstruct import PairedMoments, refit_projection
 from .scores import (
     best_span,
     bias_compensation,
@@ -217,33 +224,33 @@ class _WidthMethod(StructuredMethod):
         self, model: nn.Module, specs: list[BlockSpec], layers: dict[int, LayerPlan], calibration: torch.Tensor,
         config: Any, device: torch.device, show_progress: bool,
     ) -> dict[str, float]:
-        """Refit every pruned output projection (one more dense pass); fills the plans' weights and biases.
-
-        Returns the largest dampening any refit needed (``{"max_dampening": ...}``).
-        """
+        """Refit every pruned output projection, sequentially (`sequential_refit`); fills the plans' weights and
+        biases. Returns the largest dampening any refit needed (``{"max_dampening": ...}``)."""
         by_index = {s.index: s for s in specs}
-        jobs: dict[int, dict[str, tuple[str, list[int]]]] = {}  # block -> path -> (which, kept columns)
-        for i, plan in layers.items():
+        jobs: dict[int, list[RefitJob]] = {}
+        which: dict[str, str] = {}
+        for i, plan in sorted(layers.items()):
             spec = by_index[i]
-            if plan.mlp_keep is not None and spec.mlp is not None:
-                jobs.setdefault(i, {})[spec.mlp.output] = ("mlp", list(plan.mlp_keep))
-            if plan.heads_keep is not None and spec.attention is not None:
+            if plan.heads_keep is not None and spec.attention is not None:  # attention first: it feeds the MLP
                 a = spec.attention
-                jobs.setdefault(i, {})[a.o] = ("attn", head_channels(plan.heads_keep, a.head_dim).tolist())
+                jobs.setdefault(i, []).append(RefitJob(a.o, head_channels(plan.heads_keep, a.head_dim).tolist()))
+                which[a.o] = "attn"
+            if plan.mlp_keep is not None and spec.mlp is not None:
+                jobs.setdefault(i, []).append(RefitJob(spec.mlp.output, list(plan.mlp_keep)))
+                which[spec.mlp.output] = "mlp"
         damp0, retries = float(option(config, "dampening")), int(option(config, "max_damp_retries"))
         used = [damp0]
 
-        def on_block(i: int, moments: dict[str, SecondMoments]) -> None:
-            for path, m in moments.items():
-                which, keep = jobs[i][path]
-                w, b, damp = refit_projection(_weight(model, path), m.hessian, m.mean, keep, damp0, retries, path)
-                used.append(damp)
-                setattr(layers[i], f"{which}_out_weight", w.cpu())
-                setattr(layers[i], f"{which}_bias", b.cpu())
+        def solve(i: int, job: RefitJob, m: PairedMoments) -> tuple[torch.Tensor, torch.Tensor]:
+            w, b, damp = refit_projection(_weight(model, job.path), m.hessian, m.mean, job.keep, damp0, retries,
+                                          job.path, cross=m.cross, dense_mean=m.dense_mean)
+            used.append(damp)
+            setattr(layers[i], f"{which[job.path]}_out_weight", w.cpu())
+            setattr(layers[i], f"{which[job.path]}_bias", b.cpu())
+            return w, b
 
-        collect_second_moments(model, {i: list(j) for i, j in jobs.items()}, calibration,
-                               option(config, "batch_size"), device, on_block, show_progress,
-                               desc=f"{self.name}: reconstruction")
+        sequential_refit(model, jobs, calibration, option(config, "batch_size"), device, solve, show_progress,
+                         desc=f"{self.name}: reconstruction")
         return {"max_dampening": max(used)}
 
 

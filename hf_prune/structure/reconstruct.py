@@ -79,6 +79,43 @@ class SecondMoments:
         return bool(torch.isfinite(self.xx).all()) and bool(torch.isfinite(self.x).all())
 
 
+class PairedMoments(SecondMoments):
+    """`SecondMoments` of the *pruned* model's layer input ``x~`` plus, over the same tokens, the cross moment
+    ``sum x~ x^T`` with the *dense* model's input ``x`` and ``sum x`` (float64 accumulators).
+
+    For the sequential refit: the pruned layer sees ``x~`` (upstream blocks already pruned and refit) but must
+    reproduce the dense layer's output ``W x``. Memory: two ``[in, in]`` float64 matrices.
+    """
+
+    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(features, device)
+        self.xd = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.d = torch.zeros(features, dtype=torch.float64, device=device)
+
+    def add_pair(self, pruned: torch.Tensor, dense: torch.Tensor) -> None:
+        """Fold paired batches ``[..., features]`` (same tokens, same order) into the sums."""
+        p = pruned.detach().reshape(-1, pruned.shape[-1]).to(self.xx.device, torch.float32)
+        d = dense.detach().reshape(-1, dense.shape[-1]).to(self.xx.device, torch.float32)
+        if p.shape != d.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(p.shape)} vs {tuple(d.shape)}")
+        self.add(p)
+        self.xd += (p.t() @ d).double()
+        self.d += d.sum(0, dtype=torch.float64)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``E[x~ x^T]`` (float64, ``[in, in]``)."""
+        return self.xd / max(self.n, 1)
+
+    @property
+    def dense_mean(self) -> torch.Tensor:
+        """``E[x]`` of the dense input (float64, ``[in]``)."""
+        return self.d / max(self.n, 1)
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self.xd).all()) and bool(torch.isfinite(self.d).all())
+
+
 def refit_projection(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -87,6 +124,8 @@ def refit_projection(
     dampening: float = 0.01,
     max_retries: int = 3,
     name: str = "layer",
+    cross: torch.Tensor | None = None,
+    dense_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Refit ``weight`` ``[out, in]`` on its kept input columns ``keep`` with an intercept (see the module doc).
 
@@ -98,6 +137,10 @@ def refit_projection(
         dampening: ridge towards the original kept weights, relative to ``mean(diag H_KK)``; on a failed
             Cholesky it is retried with 10x more, at most ``max_retries`` times (a warning says so).
         name: used in warnings and errors.
+        cross, dense_mean: sequential refit (`PairedMoments`): ``hessian``/``mean`` are then the pruned model's
+            input moments ``E[x~ x~^T]``/``E[x~]``, ``cross`` is ``E[x~ x^T]`` and ``dense_mean`` ``E[x]``; the
+            target stays the dense output ``W x``. The right-hand side becomes
+            ``[C_K W^T - H~_KK W_K^T; mu^T W^T - mu~_K^T W_K^T]``, which is the one above when ``x~ = x``.
 
     Runs on ``hessian``'s device. Returns ``(new_weight [out, len(keep)], bias [out], dampening_used)``, float32;
     ``bias`` is to be *added* to the layer's existing bias. Raises `NumericalError` if the statistics are not
@@ -119,10 +162,24 @@ def refit_projection(
     mask[k_idx] = False
     p_idx = mask.nonzero().reshape(-1)
     k = k_idx.numel()
-    w_p = w.index_select(1, p_idx)
-    # Right-hand side [k + 1, out]: [H_KP W_P^T; mu_P^T W_P^T].
-    rhs = torch.cat([h.index_select(0, k_idx).index_select(1, p_idx) @ w_p.t(),
-                     (mu.index_select(0, p_idx) @ w_p.t()).unsqueeze(0)], 0)
+    if (cross is None) != (dense_mean is None):
+        raise ValueError(f"{name}: cross and dense_mean go together (a sequential refit needs both)")
+    if cross is None:
+        w_p = w.index_select(1, p_idx)
+        # Right-hand side [k + 1, out]: [H_KP W_P^T; mu_P^T W_P^T].
+        rhs = torch.cat([h.index_select(0, k_idx).index_select(1, p_idx) @ w_p.t(),
+                         (mu.index_select(0, p_idx) @ w_p.t()).unsqueeze(0)], 0)
+    else:
+        c = cross.detach().to(device, torch.float64)
+        mu_d = dense_mean.detach().to(device, torch.float64)  # type: ignore[union-attr]
+        if c.shape != (n_in, n_in) or mu_d.shape != (n_in,):
+            raise ValueError(f"{name}: cross {tuple(c.shape)} / dense_mean {tuple(mu_d.shape)} do not match the "
+                             f"weight's {n_in} input channels")
+        if not (bool(torch.isfinite(c).all()) and bool(torch.isfinite(mu_d).all())):
+            raise NumericalError(f"{name}: NaN/Inf in the paired calibration moments of this layer's input")
+        w_k = w.index_select(1, k_idx)
+        rhs = torch.cat([c.index_select(0, k_idx) @ w.t() - h.index_select(0, k_idx).index_select(1, k_idx) @ w_k.t(),
+                         (mu_d @ w.t() - mu.index_select(0, k_idx) @ w_k.t()).unsqueeze(0)], 0)
     g = torch.empty(k + 1, k + 1, dtype=torch.float64, device=device)
     h_kk = h.index_select(0, k_idx).index_select(1, k_idx)
     g[:k, :k] = h_kk
