@@ -143,7 +143,7 @@ def measure_speed(
     # ---- decode without generate(): forward of one token with the KV cache + greedy argmax, nothing else
     loop_s: list[float] = []
     for i in range(warmup + runs):
-        out = model(input_ids=prompt, use_cache=True, **prefill_kwargs)
+        out = model(input_ids=prompt, **prefill_kwargs)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
