@@ -153,13 +153,22 @@ def _replace_output(keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return hook
 
 
-def _capture_input(store: list[torch.Tensor], stop: bool) -> Callable:
-    def hook(module: nn.Module, args: tuple) -> None:
-        store.append(args[0].detach())
-        if stop:  # nothing after this point of the block is needed: skip the rest of its forward
-            raise _BlockDone
+def _inputs_at(module: nn.Module, block: nn.Module, hidden: list[torch.Tensor], calls: list, device: torch.device
+               ) -> list[torch.Tensor]:
+    """Per batch, the input ``module`` receives when ``block`` runs on ``hidden``; the rest of the block's
+    forward is skipped."""
+    store: list[torch.Tensor] = []
 
-    return hook
+    def hook(mod: nn.Module, args: tuple) -> None:
+        store.append(args[0].detach())
+        raise _BlockDone
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        _run_block(block, hidden, calls, device)
+    finally:
+        handle.remove()
+    return store
 
 
 def sequential_refit(
@@ -197,25 +206,13 @@ def sequential_refit(
             try:
                 for job in jobs.get(i, []):
                     module = model.get_submodule(job.path)
-                    x_dense: list[torch.Tensor] = []
-                    x_pruned: list[torch.Tensor] = []
-                    handle = module.register_forward_pre_hook(_capture_input(x_dense, stop=True))
-                    try:
-                        _run_block(block, dense, calls[i], device)
-                    finally:
-                        handle.remove()
-                    handle = module.register_forward_pre_hook(_capture_input(x_pruned, stop=True))
-                    try:
-                        _run_block(block, dense if pruned is None else pruned, calls[i], device)
-                    finally:
-                        handle.remove()
+                    x_dense = _inputs_at(module, block, dense, calls[i], device)
+                    x_pruned = _inputs_at(module, block, dense if pruned is None else pruned, calls[i], device)
                     moments = PairedMoments(x_dense[0].shape[-1], device=device)
                     for xp, xd in zip(x_pruned, x_dense):
                         moments.add_pair(xp, xd)
                     del x_dense, x_pruned
-                    if not moments.is_finite():
-                        raise NumericalError(f"{job.path}: NaN/Inf in the calibration statistics of this layer's input")
-                    weight, bias = solve(i, job, moments)
+                    weight, bias = solve(i, job, moments)  # refit_projection rejects NaN/Inf moments
                     del moments
                     base = getattr(module, "bias", None)
                     total = bias.to(device) + (base.detach().float() if base is not None else 0.0)

@@ -44,6 +44,11 @@ import torch
 from ..errors import NumericalError
 
 
+def _rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch ``[..., features]`` as float32 rows ``[tokens, features]`` on ``device``."""
+    return x.detach().reshape(-1, x.shape[-1]).to(device, torch.float32)
+
+
 class SecondMoments:
     """Running ``sum x x^T``, ``sum x`` and token count of one layer's inputs (float64 accumulators).
 
@@ -58,7 +63,7 @@ class SecondMoments:
 
     def add(self, x: torch.Tensor) -> None:
         """Fold a batch ``[..., features]`` into the sums."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.xx.device, torch.float32)
+        x = _rows(x, self.xx.device)
         if x.shape[0] == 0:
             return
         self.xx += (x.t() @ x).double()
@@ -74,9 +79,6 @@ class SecondMoments:
     def mean(self) -> torch.Tensor:
         """``E[x]`` (float64, ``[in]``)."""
         return self.x / max(self.n, 1)
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.xx).all()) and bool(torch.isfinite(self.x).all())
 
 
 class PairedMoments(SecondMoments):
@@ -94,8 +96,7 @@ class PairedMoments(SecondMoments):
 
     def add_pair(self, pruned: torch.Tensor, dense: torch.Tensor) -> None:
         """Fold paired batches ``[..., features]`` (same tokens, same order) into the sums."""
-        p = pruned.detach().reshape(-1, pruned.shape[-1]).to(self.xx.device, torch.float32)
-        d = dense.detach().reshape(-1, dense.shape[-1]).to(self.xx.device, torch.float32)
+        p, d = _rows(pruned, self.xx.device), _rows(dense, self.xx.device)
         if p.shape != d.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(p.shape)} vs {tuple(d.shape)}")
         self.add(p)
@@ -111,9 +112,6 @@ class PairedMoments(SecondMoments):
     def dense_mean(self) -> torch.Tensor:
         """``E[x]`` of the dense input (float64, ``[in]``)."""
         return self.d / max(self.n, 1)
-
-    def is_finite(self) -> bool:
-        return super().is_finite() and bool(torch.isfinite(self.xd).all()) and bool(torch.isfinite(self.d).all())
 
 
 def refit_projection(

@@ -42,7 +42,7 @@ from .schedules import (
     schedule_progress,
     target_sparsity,
 )
-from .state import MaskState, layer_view
+from .state import MaskState, layer_view, world_size
 
 logger = logging.getLogger("hf_prune")
 
@@ -156,7 +156,7 @@ class PruningCallback(TrainerCallback):
         if self.scores is not None:
             l1 = self.config.movement_l1 if self.method == "soft_movement" else 0.0
             self.scores.step(self.masks.params, self.config.movement_lr, l1)
-        if not self.masks.has_grad_hooks or _world_size() > 1:
+        if not self.masks.has_grad_hooks or world_size() > 1:
             # the hooks already masked every gradient in place; under DDP the all-reduce may write the bucket
             # back after a hook ran, so mask once more there
             self.masks.mask_grads_()
@@ -388,8 +388,3 @@ def _check_supported(args: Any, model: Any) -> None:
         raise UnsupportedTrainingSetupError(
             "PruningCallback does not support DeepSpeed (ZeRO partitions parameters and optimizer state); use DDP"
         )
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

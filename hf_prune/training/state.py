@@ -33,6 +33,12 @@ from ..masks import check_nm_shape, nm_mask, unstructured_mask
 from ..targets import PrunableLayer, find_blocks, iter_prunable
 
 
+def world_size() -> int:
+    """Processes in the initialised ``torch.distributed`` group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def layer_view(layer: PrunableLayer, tensor: torch.Tensor) -> torch.Tensor:
     """The ``[out, in]`` view of ``layer`` inside a tensor laid out like its parameter."""
     if layer.kind == "conv1d":
@@ -212,9 +218,7 @@ class MaskState:
     @staticmethod
     def broadcast(masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
         """Rank ``src``'s masks on every rank (unchanged without an initialised multi-process group)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return masks
-        if torch.distributed.get_world_size() < 2:
+        if world_size() < 2:
             return masks
         out = {}
         for name, mask in masks.items():
