@@ -12,9 +12,11 @@ Protocol (one process for hf_prune, one subprocess per Torch-Pruning run, same m
   bf16 for evaluation and timing, so every row also proves the reload path;
 * calibration: ``--samples`` x ``--seqlen`` tokens, seed 0, first 80% of the gensim Wikipedia sample;
 * perplexity: first ``--eval-windows`` non-overlapping 512-token windows of the last 20% (`hf_prune.perplexity`);
-* speed: `speed.measure_speed` (bf16, prefill of 512 tokens, batch-1 greedy decode with KV cache; medians of
-  ``--runs``), timed in a separate phase over the saved checkpoints (``--phase speed``, run alone under
-  ``chrt -r 1``), the dense model first and again last (drift check). ``--phase quality`` prunes and evaluates
+* speed: `speed.measure_interleaved` (bf16, prefill of 512 tokens, batch-1 greedy decode with KV cache, through
+  ``generate`` and as a bare forward loop) over the dense model and every saved checkpoint in ``--runs``
+  interleaved rounds (each round times every model once, order rotated per round); speedups are medians of
+  per-round ratios against the dense model of the same round. Timed in a separate phase (``--phase speed``, run
+  alone under ``chrt -r 1``). ``--phase quality`` prunes and evaluates
   only, so it may share the machine; ``--phase all`` (default) does both in turn;
 * ``removed_fraction``: parameters removed / decoder-block parameters of the dense model (embeddings and lm_head
   excluded, as every method leaves them alone).
@@ -38,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from oneshot import machine  # noqa: E402
-from speed import measure_speed  # noqa: E402
+from speed import measure_interleaved  # noqa: E402
 
 import hf_prune  # noqa: E402
 from hf_prune.calibration import build_calibration  # noqa: E402
@@ -65,26 +67,30 @@ def measure(path: Path | str, ctx: dict) -> dict:
     return out
 
 
-def timed(model: torch.nn.Module, ctx: dict) -> dict:
-    speed = measure_speed(model, runs=ctx["runs"])
-    return {"decode_tok_s": speed["decode_tok_s"], "decode_loop_tok_s": speed["decode_loop_tok_s"],
-            "prefill_tok_s": speed["prefill_tok_s"], "speed_raw": speed}
+def speed_description(rounds: int) -> str:
+    return (f"bf16, {torch.get_num_threads()} threads, prefill 512 tokens, batch-1 greedy decode of 64 tokens, "
+            f"{rounds} interleaved rounds (every model once per round, order rotated), medians; speedup = median of "
+            "per-round ratios against dense")
 
 
 def speed_phase(res: dict, ctx: dict) -> None:
-    """Time every saved checkpoint of a finished quality phase, dense first and last (drift check)."""
-    def load_and_time(path: str) -> dict:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-        out = timed(model, ctx)
-        del model
-        return out
-
-    res["dense"].update(load_and_time(str(ctx["model_dir"])))
-    for row in res["rows"] + res["torch_pruning"]:
-        row.update(load_and_time(row["checkpoint"]))
-        print(f"  {row.get('method')} {row.get('removed_fraction', 0):.3f}: decode {row['decode_tok_s']:.1f} tok/s, "
-              f"prefill {row['prefill_tok_s']:.0f} tok/s", flush=True)
-    res["dense_end"] = load_and_time(str(ctx["model_dir"]))
+    """Time the dense model and every saved checkpoint of a finished quality phase in interleaved rounds
+    (`speed.measure_interleaved`): each round times every model once, in an order rotated per round, and each
+    speedup is the median of per-round ratios against the dense model, so drift of the machine cancels."""
+    rows = res["rows"] + res["torch_pruning"]
+    models = {"dense": AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.bfloat16)}
+    for i, row in enumerate(rows):
+        models[f"row{i}"] = AutoModelForCausalLM.from_pretrained(row["checkpoint"], dtype=torch.bfloat16)
+    timed = measure_interleaved(models, "dense", rounds=ctx["runs"])
+    keys = ("decode_tok_s", "decode_loop_tok_s", "prefill_tok_s")
+    for target, name in [(res["dense"], "dense")] + [(row, f"row{i}") for i, row in enumerate(rows)]:
+        t = timed[name]
+        target.update({k: t[k] for k in keys}, **{f"{k}_x": t[f"{k}_x"] for k in keys}, speed_raw=t)
+        if name != "dense":
+            print(f"  {target.get('method', 'torch-pruning')} {target.get('removed_fraction', 0):.3f}: decode "
+                  f"{t['decode_tok_s']:.1f} tok/s ({t['decode_tok_s_x']:.2f}x), loop {t['decode_loop_tok_s_x']:.2f}x, "
+                  f"prefill {t['prefill_tok_s_x']:.2f}x", flush=True)
+    res.pop("dense_end", None)
 
 
 def run_hf_prune(method: str, fraction: float, ctx: dict, extra: dict | None = None) -> dict:
@@ -134,7 +140,8 @@ def markdown(res: dict) -> str:
     def speed(r: dict, key: str, fmt: str) -> str:
         if key not in r or key not in d:
             return "– | –"
-        return f"{r[key]:{fmt}} | {r[key] / d[key]:.2f}"
+        ratio = r.get(f"{key}_x", r[key] / d[key])  # interleaved runs: median of per-round ratios
+        return f"{r[key]:{fmt}} | {ratio:.2f}"
 
     lines = [f"Machine: {res['machine']}  ", f"Date: {res['date']}  ", f"Command: `{res['command']}`  ",
              *([f"Speed command: `{res['speed_command']}`  "] if res.get("speed_command") else []),
@@ -153,6 +160,12 @@ def markdown(res: dict) -> str:
             f"{r.get('reload_path', 'stock')} | {r['ppl']:.2f} | {r['ppl'] / d['ppl']:.2f} | {r['params']:,} | "
             f"{speed(r, 'decode_tok_s', '.1f')} | {speed(r, 'decode_loop_tok_s', '.1f')} | "
             f"{speed(r, 'prefill_tok_s', '.0f')} |")
+    if d.get("speed_raw", {}).get("decode_tok_s_runs"):
+        raw = d["speed_raw"]
+        lines += ["", f"Dense decode across rounds: {min(raw['decode_tok_s_runs']):.1f}-"
+                      f"{max(raw['decode_tok_s_runs']):.1f} tok/s (loop {min(raw['decode_loop_tok_s_runs']):.1f}-"
+                      f"{max(raw['decode_loop_tok_s_runs']):.1f}); speedup columns are medians of per-round ratios "
+                      "against the dense model of the same round."]
     if res.get("dense_end"):
         e = res["dense_end"]
         lines += ["", f"Dense timed again at the end: decode {e['decode_tok_s']:.1f} tok/s (loop "
@@ -167,7 +180,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5, help="timed runs per speed measurement (median reported)")
+    p.add_argument("--runs", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--fractions", default="0.2,0.5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--extra", action="append", default=[],
@@ -197,8 +210,7 @@ def main() -> None:
         res = json.loads(Path(args.out).read_text())
         res["speed_command"] = ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python " + \
             " ".join(["benchmarks/structured.py", *sys.argv[1:]])
-        res["speed"] = (f"bf16, {torch.get_num_threads()} threads, prefill 512 tokens, batch-1 greedy decode, median "
-                        f"of {args.runs} runs")
+        res["speed"] = speed_description(args.runs)
         speed_phase(res, ctx)
         atomic_write_text(args.out, json.dumps(res, indent=2))
         atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(res) + "\n")
@@ -210,8 +222,7 @@ def main() -> None:
                    + " ".join(["benchmarks/structured.py", *sys.argv[1:]]),
         "calibration": f"{args.samples} x {args.seqlen} tokens, seed 0, first 80% of the gensim Wikipedia sample",
         "evaluation": f"first {args.eval_windows} non-overlapping 512-token windows of the last 20%, bf16",
-        "speed": f"bf16, {torch.get_num_threads()} threads, prefill 512 tokens, batch-1 greedy decode, median of "
-                 f"{args.runs} runs",
+        "speed": speed_description(args.runs),
         "dense": None, "rows": [], "torch_pruning": []}
 
     def save() -> None:
