@@ -32,15 +32,33 @@ def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *
         if args:
             raise TypeError("save_pretrained(..., sparse_format=...) takes keyword arguments only after save_directory")
         return save_sparse_pretrained(self, save_directory, sparse_format, **kwargs)
-    structured = _is_structured(self)
-    if kwargs.get("push_to_hub") or not getattr(self, "_hf_prune_report", None) and not _is_pruned(self) \
-            and not structured:
+    if not getattr(self, "_hf_prune_report", None) and not _is_pruned(self) and not _is_structured(self):
         return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
     from .io import atomic_save_pretrained
     from .structure.loading import finalize_checkpoint
 
-    return atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, finalize=finalize_checkpoint,
-                                  **kwargs)
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    push = bool(hub.pop("push_to_hub", False))
+    out = atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, finalize=finalize_checkpoint,
+                                 **kwargs)
+    if push:
+        # Upload the finished folder, so the report, the trust_remote_code file and auto_map go up with the weights
+        # (transformers' own push would upload before hf_prune's files are written).
+        _upload_folder(save_directory, hub, token=kwargs.get("token"))
+    return out
+
+
+_HUB_KWARGS = ("push_to_hub", "repo_id", "commit_message", "create_pr", "private", "revision")
+
+
+def _upload_folder(folder: str | os.PathLike, hub: dict[str, Any], token: str | bool | None) -> None:
+    import huggingface_hub
+
+    repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(folder)))
+    repo_id = huggingface_hub.create_repo(repo_id, token=token, private=hub.get("private"), exist_ok=True).repo_id
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), token=token,
+                                  commit_message=hub.get("commit_message") or "Upload pruned model (hf_prune)",
+                                  create_pr=bool(hub.get("create_pr", False)), revision=hub.get("revision"))
 
 
 def _is_pruned(model: PreTrainedModel) -> bool:

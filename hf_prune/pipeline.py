@@ -6,7 +6,8 @@
    in place of the blocks: only embeddings and mask construction run.
 2. For each block: move it to the compute device, hook its prunable layers, run the calibration batches
    through it to collect statistics (inputs that are shared, like q/k/v's, are accumulated once), prune
-   every layer, then re-run the *pruned* block to produce the next block's inputs; move it back.
+   every layer, then re-run the *pruned* block to produce the next block's inputs (the last block only on
+   one batch, as a NaN/Inf check: nothing consumes its outputs); move it back.
 
 Only one block (and the calibration activations) ever lives on the compute device, so a model that is
 offloaded to CPU or disk with accelerate's ``device_map`` is pruned with one block's worth of device memory.
@@ -390,7 +391,9 @@ class SequentialPruner:
                 )
             del new_weights, stats
             if hidden:
-                hidden = _run_block(block, hidden, calls, self.device)
+                # The last block's outputs feed nothing here, so one batch suffices to check them for NaN/Inf.
+                last = i == len(self.blocks) - 1
+                hidden = _run_block(block, hidden[:1] if last else hidden, calls[:1] if last else calls, self.device)
                 _check_finite(hidden, f"leaving block {i} ({self.prefix}.{i}) after pruning")
         return hidden
 

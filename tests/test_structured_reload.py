@@ -156,3 +156,36 @@ def test_resave_of_reloaded_structured_model(saved: dict, tmp_path: Path) -> Non
     with torch.no_grad():
         assert torch.equal(again(calib_ids(2, 10)).logits, logits)
     assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_save_pretrained_push_to_hub_uploads_the_finished_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """``save_pretrained(..., push_to_hub=True)`` on a per-layer pruned model uploads the folder hf_prune finished
+    (weights, config with auto_map, the trust_remote_code file), not transformers' own earlier upload. The Hub is
+    unreachable here, so the two huggingface_hub calls are replaced by recorders of what they were given."""
+    import huggingface_hub
+
+    calls: dict[str, object] = {}
+
+    class _Repo:
+        repo_id = "me/pruned"
+
+    def create_repo(repo_id: str, **kw: object) -> _Repo:
+        calls["create_repo"] = (repo_id, kw)
+        return _Repo()
+
+    def upload_folder(**kw: object) -> None:
+        calls["upload"] = kw
+        calls["files"] = sorted(p.name for p in Path(str(kw["folder_path"])).iterdir())
+        calls["config"] = json.loads((Path(str(kw["folder_path"])) / "config.json").read_text())
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    model = build("llama")
+    apply_plan(model, make_plan(model, "mixed", seed=7))
+    assert is_structured(model.config)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="pruned", commit_message="m", private=True)
+    assert calls["create_repo"][0] == "pruned" and calls["create_repo"][1]["private"] is True
+    assert calls["upload"]["repo_id"] == "me/pruned" and calls["upload"]["commit_message"] == "m"
+    assert "modeling_hf_prune.py" in calls["files"] and "model.safetensors" in calls["files"]
+    assert "auto_map" in calls["config"]
