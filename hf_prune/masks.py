@@ -118,10 +118,16 @@ def mask_from_scores(
 
 
 def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True if every group of ``m`` consecutive inputs in each row has at most ``n`` non-zeros."""
-    out_f, in_f = weight.shape
-    if in_f % m:
+    """True when ``weight`` is 2-D, ``in_features % m == 0`` and every group of ``m`` consecutive inputs in each
+    row has at most ``n`` non-zeros.
+
+    Example:
+        >>> is_nm_sparse(torch.tensor([[1.0, 0, 0, 2]]), 2, 4)
+        True
+    """
+    if weight.dim() != 2 or weight.shape[1] % m:
         return False
+    out_f, in_f = weight.shape
     return bool(((weight.reshape(out_f, in_f // m, m) != 0).sum(-1) <= n).all())
 
 

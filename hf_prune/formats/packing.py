@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..masks import is_nm_sparse  # re-exported for formats users; one implementation
+
 __all__ = [
     "SparseFormat",
     "parse_format",
@@ -221,18 +223,6 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     _check_nm(weight.shape[1], n, m)
     counts = (weight != 0).reshape(weight.shape[0], -1, m).sum(-1)
     return int((counts > n).sum())
-
-
-def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
-    """True when ``in_features % m == 0`` and every group of ``m`` columns has at most ``n`` non-zeros.
-
-    Example:
-        >>> is_nm_sparse(torch.tensor([[1.0, 0, 0, 2]]), 2, 4)
-        True
-    """
-    if weight.dim() != 2 or weight.shape[1] % m:
-        return False
-    return nm_violations(weight, n, m) == 0
 
 
 def pack_nm(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
