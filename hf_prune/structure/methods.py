@@ -198,8 +198,8 @@ class _WidthMethod(StructuredMethod):
             info["reconstruct"] = self._reconstruct(model, specs, layers, calibration, config, device, show_progress)
         elif self.compensates and option(config, "bias_compensation"):
             self._compensate(model, specs, layers, stats)
-        info.update({"method": self.name, "block_params": total, "sparsity": info["removed_params"] / total,
-                     "layers": _layer_report(specs, layers)})
+        # per-block widths are in the report's rows (runner._rows), not repeated here
+        info.update({"method": self.name, "block_params": total, "sparsity": info["removed_params"] / total})
         return StructuredPlan(layers=layers), info
 
     @staticmethod
@@ -252,23 +252,6 @@ class _WidthMethod(StructuredMethod):
         sequential_refit(model, jobs, calibration, option(config, "batch_size"), device, solve, show_progress,
                          desc=f"{self.name}: reconstruction")
         return {"max_dampening": max(used)}
-
-
-def _layer_report(specs: list[BlockSpec], layers: dict[int, LayerPlan]) -> dict[int, dict]:
-    out = {}
-    for spec in specs:
-        plan = layers.get(spec.index, LayerPlan())
-        row: dict[str, Any] = {}
-        if spec.mlp is not None:
-            row["mlp"] = f"{len(plan.mlp_keep) if plan.mlp_keep is not None else spec.mlp.intermediate}" \
-                         f"/{spec.mlp.intermediate}"
-        if spec.attention is not None:
-            a = spec.attention
-            row["heads"] = f"{len(plan.heads_keep) if plan.heads_keep is not None else a.num_heads}/{a.num_heads}"
-            row["kv_heads"] = (f"{len(plan.kv_heads_keep) if plan.kv_heads_keep is not None else a.num_kv_heads}"
-                               f"/{a.num_kv_heads}")
-        out[spec.index] = row
-    return out
 
 
 class _ActivationWidthMethod(_WidthMethod):
