@@ -73,11 +73,15 @@ def speed_description(rounds: int) -> str:
             "per-round ratios against dense")
 
 
-def speed_phase(res: dict, ctx: dict) -> None:
+def speed_phase(res: dict, ctx: dict, missing_only: bool = False) -> None:
     """Time the dense model and every saved checkpoint of a finished quality phase in interleaved rounds
     (`speed.measure_interleaved`): each round times every model once, in an order rotated per round, and each
-    speedup is the median of per-round ratios against the dense model, so drift of the machine cancels."""
+    speedup is the median of per-round ratios against the dense model, so drift of the machine cancels.
+    ``missing_only``: time only rows without a speed yet (against a dense model timed in the same rounds); the
+    dense row and the other rows keep their earlier numbers."""
     rows = res["rows"] + res["torch_pruning"]
+    if missing_only:
+        rows = [row for row in rows if "decode_tok_s_x" not in row]
     models = {"dense": AutoModelForCausalLM.from_pretrained(str(ctx["model_dir"]), dtype=torch.bfloat16)}
     for i, row in enumerate(rows):
         models[f"row{i}"] = AutoModelForCausalLM.from_pretrained(row["checkpoint"], dtype=torch.bfloat16)
@@ -85,6 +89,9 @@ def speed_phase(res: dict, ctx: dict) -> None:
     keys = ("decode_tok_s", "decode_loop_tok_s", "prefill_tok_s")
     for target, name in [(res["dense"], "dense")] + [(row, f"row{i}") for i, row in enumerate(rows)]:
         t = timed[name]
+        if name == "dense" and missing_only:
+            res.setdefault("dense_in_partial_speed_runs", []).append({k: t[k] for k in keys})
+            continue
         target.update({k: t[k] for k in keys}, **{f"{k}_x": t[f"{k}_x"] for k in keys}, speed_raw=t)
         if name != "dense":
             print(f"  {target.get('method', 'torch-pruning')} {target.get('removed_fraction', 0):.3f}: decode "
@@ -166,6 +173,10 @@ def markdown(res: dict) -> str:
                       f"{max(raw['decode_tok_s_runs']):.1f} tok/s (loop {min(raw['decode_loop_tok_s_runs']):.1f}-"
                       f"{max(raw['decode_loop_tok_s_runs']):.1f}); speedup columns are medians of per-round ratios "
                       "against the dense model of the same round."]
+    for extra in res.get("dense_in_partial_speed_runs", []):
+        lines += ["", f"Rows added later (`--missing-only`) were timed against dense in their own rounds (dense there: "
+                      f"decode {extra['decode_tok_s']:.1f} tok/s, loop {extra['decode_loop_tok_s']:.1f}, prefill "
+                      f"{extra['prefill_tok_s']:.0f}); their x columns are relative to that dense."]
     if res.get("dense_end"):
         e = res["dense_end"]
         lines += ["", f"Dense timed again at the end: decode {e['decode_tok_s']:.1f} tok/s (loop "
@@ -191,6 +202,8 @@ def main() -> None:
     p.add_argument("--phase", choices=("all", "quality", "speed"), default="all",
                    help="quality: prune + perplexity, keep the checkpoints (may share the CPU); speed: time the "
                         "checkpoints of an earlier quality run (run it alone, under chrt -r 1); all: both in turn")
+    p.add_argument("--missing-only", action="store_true",
+                   help="--phase speed: time only rows that have no speed yet (with dense in the same rounds)")
     p.add_argument("--out", default=str(HERE / "results" / "structured.json"))
     args = p.parse_args()
     if args.quick:
@@ -208,10 +221,11 @@ def main() -> None:
            "eval_ids": tokenize_for_eval(eval_text, tok)}
     if args.phase == "speed":
         res = json.loads(Path(args.out).read_text())
-        res["speed_command"] = ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python " + \
+        command = ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python " + \
             " ".join(["benchmarks/structured.py", *sys.argv[1:]])
+        res["speed_command"] = res["speed_command"] + " ; " + command if args.missing_only else command
         res["speed"] = speed_description(args.runs)
-        speed_phase(res, ctx)
+        speed_phase(res, ctx, missing_only=args.missing_only)
         atomic_write_text(args.out, json.dumps(res, indent=2))
         atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(res) + "\n")
         print(markdown(res))
@@ -232,6 +246,7 @@ def main() -> None:
     if args.append and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
         res.update(dense=previous["dense"], rows=previous["rows"], torch_pruning=previous["torch_pruning"])
+        res.update({k: previous[k] for k in ("speed", "speed_command", "dense_in_partial_speed_runs") if k in previous})
         res["command"] = previous["command"] + " ; " + res["command"]
     else:
         res["dense"] = measure(model_dir, ctx)
