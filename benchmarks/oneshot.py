@@ -59,6 +59,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU, torch {torch.__version__}"
 
 
+def command_line(script: str) -> str:
+    """This invocation as a shell command for the results files, with the ``chrt -r 1`` prefix when the process
+    runs under the round-robin real-time policy."""
+    prefix = "chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else ""
+    return prefix + "python " + " ".join([script, *sys.argv[1:]])
+
+
 def run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -169,8 +176,7 @@ def main() -> None:
     results = {
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
-        "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
-                   + " ".join(["benchmarks/oneshot.py", *sys.argv[1:]]),
+        "command": command_line("benchmarks/oneshot.py"),
         "calibration": f"{args.samples} x {args.seqlen} tokens, seed 0, first 80% of the gensim Wikipedia sample",
         "evaluation": f"first {args.eval_windows} non-overlapping {args.seqlen}-token windows of the last 20%",
         "precision": "bf16 model and forward passes for every tool; hf_prune pruning math (Hessians, Cholesky, "

@@ -38,7 +38,6 @@ import argparse
 import datetime
 import inspect
 import json
-import os
 import platform
 import statistics
 import sys
@@ -277,15 +276,6 @@ def measure_interleaved(
     return out
 
 
-def _machine() -> str:
-    try:
-        from oneshot import machine  # the benchmarks' shared machine description (run from benchmarks/)
-
-        return machine()
-    except ImportError:
-        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def load(model_dir: str | Path, dtype: str = DEFAULT_DTYPE) -> nn.Module:
     """Load a checkpoint for timing. hf_prune is imported when available so its loading patches (pruned / per-layer
     shaped checkpoints) are active; a plain transformers checkpoint needs nothing else."""
@@ -320,9 +310,10 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         del kw["runs"], kw["threads"]
         models = {d: load(d, args.dtype) for d in args.model_dir}
-        result = {"machine": _machine(), "date": datetime.date.today().isoformat(),
-                  "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
-                  + " ".join(["benchmarks/speed.py", *sys.argv[1:]]), "reference": args.model_dir[0],
+        from oneshot import command_line, machine  # shared provenance helpers (run from benchmarks/)
+
+        result = {"machine": machine(), "date": datetime.date.today().isoformat(),
+                  "command": command_line("benchmarks/speed.py"), "reference": args.model_dir[0],
                   "models": measure_interleaved(models, args.model_dir[0], rounds=args.runs, **kw)}
         print(json.dumps({d: {k: round(v, 3) for k, v in r.items() if k.endswith(("_tok_s", "_x"))}
                           for d, r in result["models"].items()}, indent=2), file=sys.stderr)

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from oneshot import machine  # noqa: E402
+from oneshot import command_line, machine  # noqa: E402
 from speed import measure_interleaved  # noqa: E402
 
 import hf_prune  # noqa: E402
@@ -97,7 +97,6 @@ def speed_phase(res: dict, ctx: dict, missing_only: bool = False) -> None:
             print(f"  {target.get('method', 'torch-pruning')} {target.get('removed_fraction', 0):.3f}: decode "
                   f"{t['decode_tok_s']:.1f} tok/s ({t['decode_tok_s_x']:.2f}x), loop {t['decode_loop_tok_s_x']:.2f}x, "
                   f"prefill {t['prefill_tok_s_x']:.2f}x", flush=True)
-    res.pop("dense_end", None)
 
 
 def run_hf_prune(method: str, fraction: float, ctx: dict, extra: dict | None = None) -> dict:
@@ -177,11 +176,6 @@ def markdown(res: dict) -> str:
         lines += ["", f"Rows added later (`--missing-only`) were timed against dense in their own rounds (dense there: "
                       f"decode {extra['decode_tok_s']:.1f} tok/s, loop {extra['decode_loop_tok_s']:.1f}, prefill "
                       f"{extra['prefill_tok_s']:.0f}); their x columns are relative to that dense."]
-    if res.get("dense_end"):
-        e = res["dense_end"]
-        lines += ["", f"Dense timed again at the end: decode {e['decode_tok_s']:.1f} tok/s (loop "
-                      f"{e.get('decode_loop_tok_s', float('nan')):.1f}), prefill "
-                      f"{e['prefill_tok_s']:.0f} tok/s (drift check)."]
     return "\n".join(lines)
 
 
@@ -221,9 +215,9 @@ def main() -> None:
            "eval_ids": tokenize_for_eval(eval_text, tok)}
     if args.phase == "speed":
         res = json.loads(Path(args.out).read_text())
-        command = ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python " + \
-            " ".join(["benchmarks/structured.py", *sys.argv[1:]])
-        res["speed_command"] = res["speed_command"] + " ; " + command if args.missing_only else command
+        command = command_line("benchmarks/structured.py")
+        earlier = res.get("speed_command") if args.missing_only else None
+        res["speed_command"] = f"{earlier} ; {command}" if earlier else command
         res["speed"] = speed_description(args.runs)
         speed_phase(res, ctx, missing_only=args.missing_only)
         atomic_write_text(args.out, json.dumps(res, indent=2))
@@ -232,8 +226,7 @@ def main() -> None:
         return
     res: dict = {
         "machine": machine(), "date": datetime.date.today().isoformat(),
-        "command": ("chrt -r 1 " if os.sched_getscheduler(0) == os.SCHED_RR else "") + "python "
-                   + " ".join(["benchmarks/structured.py", *sys.argv[1:]]),
+        "command": command_line("benchmarks/structured.py"),
         "calibration": f"{args.samples} x {args.seqlen} tokens, seed 0, first 80% of the gensim Wikipedia sample",
         "evaluation": f"first {args.eval_windows} non-overlapping 512-token windows of the last 20%, bf16",
         "speed": speed_description(args.runs),
