@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_prune.compat import cache_kwarg, output_cache
+
 DEFAULT_DTYPE = "bf16"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -137,7 +139,7 @@ class _Runner:
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(self.decode_tokens):
-            out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=nxt, use_cache=True, **{cache_kwarg(self.model): output_cache(out)})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         dt = time.perf_counter() - t0
         del out

@@ -161,6 +161,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .structure.loading import upgrade_checkpoint
+
+    for folder in args.folders:
+        try:
+            changed = upgrade_checkpoint(folder)
+        except FileNotFoundError as exc:
+            print(f"hf-prune upgrade: {exc}", file=sys.stderr)
+            return 2
+        print(f"{folder}: {'modeling_hf_prune.py replaced by this version' if changed else 'already current'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--max-rows", type=int, default=60)
     i.set_defaults(func=cmd_inspect)
+
+    u = sub.add_parser("upgrade", help="refresh the trust_remote_code file (modeling_hf_prune.py) of saved "
+                       "per-layer checkpoints to this version's code (not needed where hf_prune is installed)")
+    u.add_argument("folders", nargs="+", help="checkpoint folders saved by hf_prune")
+    u.set_defaults(func=cmd_upgrade)
     return parser
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .compat import pop_cache_kwargs
 from .config import PruningConfig
 from .errors import NumericalError
 from .methods.base import InputStats, PruningMethod
@@ -95,9 +96,7 @@ def record_block_inputs(
         def stub(*args: Any, **kwargs: Any) -> torch.Tensor:
             h = args[0] if args else kwargs.pop("hidden_states")
             kwargs.pop("hidden_states", None)
-            kwargs.pop("past_key_values", None)
-            kwargs.pop("past_key_value", None)
-            kwargs.pop("layer_past", None)
+            pop_cache_kwargs(kwargs)
             calls[idx].append((tuple(args[1:]), kwargs))
             if idx == 0:
                 hidden.append(h.detach())

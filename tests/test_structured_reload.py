@@ -189,3 +189,37 @@ def test_save_pretrained_push_to_hub_uploads_the_finished_folder(tmp_path: Path,
     assert calls["upload"]["repo_id"] == "me/pruned" and calls["upload"]["commit_message"] == "m"
     assert "modeling_hf_prune.py" in calls["files"] and "model.safetensors" in calls["files"]
     assert "auto_map" in calls["config"]
+
+
+OLD_LOOKUP = '''        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("layer_past")
+'''
+
+
+def test_checkpoint_saved_before_the_cache_rename_loads_with_current_code(saved: dict, tmp_path: Path) -> None:
+    """A per-layer checkpoint whose modeling file reads only ``past_key_values`` (hf_prune before transformers
+    5.24 support): with hf_prune installed the package's code builds it, so every layer's cache advances;
+    ``hf-prune upgrade`` replaces the folder's copy for trust_remote_code users."""
+    import shutil
+
+    from hf_prune.cli import main
+    from hf_prune.compat import output_cache
+    from hf_prune.structure import modeling_hf_prune as core
+    from hf_prune.structure.loading import MODELING_FILE
+
+    folder = tmp_path / "old"
+    shutil.copytree(saved[("llama", "mixed")][0], folder)
+    current = (folder / MODELING_FILE).read_text()
+    new_lookup = next(line for line in current.splitlines() if "CACHE_KWARGS if kwargs.get" in line) + "\n"
+    (folder / MODELING_FILE).write_text(current.replace(new_lookup, OLD_LOOKUP))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    zero = [m for m in model.modules() if isinstance(m, core.ZeroAttention)]
+    assert zero and all(type(m) is core.ZeroAttention for m in zero)  # the package's class, not the folder's
+    with torch.no_grad():
+        cache = output_cache(model(calib_ids(1, 9), use_cache=True))
+    assert [cache.get_seq_length(i) for i in range(len(model.model.layers))] == [9] * len(model.model.layers)
+    assert main(["upgrade", str(folder)]) == 0
+    assert (folder / MODELING_FILE).read_text() == Path(core.__file__).read_text()
+    assert main(["upgrade", str(folder)]) == 0  # already current: no change
+    assert main(["upgrade", str(tmp_path)]) == 2  # not a per-layer checkpoint

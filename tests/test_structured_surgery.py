@@ -17,6 +17,7 @@ import torch
 import transformers as tf
 from tiny_models import ARCHITECTURES, build, calib_ids
 
+from hf_prune.compat import cache_kwarg, output_cache
 from hf_prune.errors import ConfigError, UnsupportedModelError
 from hf_prune.structure import modeling_hf_prune as core
 from hf_prune.structure.arch import block_specs, unit_params
@@ -278,9 +279,17 @@ def test_unsupported_architecture_names_the_model() -> None:
         block_specs(model)
 
 
-def test_removed_attention_keeps_cache_length() -> None:
-    model = build("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "gpt_neox"])
+def test_removed_attention_keeps_cache_length(arch: str) -> None:
+    model = build(arch).eval()
     apply_plan(model, StructuredPlan(layers={0: LayerPlan(remove_attention=True)}))
-    assert isinstance(model.model.layers[0].self_attn, core.ZeroAttention)
-    out = model(calib_ids(1, 7), use_cache=True)
-    assert out.past_key_values.get_seq_length() == 7
+    assert any(isinstance(m, core.ZeroAttention) for m in model.modules())
+    ids = calib_ids(1, 8)
+    with torch.no_grad():
+        out = model(ids[:, :7], use_cache=True)
+        cache = output_cache(out)
+        assert cache.get_seq_length() == 7  # layer 0's placeholder advanced with the cache under any kwarg name
+        step = model(ids[:, 7:], use_cache=True, **{cache_kwarg(model): cache})
+        full = model(ids, use_cache=False)
+    assert output_cache(step).get_seq_length() == 8
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from tiny_models import calib_ids
 from transformers import TrainerCallback
 
 from hf_prune import ConfigError, PruningCallback, PruningConfig, UnsupportedModelError
+from hf_prune.compat import activation_checkpointing_arg, is_activation_checkpointing
 from hf_prune.masks import is_nm_sparse
 from hf_prune.training.callback import (
     LOG_ACHIEVED,
@@ -168,7 +169,7 @@ def test_gradients_masked_before_clipping(tmp_path, method: str, masked_before_s
     [
         ("llama", dict(gradient_accumulation_steps=2, max_grad_norm=0.5, weight_decay=0.1)),
         ("llama", dict(bf16=True)),
-        ("llama", dict(activation_checkpointing=True, gradient_accumulation_steps=2)),
+        ("llama", {activation_checkpointing_arg(): True, "gradient_accumulation_steps": 2}),
         ("gpt2", dict(max_grad_norm=0.1, weight_decay=0.1)),
         ("qwen3_moe", dict(gradient_accumulation_steps=2)),
     ],
@@ -181,8 +182,8 @@ def test_masked_weights_exactly_zero_after_every_step(tmp_path, arch: str, overr
     trainer.train()
     if overrides.get("bf16"):
         assert trainer.accelerator.mixed_precision == "bf16"
-    if overrides.get("activation_checkpointing"):
-        assert trainer.model.is_gradient_checkpointing
+    if overrides.get(activation_checkpointing_arg()):
+        assert is_activation_checkpointing(trainer.model)
     assert probe.checks >= 16 * len(cb.masks.params) and probe.leaks == 0
     assert cb.masks.mask_sparsity() == pytest.approx(0.7, abs=2e-3)
 

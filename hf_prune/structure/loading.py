@@ -90,6 +90,30 @@ def finalize_checkpoint(model: nn.Module, folder: str | Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def upgrade_checkpoint(folder: str | Path) -> bool:
+    """Replace the ``modeling_hf_prune.py`` inside a saved per-layer checkpoint with this version's copy.
+
+    For ``trust_remote_code`` users: the copy in an older checkpoint keeps the code of the hf_prune that saved it
+    (checkpoints saved before transformers 5.24 support read the KV cache only under ``past_key_values``). With
+    hf_prune installed this is not needed: ``from_pretrained`` builds the model with the package's own code and
+    never runs the folder's copy. Returns True if the file changed; written through a temporary file and a rename.
+
+    Raises:
+        FileNotFoundError: ``folder`` has no ``modeling_hf_prune.py`` (not a per-layer hf_prune checkpoint).
+    """
+    target = Path(folder) / MODELING_FILE
+    if not target.is_file():
+        raise FileNotFoundError(f"{target} does not exist: {folder} is not a per-layer hf_prune checkpoint "
+                                "(uniform checkpoints load with stock transformers and need no upgrade)")
+    new = Path(core.__file__).read_bytes()
+    if target.read_bytes() == new:
+        return False
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(new)
+    tmp.replace(target)
+    return True
+
+
 def _points_here(auto_map: dict | None) -> bool:
     prefix = MODELING_FILE.removesuffix(".py") + "."
     return bool(auto_map) and all(str(v).startswith(prefix) for v in auto_map.values())

@@ -41,6 +41,10 @@ except ImportError:  # pragma: no cover - every transformers 5 has it
     Conv1D = None  # type: ignore[assignment,misc]
 
 STRUCTURE_KEY = "hf_prune_structure"
+#: Keywords a KV cache reaches an attention module under: ``cache`` (transformers >= 5.24), then the older
+#: ``past_key_values`` / ``past_key_value``, and GPT-NeoX's ``layer_past``. (Kept here rather than imported from
+#: hf_prune.compat: this file must run where hf_prune is not installed.)
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 FORMAT_VERSION = 1
 _LINEAR = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
@@ -263,9 +267,7 @@ class ZeroAttention(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = kwargs.get("layer_past")
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches
         if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
             b, t = hidden_states.shape[:2]
