@@ -34,8 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_prune
-import hf_prune.pipeline as P
-from hf_prune.calibration import build_calibration
+import hf_prune.oneshot.pipeline as P
+from hf_prune.core.blocks import on_device, run_block
+from hf_prune.core.calibration import build_calibration
+from hf_prune.core.stats import StatsCollector
 from hf_prune.defaults import default_model_dir, default_splits
 from hf_prune.evaluate import perplexity, tokenize_for_eval
 from hf_prune.report import atomic_write_text
@@ -47,14 +49,14 @@ VARIANTS = ("sdpa", "eager", "fp32", "true-sequential")
 def _true_sequential_block(self: P.SequentialPruner, i: int, hidden: list, calls: list, results: list) -> list:
     """`SequentialPruner._prune_block` with per-group statistics taken after the earlier groups were pruned."""
     block, layers = self.blocks[i], self.layers[i]
-    with P.on_device(block, self.device):
+    with on_device(block, self.device):
         order: list[str] = []
         handles = [layer.module.register_forward_pre_hook(
             lambda m, a, name=layer.name: order.append(name) if name not in order else None) for layer in layers]
-        probe = P._StatsCollector(layers, self.device, True, False)  # assigns the shared-input groups
+        probe = StatsCollector(layers, self.device, True, False)  # assigns the shared-input groups
         probe.attach()
         try:
-            P._run_block(block, hidden[:1], calls[:1], self.device)
+            run_block(block, hidden[:1], calls[:1], self.device)
         finally:
             probe.detach()
             for h in handles:
@@ -64,11 +66,11 @@ def _true_sequential_block(self: P.SequentialPruner, i: int, hidden: list, calls
         for name in order:
             groups.setdefault(by_name[name].stats_key, []).append(by_name[name])
         for group in groups.values():
-            collector = P._StatsCollector(group, self.device, self.method.needs_norms, self.method.needs_hessian,
+            collector = StatsCollector(group, self.device, self.method.needs_norms, self.method.needs_hessian,
                                           early_stop=True)
             collector.attach()
             try:
-                P._run_block(block, hidden, calls, self.device, collector.end_batch)
+                run_block(block, hidden, calls, self.device, collector.end_batch)
             finally:
                 collector.detach()
             new = self._compute(i, group, collector.stats)
@@ -77,7 +79,7 @@ def _true_sequential_block(self: P.SequentialPruner, i: int, hidden: list, calls
                 w = new[layer.name]
                 results.append(P.LayerResult(layer.name, i, tuple(w.shape), w.numel(), int((w != 0).sum()),
                                              self.target_sparsity(layer, i)))
-        return P._run_block(block, hidden, calls, self.device)
+        return run_block(block, hidden, calls, self.device)
 
 
 def run(variant: str, calib: torch.Tensor, eval_ids: torch.Tensor, windows: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_prune
-from hf_prune.memory import lifetime_peak_rss_mb
+from hf_prune.core.memory import lifetime_peak_rss_mb
 
 
 def main() -> None:

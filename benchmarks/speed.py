@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_prune.compat import cache_kwarg, output_cache
+from hf_prune.core.compat import cache_kwarg, output_cache
 
 DEFAULT_DTYPE = "bf16"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

@@ -164,7 +164,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from hf_prune.calibration import build_calibration
+    from hf_prune.core.calibration import build_calibration
     from hf_prune.defaults import default_model_dir, default_splits
     from hf_prune.evaluate import tokenize_for_eval
     from hf_prune.report import atomic_write_text

@@ -17,9 +17,9 @@ Example:
 
 __version__ = "0.1.0"
 
-from . import (
-    formats,  # noqa: E402,F401  (registers the compressed-checkpoint quantizer)
-    methods,  # noqa: E402,F401  (registers built-in methods)
+from . import (  # noqa: E402,F401  (importing registers the quantizer and the built-in one-shot methods)
+    formats,
+    oneshot,
 )
 from . import patches as _patches  # noqa: E402
 from .api import prune, validate  # noqa: E402

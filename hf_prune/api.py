@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibration import build_calibration
 from .config import PruningConfig
+from .core.calibration import build_calibration
+from .core.masks import check_nm_shape
+from .core.memory import PeakMemory
 from .errors import CalibrationError, ConfigError, IncompletePruningError, UnsupportedModelError
-from .masks import check_nm_shape
-from .memory import PeakMemory
-from .pipeline import LayerResult, SequentialPruner
+from .oneshot.pipeline import LayerResult, SequentialPruner
 from .report import LayerRow, PruningReport
 
 logger = logging.getLogger("hf_prune")

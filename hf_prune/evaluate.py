@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import tokenize_texts
+from .core.calibration import tokenize_texts
+from .core.model import input_device
 from .errors import CalibrationError
-from .targets import input_device
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .methods.base import PruningMethod
+    from .oneshot.base import PruningMethod
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 T = TypeVar("T")
@@ -37,7 +37,7 @@ def register_method(name: str) -> Callable[[T], T]:
 
 
 def _ensure_builtin() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
+    from . import oneshot as methods  # noqa: F401  (importing registers the built-in methods)
     from .structure import methods as _structured_methods  # noqa: F401  (registers flap, taylor, angular, ...)
     from .training import methods as _training_methods  # noqa: F401  (registers gmp, movement, lottery)
 

@@ -7,7 +7,7 @@ import torch
 from tiny_models import SAMPLE_TEXT, build, tiny_tokenizer
 
 from hf_prune import PruningConfig, prune
-from hf_prune.calibration import build_calibration
+from hf_prune.core.calibration import build_calibration
 
 
 @pytest.fixture(scope="module")

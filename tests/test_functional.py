@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from hf_prune.errors import NumericalError
-from hf_prune.masks import (
+from hf_prune.core.masks import (
     BRACKET_MIN_NUMEL,
     is_nm_sparse,
     kth_smallest,
@@ -16,7 +15,8 @@ from hf_prune.masks import (
     nm_mask,
     unstructured_mask,
 )
-from hf_prune.methods.functional import (
+from hf_prune.errors import NumericalError
+from hf_prune.oneshot.functional import (
     damped_inverse_cholesky,
     owl_block_sparsities,
     owl_outlier_ratio,
@@ -199,7 +199,7 @@ def test_owl_sparsities_mean_and_order() -> None:
 
 
 def test_input_stats_symmetric_hessian_equals_xtx() -> None:
-    from hf_prune.methods.base import InputStats
+    from hf_prune.core.stats import InputStats
 
     stats = InputStats(300, torch.device("cpu"), norms=True, hessian=True)
     xs = [torch.randn(2, 50, 300).bfloat16() for _ in range(3)]

@@ -11,9 +11,9 @@ from tiny_models import ARCHITECTURES, build, calib_ids
 import hf_prune
 from hf_prune import PruningConfig
 from hf_prune.config import DEFAULT_IGNORE
-from hf_prune.masks import is_nm_sparse, mask_from_scores
-from hf_prune.methods.functional import wanda_scores
-from hf_prune.targets import find_blocks, iter_prunable
+from hf_prune.core.masks import is_nm_sparse, mask_from_scores
+from hf_prune.core.model import find_blocks, iter_prunable
+from hf_prune.oneshot.functional import wanda_scores
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 STRUCTURES = ["unstructured", "2:4"]
@@ -98,7 +98,7 @@ def test_pipeline_matches_naive_sequential_reference(arch: str) -> None:
 
 
 def test_shared_inputs_share_statistics() -> None:
-    from hf_prune.pipeline import SequentialPruner
+    from hf_prune.oneshot.pipeline import SequentialPruner
 
     model = build("llama")
     pruner = SequentialPruner(model, _cfg("sparsegpt", "unstructured"), torch.device("cpu"), show_progress=False)

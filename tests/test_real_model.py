@@ -29,7 +29,7 @@ def smollm2():
 
 def test_wanda_2of4_on_smollm2_reloads_with_stock_transformers(smollm2, tmp_path) -> None:
     import hf_prune
-    from hf_prune.masks import is_nm_sparse
+    from hf_prune.core.masks import is_nm_sparse
 
     model, tok, calib, held_out = smollm2
     dense = hf_prune.perplexity(model, held_out, tok, seqlen=256, max_windows=8, show_progress=False).ppl

@@ -10,12 +10,12 @@ import torch
 import transformers as tf
 from tiny_models import VOCAB, build, calib_ids
 
+from hf_prune.core.model import find_blocks
 from hf_prune.errors import ConfigError
 from hf_prune.registry import available_methods, get_method
 from hf_prune.structure.arch import block_specs
 from hf_prune.structure.methods import unit_costs
 from hf_prune.structure.surgery import apply_plan
-from hf_prune.targets import find_blocks
 
 CPU = torch.device("cpu")
 WIDTH = ["flap", "wanda-sp", "taylor"]

@@ -204,7 +204,7 @@ def test_checkpoint_saved_before_the_cache_rename_loads_with_current_code(saved:
     import shutil
 
     from hf_prune.cli import main
-    from hf_prune.compat import output_cache
+    from hf_prune.core.compat import output_cache
     from hf_prune.structure import modeling_hf_prune as core
     from hf_prune.structure.loading import MODELING_FILE
 

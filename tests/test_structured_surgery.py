@@ -17,13 +17,13 @@ import torch
 import transformers as tf
 from tiny_models import ARCHITECTURES, build, calib_ids
 
-from hf_prune.compat import cache_kwarg, output_cache
+from hf_prune.core.compat import cache_kwarg, output_cache
+from hf_prune.core.model import find_blocks
 from hf_prune.errors import ConfigError, UnsupportedModelError
 from hf_prune.structure import modeling_hf_prune as core
 from hf_prune.structure.arch import block_specs, unit_params
 from hf_prune.structure.plan import BlockSpec, LayerPlan, StructuredPlan
 from hf_prune.structure.surgery import apply_plan
-from hf_prune.targets import find_blocks
 
 DENSE = [a for a in ARCHITECTURES if a != "qwen3_moe"]
 KINDS = ["keep_all", "uniform", "mixed", "flap", "blocks"]

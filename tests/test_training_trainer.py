@@ -12,8 +12,8 @@ from tiny_models import calib_ids
 from transformers import TrainerCallback
 
 from hf_prune import ConfigError, PruningCallback, PruningConfig, UnsupportedModelError
-from hf_prune.compat import activation_checkpointing_arg, is_activation_checkpointing
-from hf_prune.masks import is_nm_sparse
+from hf_prune.core.compat import activation_checkpointing_arg, is_activation_checkpointing
+from hf_prune.core.masks import is_nm_sparse
 from hf_prune.training.callback import (
     LOG_ACHIEVED,
     LOG_TARGET,

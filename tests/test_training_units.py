@@ -12,7 +12,7 @@ from tiny_models import build
 
 import hf_prune
 from hf_prune import ConfigError, PruningConfig, available_methods
-from hf_prune.masks import is_nm_sparse, nm_mask
+from hf_prune.core.masks import is_nm_sparse, nm_mask
 from hf_prune.registry import is_training_only
 from hf_prune.training.lottery import RewindSnapshot, rewound
 from hf_prune.training.movement import score_step, soft_mask, soft_threshold

@@ -72,7 +72,7 @@ import torch_pruning as tp
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_prune.calibration import build_calibration
+from hf_prune.core.calibration import build_calibration
 from hf_prune.defaults import default_model_dir, default_splits
 from hf_prune.evaluate import perplexity, tokenize_for_eval
 

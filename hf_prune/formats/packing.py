@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import is_nm_sparse  # re-exported for formats users; one implementation
+from ..core.masks import is_nm_sparse  # re-exported for formats users; one implementation
 
 __all__ = [
     "SparseFormat",

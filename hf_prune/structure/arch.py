@@ -1,6 +1,6 @@
 """Where the removable units of each decoder block live, and what one unit costs in parameters.
 
-Blocks are found generically (`hf_prune.targets.find_blocks`); inside a block, attention and MLP projections are
+Blocks are found generically (`hf_prune.core.model.find_blocks`); inside a block, attention and MLP projections are
 recognised by their layout, not by model name: separate ``q/k/v_proj`` + ``o_proj``/``out_proj`` (Llama family,
 Mistral, Qwen2/3, Gemma2/3, OPT, Qwen3-MoE), Phi-3's fused ``qkv_proj``, GPT-2's ``Conv1D`` ``c_attn``,
 GPT-NeoX's per-head interleaved ``query_key_value``; MLPs ``gate/up/down_proj``, Phi-3 ``gate_up_proj``,
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.model import find_blocks
 from ..errors import UnsupportedModelError
-from ..targets import find_blocks
 from . import modeling_hf_prune as core
 from .plan import AttentionSpec, BlockSpec, MlpSpec
 

@@ -1,7 +1,7 @@
 """Calibration statistics for structured scoring (lifecycle: hooks, devices, blocks; math in `scores`).
 
 * `collect_width_stats` and `collect_depth_stats` run block by block with the one-shot pipeline's machinery
-  (`hf_prune.pipeline.record_block_inputs`, `on_device`, per-block replay of the recorded kwargs): only one
+  (`hf_prune.core.blocks.record_block_inputs`, `on_device`, per-block replay of the recorded kwargs): only one
   block and the calibration activations live on the compute device. Statistics are taken on the *dense*
   model in one pass: scoring only plans, nothing is removed until surgery, and global allocation needs the
   scores of every block before it can pick anything (FLAP collects them the same way).
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.blocks import StopBlock, check_finite, on_device, record_block_inputs, run_block
+from ..core.model import find_blocks, input_device
 from ..errors import NumericalError
-from ..pipeline import _BlockDone, _check_finite, _run_block, on_device, record_block_inputs
-from ..targets import find_blocks, input_device
 from .plan import BlockSpec
 from .reconstruct import PairedMoments
 from .scores import RunningMoments, angular_distance, span_distances, token_cosine
@@ -72,17 +72,17 @@ def sweep_blocks(
     _, blocks = find_blocks(model)
     hidden, calls = record_block_inputs(model, blocks, calibration, batch_size)
     hidden = [h.to(device) for h in hidden]
-    _check_finite(hidden, "entering block 0 (embeddings)")
+    check_finite(hidden, "entering block 0 (embeddings)")
     for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
         block = blocks[i]
         with on_device(block, device):
             handles = before(i, block) if before is not None else []
             try:
-                out = _run_block(block, hidden, calls[i], device)
+                out = run_block(block, hidden, calls[i], device)
             finally:
                 for h in handles:
                     h.remove()
-        _check_finite(out, f"leaving block {i}")
+        check_finite(out, f"leaving block {i}")
         if after is not None:
             after(i, hidden, out)
         hidden = out
@@ -161,11 +161,11 @@ def _inputs_at(module: nn.Module, block: nn.Module, hidden: list[torch.Tensor], 
 
     def hook(mod: nn.Module, args: tuple) -> None:
         store.append(args[0].detach())
-        raise _BlockDone
+        raise StopBlock
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        _run_block(block, hidden, calls, device)
+        run_block(block, hidden, calls, device)
     finally:
         handle.remove()
     return store
@@ -197,7 +197,7 @@ def sequential_refit(
     _, blocks = find_blocks(model)
     dense, calls = record_block_inputs(model, blocks, calibration, batch_size)
     dense = [h.to(device) for h in dense]
-    _check_finite(dense, "entering block 0 (embeddings)")
+    check_finite(dense, "entering block 0 (embeddings)")
     pruned: list[torch.Tensor] | None = None  # None while no block has been pruned: the streams are equal
     for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
         block = blocks[i]
@@ -218,15 +218,15 @@ def sequential_refit(
                     total = bias.to(device) + (base.detach().float() if base is not None else 0.0)
                     keep = torch.as_tensor(job.keep, dtype=torch.long, device=device)
                     fitted.append(module.register_forward_hook(_replace_output(keep, weight.to(device), total)))
-                out_dense = _run_block(block, dense, calls[i], device)
-                out_pruned = None if pruned is None and not fitted else _run_block(
+                out_dense = run_block(block, dense, calls[i], device)
+                out_pruned = None if pruned is None and not fitted else run_block(
                     block, dense if pruned is None else pruned, calls[i], device)
             finally:
                 for h in fitted:
                     h.remove()
-        _check_finite(out_dense, f"leaving block {i}")
+        check_finite(out_dense, f"leaving block {i}")
         if out_pruned is not None:
-            _check_finite(out_pruned, f"leaving block {i} (pruned)")
+            check_finite(out_pruned, f"leaving block {i} (pruned)")
         dense, pruned = out_dense, out_pruned
 
 

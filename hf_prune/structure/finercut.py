@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..pipeline import _run_block, on_device, record_block_inputs
-from ..targets import find_blocks
+from ..core.blocks import on_device, record_block_inputs, run_block
+from ..core.model import find_blocks
 from .plan import BlockSpec
 from .scores import token_cosine
 
@@ -96,13 +96,13 @@ def greedy_sublayers(
             hidden, calls = record_block_inputs(model, blocks, calibration, batch_size)
             states: list[list[torch.Tensor]] = [[h.to(device) for h in hidden]]
             for b, block in enumerate(blocks):
-                states.append(_run_block(block, states[b], calls[b], device))
+                states.append(run_block(block, states[b], calls[b], device))
             dense = states[-1]
 
             def run_from(start: int, first: list[torch.Tensor]) -> list[list[torch.Tensor]]:
                 out = [first]
                 for b in range(start, len(blocks)):
-                    out.append(_run_block(blocks[b], out[-1], calls[b], device))
+                    out.append(run_block(blocks[b], out[-1], calls[b], device))
                 return out
 
             removed = 0

@@ -55,10 +55,10 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
+from ..core.model import PrunableLayer, find_blocks
 from ..errors import CalibrationError, ConfigError
-from ..methods.base import PruningMethod
+from ..oneshot.base import PruningMethod
 from ..registry import register_method
-from ..targets import PrunableLayer, find_blocks
 from .allocate import WidthScores, allocate_width, check_choice, choose_blocks, span_length
 from .arch import block_specs, num_params, unit_params
 from .collect import (

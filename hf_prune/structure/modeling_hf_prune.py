@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - every transformers 5 has it
 STRUCTURE_KEY = "hf_prune_structure"
 #: Keywords a KV cache reaches an attention module under: ``cache`` (transformers >= 5.24), then the older
 #: ``past_key_values`` / ``past_key_value``, and GPT-NeoX's ``layer_past``. (Kept here rather than imported from
-#: hf_prune.compat: this file must run where hf_prune is not installed.)
+#: hf_prune.core.compat: this file must run where hf_prune is not installed.)
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 FORMAT_VERSION = 1
 _LINEAR = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)

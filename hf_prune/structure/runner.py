@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.memory import PeakMemory
+from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
-from ..memory import PeakMemory
 from ..registry import get_method
-from ..targets import find_blocks
 from .arch import block_specs, num_params
 from .config_io import is_structured
 from .plan import BlockSpec, StructuredPlan

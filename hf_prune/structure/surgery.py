@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
-from ..targets import find_blocks
 from . import modeling_hf_prune as core
 from .arch import block_specs, num_params
 from .config_io import rewrite_config

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from ..config import PruningConfig
 from ..errors import ConfigError
-from ..methods.base import PruningMethod
+from ..oneshot.base import PruningMethod
 from ..registry import register_method
 
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
+from ..core.masks import check_nm_shape, nm_mask, unstructured_mask
+from ..core.model import PrunableLayer, find_blocks, iter_prunable
 from ..errors import UnsupportedModelError
-from ..masks import check_nm_shape, nm_mask, unstructured_mask
-from ..targets import PrunableLayer, find_blocks, iter_prunable
 
 
 def world_size() -> int:

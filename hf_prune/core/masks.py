@@ -5,7 +5,7 @@ tensor of the same shape, ``True`` = keep.
 
 Example:
     >>> import torch
-    >>> from hf_prune.masks import nm_mask, unstructured_mask
+    >>> from hf_prune.core.masks import nm_mask, unstructured_mask
     >>> s = torch.tensor([[4., 1., 3., 2.], [1., 2., 3., 4.]])
     >>> nm_mask(s, 2, 4).int().tolist()
     [[1, 0, 1, 0], [0, 0, 1, 1]]
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 def n_pruned(numel: int, sparsity: float) -> int:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.stats import InputStats
 from ..registry import register_method
-from .base import InputStats, PruningMethod
+from .base import PruningMethod
 from .functional import finalize_hessian, sparsegpt_prune
 
 

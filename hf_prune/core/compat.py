@@ -6,7 +6,7 @@ transformers renames arguments with a deprecation window (5.24 renamed the KV-ca
 cache, or a renamed training argument, goes through these helpers, so the next rename is a one-line change here.
 
 Example:
-    >>> from hf_prune.compat import cache_from_kwargs, pop_cache_kwargs
+    >>> from hf_prune.core.compat import cache_from_kwargs, pop_cache_kwargs
     >>> kwargs = {"cache": "C", "use_cache": True}
     >>> cache_from_kwargs(kwargs)
     'C'

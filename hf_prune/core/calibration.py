@@ -13,7 +13,7 @@ drawn at random start positions from a generator seeded with ``seed`` (the Spars
 
 Example:
     >>> import torch
-    >>> from hf_prune.calibration import build_calibration
+    >>> from hf_prune.core.calibration import build_calibration
     >>> build_calibration(torch.arange(40).view(4, 10), None, num_samples=2, seqlen=8, seed=0).shape
     torch.Size([2, 10])
     >>> build_calibration([torch.arange(100)], None, num_samples=3, seqlen=8, seed=0).shape
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 _DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

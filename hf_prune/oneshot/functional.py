@@ -4,7 +4,7 @@ All math runs in float32 (Hessians, norms, Cholesky), whatever the model's dtype
 
 Example:
     >>> import torch
-    >>> from hf_prune.methods.functional import sparsegpt_prune
+    >>> from hf_prune.oneshot.functional import sparsegpt_prune
     >>> _ = torch.manual_seed(0); W = torch.randn(8, 16); X = torch.randn(64, 16)
     >>> H = 2 * X.T @ X / 64
     >>> W2, keep, _ = sparsegpt_prune(W, H, 0.5, nm=(2, 4))
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.masks import mask_from_scores
 from ..errors import NumericalError
-from ..masks import mask_from_scores
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

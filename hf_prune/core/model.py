@@ -14,7 +14,7 @@ map, writes go back into it.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from hf_prune.targets import find_blocks
+    >>> from hf_prune.core.model import find_blocks
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
     >>> name, blocks = find_blocks(model)
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 try:  # transformers' GPT-2 style linear with a transposed weight
     from transformers.pytorch_utils import Conv1D
@@ -106,7 +106,7 @@ class PrunableLayer:
 
     def read_weight(self) -> torch.Tensor:
         """The weight as ``[out, in]`` (a view where possible; offloaded weights are read from their store)."""
-        tensor = _read_param(self.module, self.param_name)
+        tensor = read_param(self.module, self.param_name)
         if self.kind == "conv1d":
             return tensor.t()
         if self.kind == "expert":
@@ -117,7 +117,7 @@ class PrunableLayer:
         """Write an ``[out, in]`` matrix back (in place, keeping dtype and device)."""
         if self.kind == "conv1d":
             value = value.t()
-        _write_param(self.module, self.param_name, value, self.expert)
+        write_param(self.module, self.param_name, value, self.expert)
 
 
 def _offload_store(module: nn.Module) -> tuple[object, str] | None:
@@ -130,7 +130,7 @@ def _offload_store(module: nn.Module) -> tuple[object, str] | None:
     return dataset, prefix
 
 
-def _read_param(module: nn.Module, name: str) -> torch.Tensor:
+def read_param(module: nn.Module, name: str) -> torch.Tensor:
     param = getattr(module, name)
     if param.device.type != "meta":
         return param.data
@@ -141,7 +141,7 @@ def _read_param(module: nn.Module, name: str) -> torch.Tensor:
     return dataset[prefix + name]
 
 
-def _write_param(module: nn.Module, name: str, value: torch.Tensor, index: int | None) -> None:
+def write_param(module: nn.Module, name: str, value: torch.Tensor, index: int | None) -> None:
     param = getattr(module, name)
     if param.device.type != "meta":
         target = param.data if index is None else param.data[index]

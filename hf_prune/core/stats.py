@@ -1,0 +1,157 @@
+"""Input statistics of prunable layers, collected by forward pre-hooks while a block runs.
+
+`InputStats` accumulates the per-feature sum of squares (Wanda's norms) and/or the Hessian sum X^T X
+(SparseGPT) of one input; `StatsCollector` hooks a block's layers, shares one `InputStats` between layers that
+read the same tensor (q/k/v, gate/up), routes tokens of fused MoE experts, and can stop the block early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import StopBlock
+from .model import PrunableLayer, read_param
+
+
+class InputStats:
+    """Running statistics of one input: sum of squares per feature and/or the Hessian sum ``sum x x^T``.
+
+    Accumulated in float32 from inputs of any dtype. The Hessian is symmetric, so only its upper block
+    triangle is accumulated (``chunks`` column blocks: ~(k+1)/2k of the FLOPs); `full_hessian` mirrors it.
+    """
+
+    chunks: int = 4
+
+    def __init__(self, in_features: int, device: torch.device, norms: bool, hessian: bool) -> None:
+        self.n_tokens = 0
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device) if norms else None
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[0] == 0:
+            return
+        xf = x.to(self.sum_sq.device if self.sum_sq is not None else self.hessian.device, torch.float32)
+        self.n_tokens += xf.shape[0]
+        if self.sum_sq is not None:
+            self.sum_sq += xf.square().sum(0)
+        if self.hessian is not None:
+            cols = xf.shape[1]
+            k = self.chunks if cols >= 64 * self.chunks else 1
+            bounds = [cols * i // k for i in range(k + 1)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                self.hessian[a:b, a:].addmm_(xf[:, a:b].t(), xf[:, a:])
+
+    def full_hessian(self) -> torch.Tensor:
+        """The symmetric Hessian sum (the accumulated upper triangle mirrored)."""
+        assert self.hessian is not None
+        return torch.triu(self.hessian) + torch.triu(self.hessian, 1).t()
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.sum_sq, self.hessian) if t is not None)
+
+
+class StatsCollector:
+    """Forward hooks that accumulate `InputStats` per group of layers sharing one input tensor."""
+
+    def __init__(
+        self, layers: list[PrunableLayer], device: torch.device, norms: bool, hessian: bool, early_stop: bool = False
+    ) -> None:
+        self.layers = layers
+        self.early_stop = early_stop
+        self._fired: set[int] = set()
+        self._n_modules = len({id(layer.module) for layer in layers})
+        self.device = device
+        self.norms, self.hessian = norms, hessian
+        self.groups: dict[str, list[PrunableLayer]] = {}
+        self.stats: dict[str, InputStats] = {}
+        self._leader: dict[str, str] = {}
+        self._first_batch = True
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles: list[Any] = []
+
+    def _new_stats(self, in_features: int) -> InputStats:
+        return InputStats(in_features, self.device, self.norms, self.hessian)
+
+    def _done(self, module: nn.Module) -> None:
+        self._fired.add(id(module))
+        if self.early_stop and len(self._fired) == self._n_modules:
+            raise StopBlock
+
+    def _linear_hook(self, layer: PrunableLayer) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._first_batch:
+                prev = self._seen.get(id(x))
+                if prev is not None and prev[0] is x:
+                    key = prev[1]
+                    self.groups[key].append(layer)
+                    layer.stats_key = key
+                    self._done(module)
+                    return
+                key = layer.name
+                self._seen[id(x)] = (x, key)  # keep x alive so its id is not reused in this batch
+                self.groups[key] = [layer]
+                self._leader[layer.name] = key
+                layer.stats_key = key
+                self.stats[key] = self._new_stats(x.shape[-1])
+            if layer.name in self._leader:
+                self.stats[layer.stats_key].add(x.detach())
+            self._done(module)
+
+        return hook
+
+    def _experts_hook(self, module: nn.Module, layers: list[PrunableLayer]) -> Callable:
+        by_param: dict[str, dict[int, PrunableLayer]] = {}
+        for layer in layers:
+            by_param.setdefault(layer.param_name, {})[layer.expert] = layer  # type: ignore[index]
+            if layer.name not in self.groups:
+                self.groups[layer.name] = [layer]
+                self._leader[layer.name] = layer.name
+                layer.stats_key = layer.name
+                self.stats[layer.name] = self._new_stats(layer.shape[1])
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            hidden, top_k_index = args[0], args[1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            gate_up = by_param.get("gate_up_proj", {})
+            down = by_param.get("down_proj", {})
+            gate_up_weight = read_param(mod, "gate_up_proj")  # once per call: offloaded reads load the tensor
+            for e in range(gate_up_weight.shape[0]):
+                tokens = (top_k_index == e).any(-1).reshape(-1)
+                if not bool(tokens.any()):
+                    continue
+                x = hidden[tokens]
+                if e in gate_up:
+                    self.stats[gate_up[e].name].add(x)
+                if e in down:
+                    w = gate_up_weight[e].to(x.device, x.dtype)
+                    g, u = nn.functional.linear(x, w).chunk(2, dim=-1)
+                    self.stats[down[e].name].add(mod.act_fn(g) * u)
+            self._done(mod)
+
+        return hook
+
+    def attach(self) -> None:
+        experts: dict[int, tuple[nn.Module, list[PrunableLayer]]] = {}
+        for layer in self.layers:
+            if layer.kind == "expert":
+                experts.setdefault(id(layer.module), (layer.module, []))[1].append(layer)
+            else:
+                self._handles.append(layer.module.register_forward_pre_hook(self._linear_hook(layer)))
+        for module, layers in experts.values():
+            self._handles.append(module.register_forward_pre_hook(self._experts_hook(module, layers)))
+
+    def end_batch(self) -> None:
+        self._first_batch = False
+        self._seen.clear()
+        self._fired.clear()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

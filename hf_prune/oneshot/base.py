@@ -1,0 +1,37 @@
+"""Lifecycle side of a one-shot method: which statistics it needs and how it prunes a group of matrices.
+
+The pipeline (`hf_prune.oneshot.pipeline`) owns hooks, devices and blocks; a method only sees float32 tensors.
+Matrices that read the same input (q/k/v, gate/up) form a *group* and share one `InputStats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from ..config import PruningConfig
+from ..core.stats import InputStats
+
+
+class PruningMethod:
+    """Base class. Subclasses register with ``@register_method("name")``."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = True
+    needs_norms: ClassVar[bool] = False
+    needs_hessian: ClassVar[bool] = False
+
+    def __init__(self, config: PruningConfig) -> None:
+        self.config = config
+
+    def prune_group(
+        self,
+        weights: Sequence[torch.Tensor],
+        stats: InputStats | None,
+        sparsities: Sequence[float],
+        names: Sequence[str],
+    ) -> list[torch.Tensor]:
+        """Return pruned float32 copies of ``weights`` (each ``[out, in]``, all with the same input)."""
+        raise NotImplementedError
