@@ -15,13 +15,11 @@ Example:
     0.5
 """
 
-__version__ = "0.1.0"
-
-from . import (  # noqa: E402,F401  (importing registers the quantizer and the built-in one-shot methods)
-    formats,
-    oneshot,
-)
+# The built-in families register their methods (hf_prune.registry) when imported; the quantizer of compressed
+# checkpoints registers with transformers.
+from . import formats, oneshot  # noqa: E402,F401
 from . import patches as _patches  # noqa: E402
+from ._version import __version__  # noqa: E402,F401
 from .api import prune, validate  # noqa: E402
 from .config import PruningConfig  # noqa: E402
 from .errors import (  # noqa: E402
@@ -35,7 +33,9 @@ from .errors import (  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .registry import available_methods, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
+from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
+from .training import methods as _training_methods  # noqa: E402,F401
 
 _patches.install()
 

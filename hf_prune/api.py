@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import PruningConfig
 from .core.calibration import build_calibration
 from .core.masks import check_nm_shape
@@ -247,12 +247,3 @@ def _guess_tokenizer(model: nn.Module) -> Any:
         except Exception:  # noqa: BLE001 - any failure means "no tokenizer found"
             pass
     return None
-
-
-def _model_prune(self: nn.Module, config: PruningConfig | Mapping[str, Any] | None = None, calibration: Any = None,
-                 tokenizer: Any = None, **kwargs: Any) -> PruningReport:
-    """``model.prune(config, calibration=..., tokenizer=...)``: same as `hf_prune.prune(model, ...)`."""
-    return prune(self, config, calibration, tokenizer, **kwargs)
-
-
-_model_prune.__doc__ = prune.__doc__

@@ -1,25 +1,36 @@
 """`PruningConfig`: one validated, JSON-serialisable description of a pruning job.
 
+A config holds the fields every family shares (method, sparsity, structure, targets/ignore, calibration, seed)
+and one options object, the dataclass the method registered (`hf_prune.registry`). Options are written once:
+each field carries its ``help`` (and ``choices``) in its metadata, and the CLI builds its flags from them.
+Option fields may be passed flat (``PruningConfig(method="sparsegpt", blocksize=64)``) or as an object
+(``options=SparseGPTOptions(blocksize=64)``); an option of another method is refused by name.
+
 Example:
+    >>> import hf_prune
     >>> from hf_prune import PruningConfig
-    >>> cfg = PruningConfig(method="wanda", sparsity=0.5, structure="2:4")
-    >>> cfg.nm
-    (2, 4)
+    >>> cfg = PruningConfig(method="sparsegpt", sparsity=0.5, structure="2:4", blocksize=64)
+    >>> cfg.nm, cfg.options.blocksize
+    ((2, 4), 64)
     >>> PruningConfig.from_dict(cfg.to_dict()) == cfg
     True
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import math
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .registry import all_option_classes, available_methods, get_spec
 
 #: Module-name patterns (regular expressions, `re.search`) never pruned by default.
 DEFAULT_IGNORE: tuple[str, ...] = (
@@ -31,13 +42,8 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     r"shared_expert_gate$",
 )
 
-MAGNITUDE_GROUPS = ("layer", "row")
 #: ``structure`` values of structured methods (`hf_prune.structure`): what a method physically removes.
 STRUCTURED_KINDS = ("width", "depth", "sublayer")
-WIDTH_UNITS = ("both", "mlp", "heads")
-ALLOCATIONS = ("global", "uniform")
-GQA_MODES = ("query", "group")
-TAYLOR_VARIANTS = ("element", "vector")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -62,133 +68,239 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
     return n, m
 
 
+# ---------------------------------------------------------------------------------------------- method options
+
+Check = Callable[[Any], "str | None"]
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           check: Check | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A `MethodOptions` field: its default, its ``help`` line (the CLI's and the docs'), and optionally the
+    allowed ``choices`` or a ``check(value) -> error text | None``. Validated in ``__post_init__``."""
+    meta = {"help": help, "choices": choices, "check": check}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive_int(value: Any) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "a positive integer"
+
+
+def non_negative_int(value: Any) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "an integer >= 0"
+
+
+def non_negative(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return None if ok else "a number >= 0"
+
+
+def positive(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return None if ok else "a number > 0"
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "True or False"
+
+
+def fraction(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= float(value) < 1
+    return None if ok else "a number in [0, 1)"
+
+
 @dataclass
+class MethodOptions:
+    """Base of a method's options: a dataclass whose fields are declared with `option` (help on every field).
+
+    Each field is checked in ``__post_init__`` against its ``choices``/``check``; `check_config` adds checks
+    that need the common fields (sparsity, structure) and runs when the `PruningConfig` is validated.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices, check = f.metadata.get("choices"), f.metadata.get("check")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{f.name}={value!r} is unknown; allowed: {list(choices)}")
+            if check is not None:
+                wanted = check(value)
+                if wanted:
+                    raise ConfigError(f"{f.name}={value!r} must be {wanted}")
+
+    def check_config(self, config: PruningConfig) -> None:
+        """Checks across this object and the common fields of ``config``; raise `ConfigError`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """``name -> Field`` of an options class (inherited fields included)."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _owners(name: str) -> list[str]:
+    """Methods whose options have a field ``name``."""
+    out = []
+    for method in available_methods():
+        opts = get_spec(method).options
+        if opts is not None and name in option_fields(opts):
+            out.append(method)
+    return out
+
+
+def _foreign_default(name: str) -> Any:
+    """The default of option ``name`` in whichever method declares it (``AttributeError`` if none does)."""
+    for cls in all_option_classes():
+        f = option_fields(cls).get(name)
+        if f is not None:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    raise AttributeError(name)
+
+
+def _check_foreign_value(name: str, value: Any) -> None:
+    """Validate ``value`` against the declaration of option ``name`` in the first class that has it."""
+    for cls in all_option_classes():
+        f = option_fields(cls).get(name)
+        if f is None:
+            continue
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name}={value!r} is unknown; allowed: {list(choices)}")
+        wanted = check(value) if check is not None else None
+        if wanted:
+            raise ConfigError(f"{name}={value!r} must be {wanted}")
+        return
+
+
+_COMMON = ("method", "sparsity", "structure", "targets", "ignore", "num_calibration_samples", "seqlen",
+           "batch_size", "seed", "restore_on_error")
+
+
+@dataclass(init=False, eq=False)
 class PruningConfig:
-    """What to prune, how much, and with which calibration.
+    """What to prune, how much, and with which calibration; the method's own options in ``options``.
 
     Args:
-        method: registered method name (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``; see
-            `hf_prune.available_methods()`).
+        method: registered method name (`hf_prune.available_methods()`): one-shot ``"magnitude"``,
+            ``"wanda"``, ``"sparsegpt"``, ``"ria"``; structured ``"flap"``, ``"wanda-sp"``, ``"taylor"``,
+            ``"block-influence"``, ``"angular"``, ``"finercut"``; training ``"gmp"``, ``"movement"``,
+            ``"soft_movement"``, ``"lottery"``.
         sparsity: fraction of weights set to zero in each targeted layer, in [0, 1). For N:M structures it
-            may be omitted (it is ``1 - N/M``); if given it must equal ``1 - N/M``.
-        structure: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive input weights per row).
+            may be omitted (it is ``1 - N/M``); if given it must equal ``1 - N/M``. For structured methods, the
+            fraction of decoder-block *parameters* removed.
+        structure: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive input weights per row); for
+            structured methods their kind (``"width"``, ``"depth"``, ``"sublayer"``; filled in when omitted).
         targets: regexes (``re.search`` on the full module name) selecting modules to prune. ``None`` means
             every linear layer (and fused MoE expert tensor) inside the repeated decoder blocks.
-        ignore: regexes of modules never pruned (default: lm_head, embeddings, classification heads).
-        magnitude_group: comparison group for magnitude: ``"layer"`` (one threshold per matrix, the
-            classic baseline) or ``"row"`` (per output row, like Wanda).
+        ignore: regexes of modules never pruned (default: lm_head, embeddings, classification heads, routers).
         num_calibration_samples: number of calibration sequences.
         seqlen: tokens per calibration sequence.
         batch_size: calibration sequences per forward pass through a block.
         seed: seed for sampling calibration windows.
-        blocksize: SparseGPT column block size.
-        dampening: SparseGPT relative dampening (fraction of the mean Hessian diagonal).
-        max_damp_retries: how often SparseGPT retries a failed Cholesky with 10x more dampening.
-        layer_sparsity: per-layer overrides ``{regex: sparsity}``; the first regex that matches a module's full
-            name wins (unstructured only).
-        owl: use OWL outlier-weighted non-uniform per-block sparsity (unstructured only).
-        owl_lambda: OWL's maximum deviation of a block's sparsity from the target.
-        owl_threshold: OWL's outlier threshold M (a score is an outlier if > M x the layer's mean score).
         restore_on_error: keep a CPU copy of each block's original weights so that a failure half-way
             restores the model. Turn off for models that do not fit twice in CPU memory; a failed run
             then marks the model as incomplete and `save_pretrained` refuses it.
-
-    Structured pruning (methods ``"flap"``, ``"wanda-sp"``, ``"taylor"`` remove MLP channels and attention
-    heads; ``"block-influence"``, ``"angular"`` remove whole blocks; ``"finercut"`` removes attention/MLP
-    sublayers). For these, ``sparsity`` is the fraction of decoder-block *parameters* removed, and
-    ``structure`` is the method's kind (``"width"``, ``"depth"`` or ``"sublayer"``; filled in when omitted).
-
-    Args:
-        width_units: what width methods remove: ``"both"`` (MLP channels and heads), ``"mlp"`` or ``"heads"``.
-        allocation: ``"global"`` (one standardized threshold across layers, FLAP style: layers lose different
-            amounts) or ``"uniform"`` (every layer loses the same fraction).
-        gqa_mode: ``"query"`` removes the same number of query heads from every key/value group of a layer;
-            ``"group"`` removes whole key/value groups (a kv head and all its query heads).
-        bias_compensation: FLAP's bias compensation (the mean contribution of removed channels is added to the
-            output projection's bias); used by ``"flap"`` and ``"wanda-sp"``.
-        round_to: keep a multiple of this many MLP channels per layer (e.g. 8 or 32 for faster kernels).
-        angular_last_token: ``"angular"`` measures distances on each sequence's last token (the paper's
-            choice) instead of all tokens.
-        taylor_variant: ``"taylor"`` importance: ``"element"`` (sum of |w * g|, LLM-Pruner's best) or ``"vector"``
-            (|sum of w * g| over the group).
-        finercut_tokens: calibration tokens ``"finercut"`` uses to compare each candidate removal with the dense
-            model (its greedy search runs many forwards, so it uses fewer tokens than the other methods).
-        reconstruct: after choosing what to remove, refit the output projections (o_proj / down_proj) by least
-            squares, with an intercept that replaces bias compensation: block by block, each pruned projection
-            is fit on the inputs the *pruned* model gives it to reproduce the *dense* model's output, so earlier
-            pruning error is corrected. No gradient steps. Width methods only; costs about 4x the scoring pass.
-
-    Pruning during training (`hf_prune.PruningCallback`; ignored by one-shot `prune`):
-
-    Args:
-        schedule: how the target sparsity grows: ``"constant"``, ``"linear"`` or ``"cubic"`` (Zhu & Gupta).
-        start_step: optimizer step at which pruning starts.
-        end_step: optimizer step at which the final ``sparsity`` is reached (``None``: the Trainer's
-            ``max_steps``).
-        update_every: steps between mask updates (Zhu & Gupta's delta t).
-        initial_sparsity: sparsity at ``start_step`` (``linear``/``cubic``), at most ``sparsity``.
-        movement_threshold: soft movement pruning keeps weights with ``sigmoid(S) > tau``; ``tau`` follows
-            the schedule's progress from 0 to this value (the scheduled ``sparsity`` is a cap: the top
-            ``1 - sparsity`` scores are always kept).
-        movement_l1: soft movement pruning's L1 penalty coefficient on ``sigmoid(S)``.
-        movement_lr: step size of the movement scores ``S`` (``S -= lr * (dL/dW' * W + l1 * sigmoid'(S))``).
-        lottery_rounds: lottery-ticket rounds of iterative magnitude pruning between start and end step.
-        lottery_rewind_step: step whose weights the survivors are rewound to after each round
-            (at most ``start_step``).
+        options: the method's options object (its registered dataclass); built from ``**option_values`` (or
+            defaults) when omitted.
+        **option_values: fields of the method's options, flat (``blocksize=64`` for sparsegpt). Reading
+            ``config.<option>`` returns ``config.options.<option>``.
     """
 
-    method: str = "wanda"
-    sparsity: float | None = 0.5
-    structure: str = "unstructured"
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
-    magnitude_group: str = "layer"
-    num_calibration_samples: int = 128
-    seqlen: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    blocksize: int = 128
-    dampening: float = 0.01
-    max_damp_retries: int = 3
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
-    owl: bool = False
-    owl_lambda: float = 0.08
-    owl_threshold: float = 5.0
-    restore_on_error: bool = True
-    # --- structured pruning (hf_prune.structure) ---
-    width_units: str = "both"
-    allocation: str = "global"
-    gqa_mode: str = "query"
-    bias_compensation: bool = True
-    round_to: int = 1
-    angular_last_token: bool = True
-    taylor_variant: str = "element"
-    finercut_tokens: int = 2048
-    reconstruct: bool = False
-    # --- pruning during training (hf_prune.training) ---
-    schedule: str = "cubic"
-    start_step: int = 0
-    end_step: int | None = None
-    update_every: int = 10
-    initial_sparsity: float = 0.0
-    movement_threshold: float = 0.5
-    movement_l1: float = 1e-4
-    movement_lr: float = 1.0
-    lottery_rounds: int = 3
-    lottery_rewind_step: int = 0
+    method: str
+    sparsity: float | None
+    structure: str
+    targets: list[str] | None
+    ignore: list[str]
+    num_calibration_samples: int
+    seqlen: int
+    batch_size: int
+    seed: int
+    restore_on_error: bool
+    options: MethodOptions | None
 
-    def __post_init__(self) -> None:
+    def __init__(self, method: str = "wanda", sparsity: float | None = 0.5, structure: str = "unstructured",
+                 targets: list[str] | None = None, ignore: list[str] | None = None,
+                 num_calibration_samples: int = 128, seqlen: int = 512, batch_size: int = 8, seed: int = 0,
+                 restore_on_error: bool = True, options: MethodOptions | None = None,
+                 **option_values: Any) -> None:
+        self.method, self.sparsity, self.structure = method, sparsity, structure
+        self.targets = targets
+        self.ignore = list(DEFAULT_IGNORE) if ignore is None else ignore
+        self.num_calibration_samples, self.seqlen, self.batch_size = num_calibration_samples, seqlen, batch_size
+        self.seed, self.restore_on_error = seed, restore_on_error
+        self._check_method()
+        self.options = self._build_options(options, option_values)
         self.validate()
+
+    # ------------------------------------------------------------------ options
+    def _check_method(self) -> None:
+        names = available_methods()
+        if not isinstance(self.method, str) or self.method not in names:
+            close = difflib.get_close_matches(str(self.method), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"method={self.method!r} is unknown; allowed: {sorted(names)}.{hint}")
+
+    def _build_options(self, options: MethodOptions | None, values: dict[str, Any]) -> MethodOptions | None:
+        cls = get_spec(self.method).options
+        if options is not None:
+            if values:
+                raise ConfigError(f"pass the options of {self.method!r} either as options=... or as keywords, "
+                                  f"not both (got options and {sorted(values)})")
+            if cls is None or not isinstance(options, cls):
+                wanted = "no options" if cls is None else f"a {cls.__name__}"
+                raise ConfigError(f"options={type(options).__name__}(...) does not fit method={self.method!r}, "
+                                  f"which takes {wanted}")
+            return options
+        known = set(option_fields(cls)) if cls is not None else set()
+        values = dict(values)
+        family = get_spec(self.method).family
+        # one-shot methods also run inside PruningCallback (a constant mask), next to the training methods
+        siblings = {family, "training"} if family == "oneshot" else {family}
+        for key in [k for k in values if k not in known and _owners(k)]:
+            owners = _owners(key)
+            _check_foreign_value(key, values[key])
+            if not any(get_spec(m).family in siblings for m in owners):
+                raise ConfigError(f"{key} is an option of {owners}, not of {family} method {self.method!r}; "
+                                  f"its options: {sorted(known) if known else 'none'}")
+            # A documented fallback: an option of a sibling method (same family; a helper that builds
+            # configs for several methods) is dropped with a warning.
+            warnings.warn(f"PruningConfig: {key}={values[key]!r} is an option of {owners}, not of "
+                          f"method={self.method!r}; ignored", UserWarning, stacklevel=3)
+            del values[key]
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            parts = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, [*known, *_COMMON], n=1)
+                parts.append(f"{k!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            allowed = sorted(known) if known else "none"
+            raise ConfigError("; ".join(parts) + f". Options of {self.method!r}: {allowed}; common fields: "
+                              f"{list(_COMMON)}; all methods and their options: `hf-prune prune --help`")
+        return None if cls is None else cls(**values)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: option fields read through the config. An option the method
+        # does not have reads as its default in the method that declares it (what applies when unused).
+        if name.startswith("__") or name == "options":
+            raise AttributeError(name)
+        options = self.__dict__.get("options")
+        if options is not None and name in option_fields(type(options)):
+            return getattr(options, name)
+        try:
+            return _foreign_default(name)
+        except AttributeError:
+            raise AttributeError(f"PruningConfig has no field or option {name!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PruningConfig) and self.to_dict() == other.to_dict()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every field; raise `ConfigError` naming the field and what is allowed."""
-        from .registry import available_methods
-
-        if not isinstance(self.method, str) or self.method not in available_methods():
-            close = difflib.get_close_matches(str(self.method), available_methods(), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"method={self.method!r} is unknown; allowed: {sorted(available_methods())}.{hint}")
+        self._check_method()
         self._validate_structured()
         nm = parse_structure(self.structure)
         if nm is not None:
@@ -201,26 +313,18 @@ class PruningConfig:
                     f"sparsity={self.sparsity} contradicts structure={self.structure!r}, which always gives "
                     f"sparsity {implied:g}; pass sparsity={implied:g} or leave sparsity unset"
                 )
-            if self.owl:
-                raise ConfigError("owl=True needs structure='unstructured' (N:M fixes every layer's sparsity)")
-            if self.layer_sparsity:
-                raise ConfigError("layer_sparsity overrides need structure='unstructured' (N:M fixes sparsity)")
         if self.sparsity is None:
             raise ConfigError("sparsity is required for structure='unstructured': a float in [0, 1), e.g. 0.5")
-        _check_fraction("sparsity", self.sparsity)
+        check_fraction("sparsity", self.sparsity)
         self.sparsity = float(self.sparsity)
-        if self.magnitude_group not in MAGNITUDE_GROUPS:
-            raise ConfigError(f"magnitude_group={self.magnitude_group!r}; allowed: {list(MAGNITUDE_GROUPS)}")
-        for name in ("num_calibration_samples", "seqlen", "batch_size", "blocksize"):
+        for name in ("num_calibration_samples", "seqlen", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
-            raise ConfigError(f"max_damp_retries={self.max_damp_retries!r} must be an integer >= 0")
-        if not (isinstance(self.dampening, (int, float)) and self.dampening > 0):
-            raise ConfigError(f"dampening={self.dampening!r} must be a positive float (typical: 0.01)")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
+        if not isinstance(self.restore_on_error, bool):
+            raise ConfigError(f"restore_on_error={self.restore_on_error!r} must be True or False")
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if value is None and name == "targets":
@@ -228,37 +332,26 @@ class PruningConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a list of regular expressions (strings), got {value!r}")
             for pattern in value:
-                _check_regex(name, pattern)
+                check_regex(name, pattern)
             setattr(self, name, list(value))
-        if not isinstance(self.layer_sparsity, dict):
-            raise ConfigError(f"layer_sparsity must be a dict {{regex: sparsity}}, got {self.layer_sparsity!r}")
-        for pattern, value in self.layer_sparsity.items():
-            _check_regex("layer_sparsity", pattern)
-            _check_fraction(f"layer_sparsity[{pattern!r}]", value)
-        if not 0 <= self.owl_lambda < 1:
-            raise ConfigError(f"owl_lambda={self.owl_lambda!r} must be in [0, 1) (paper default 0.08)")
-        if self.owl and not (0 <= self.sparsity - self.owl_lambda and self.sparsity + self.owl_lambda < 1):
-            raise ConfigError(
-                f"owl_lambda={self.owl_lambda} around sparsity={self.sparsity} leaves [0, 1); lower owl_lambda"
-            )
-        if self.owl_threshold <= 0:
-            raise ConfigError(f"owl_threshold={self.owl_threshold!r} must be > 0 (paper default 5)")
-        self._validate_training()
+        if self.options is not None:
+            self.options.check_config(self)
+
+    @property
+    def family(self) -> str:
+        """``"oneshot"``, ``"structured"`` or ``"training"`` (`hf_prune.registry.FAMILIES`)."""
+        return get_spec(self.method).family
 
     @property
     def structured_kind(self) -> str | None:
         """``"width"``, ``"depth"`` or ``"sublayer"`` for structured methods, else ``None``."""
-        from .registry import get_method
-
-        return getattr(get_method(self.method), "structured", None)
+        return get_spec(self.method).structured_kind
 
     def _validate_structured(self) -> None:
         kind = self.structured_kind
         if kind is None:
             if self.structure in STRUCTURED_KINDS:
-                from .registry import available_methods, get_method
-
-                names = [m for m in available_methods() if getattr(get_method(m), "structured", None) == self.structure]
+                names = [m for m in available_methods() if get_spec(m).structured_kind == self.structure]
                 raise ConfigError(
                     f"structure={self.structure!r} is a structured-pruning kind, but method={self.method!r} zeroes "
                     f"weights; use structure='unstructured' or 'N:M', or a {self.structure} method: {names}"
@@ -276,59 +369,6 @@ class PruningConfig:
                 f"sparsity={self.sparsity!r}: for structured method {self.method!r} it is the fraction of decoder "
                 "parameters to remove, a number in (0, 1), e.g. 0.2"
             )
-        for name, allowed in (("width_units", WIDTH_UNITS), ("allocation", ALLOCATIONS), ("gqa_mode", GQA_MODES),
-                              ("taylor_variant", TAYLOR_VARIANTS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed; allowed: {list(allowed)}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ConfigError(f"round_to={self.round_to!r} must be a positive integer (1 = no rounding)")
-        if isinstance(self.finercut_tokens, bool) or not isinstance(self.finercut_tokens, int) or self.finercut_tokens < 1:
-            raise ConfigError(f"finercut_tokens={self.finercut_tokens!r} must be a positive integer (default 2048)")
-        if self.reconstruct and kind != "width":
-            raise ConfigError(f"reconstruct=True refits output projections after width pruning; method={self.method!r} "
-                              f"removes {kind}. Use flap, wanda-sp or taylor, or reconstruct=False")
-        for name in ("bias_compensation", "angular_last_token", "reconstruct"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
-        if self.owl or self.layer_sparsity:
-            raise ConfigError(
-                f"owl and layer_sparsity apply to unstructured pruning; structured method {self.method!r} "
-                "allocates per layer itself (allocation='global' or 'uniform')"
-            )
-
-    def _validate_training(self) -> None:
-        """Fields used by `hf_prune.PruningCallback` (pruning during training)."""
-        from .training.schedules import SCHEDULES, check_schedule
-
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} is unknown; allowed: {list(SCHEDULES)}")
-        for name in ("start_step", "lottery_rewind_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be an integer >= 0")
-        for name in ("update_every", "lottery_rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.end_step is not None:
-            check_schedule(self.schedule, self.start_step, self.end_step, self.update_every)
-        _check_fraction("initial_sparsity", self.initial_sparsity)
-        if self.initial_sparsity > self.sparsity:  # type: ignore[operator]
-            raise ConfigError(
-                f"initial_sparsity={self.initial_sparsity} is above the final sparsity={self.sparsity}; "
-                "the schedule only ever increases sparsity"
-            )
-        if not (isinstance(self.movement_threshold, (int, float)) and 0 < self.movement_threshold < 1):
-            raise ConfigError(f"movement_threshold={self.movement_threshold!r} must be in (0, 1) (a threshold on sigmoid(S))")
-        for name in ("movement_l1", "movement_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a number >= 0")
-        if self.method == "lottery" and self.lottery_rewind_step > self.start_step:
-            raise ConfigError(
-                f"lottery_rewind_step={self.lottery_rewind_step} must be <= start_step={self.start_step}: survivors "
-                "are rewound to weights saved before the first round prunes"
-            )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -338,7 +378,7 @@ class PruningConfig:
 
     def layer_override(self, module_name: str) -> float | None:
         """The first ``layer_sparsity`` value whose regex matches ``module_name``, else ``None``."""
-        for pattern, value in self.layer_sparsity.items():
+        for pattern, value in (getattr(self, "layer_sparsity", None) or {}).items():
             if re.search(pattern, module_name):
                 return float(value)
         return None
@@ -348,21 +388,49 @@ class PruningConfig:
         override = self.layer_override(module_name)
         return float(self.sparsity) if override is None else override  # type: ignore[arg-type]
 
+    def replace(self, **changes: Any) -> PruningConfig:
+        """A validated copy with ``changes`` (common fields or this method's options; a new ``method`` keeps
+        only the options it shares with the old one)."""
+        data = self.to_dict()
+        if "method" in changes and changes["method"] != self.method:
+            new = get_spec(changes["method"]).options
+            keep = set(option_fields(new)) if new is not None else set()
+            data = {k: v for k, v in data.items() if k in _COMMON or k in keep}
+        return PruningConfig(**{**data, **changes})
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Common fields plus this method's options, flat (the ``pruning_config`` entry of config.json)."""
+        out = {name: copy.deepcopy(getattr(self, name)) for name in _COMMON}
+        if self.options is not None:
+            out.update(self.options.to_dict())
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            msg = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
-            raise ConfigError(f"unknown PruningConfig field(s): {msg}; allowed: {sorted(known)}")
+        """Inverse of `to_dict`. Also reads configs saved by hf_prune 0.1 (every option of every family in one
+        flat dict): options of other methods are dropped when they hold their default, and refused otherwise."""
+        data = dict(data)
+        method = data.get("method", "wanda")
+        try:
+            opts = get_spec(method).options
+        except KeyError:
+            opts = None  # the constructor names the unknown method
+        own = set(option_fields(opts)) if opts is not None else set()
+        for key in [k for k in data if k not in _COMMON and k not in own]:
+            try:
+                default = _foreign_default(key)
+            except AttributeError:
+                continue  # unknown everywhere: the constructor refuses it with a hint
+            if data[key] == default:
+                del data[key]
+            else:
+                warnings.warn(f"pruning config: option {key}={data[key]!r} does not apply to method={method!r} "
+                              f"(it belongs to {_owners(key)}); ignored", stacklevel=2)
+                del data[key]
         return cls(**data)
 
     @classmethod
@@ -381,12 +449,12 @@ class PruningConfig:
         return cls.from_dict(data)
 
 
-def _check_fraction(name: str, value: Any) -> None:
+def check_fraction(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
         raise ConfigError(f"{name}={value!r} must be a number in [0, 1) (fraction of weights set to zero)")
 
 
-def _check_regex(name: str, pattern: str) -> None:
+def check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:

@@ -72,13 +72,19 @@ def _is_structured(model: PreTrainedModel) -> bool:
     return is_structured(getattr(model, "config", None)) or type(model).__name__.startswith("HfPrune")
 
 
+def _model_prune(self: PreTrainedModel, config: Any = None, calibration: Any = None, tokenizer: Any = None,
+                 **kwargs: Any) -> Any:
+    """``model.prune(config, calibration=..., tokenizer=...)``: same as `hf_prune.prune(model, ...)`."""
+    from .api import prune
+
+    return prune(self, config, calibration, tokenizer, **kwargs)
+
+
 def install() -> None:
     """Add ``prune`` to every transformers model and wrap ``save_pretrained`` (idempotent)."""
     global _INSTALLED
     if _INSTALLED:
         return
-    from .api import _model_prune
-
     PreTrainedModel.prune = _model_prune  # type: ignore[attr-defined]
     PreTrainedModel.save_pretrained = functools.wraps(_ORIGINAL_SAVE)(_save_pretrained)  # type: ignore[method-assign]
     from .structure import loading

@@ -10,9 +10,10 @@ from ..core.stats import InputStats
 from ..registry import register_method
 from .base import PruningMethod
 from .functional import magnitude_scores, prune_by_scores
+from .options import MagnitudeOptions
 
 
-@register_method("magnitude")
+@register_method("magnitude", options=MagnitudeOptions)
 class MagnitudePruning(PruningMethod):
     needs_calibration = False
 

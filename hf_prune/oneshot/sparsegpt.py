@@ -14,9 +14,10 @@ from ..core.stats import InputStats
 from ..registry import register_method
 from .base import PruningMethod
 from .functional import finalize_hessian, sparsegpt_prune
+from .options import SparseGPTOptions
 
 
-@register_method("sparsegpt")
+@register_method("sparsegpt", options=SparseGPTOptions)
 class SparseGPTPruning(PruningMethod):
     needs_hessian = True
 

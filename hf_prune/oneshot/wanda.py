@@ -10,9 +10,10 @@ from ..core.stats import InputStats
 from ..registry import register_method
 from .base import PruningMethod
 from .functional import prune_by_scores, wanda_scores
+from .options import OneShotOptions
 
 
-@register_method("wanda")
+@register_method("wanda", options=OneShotOptions)
 class WandaPruning(PruningMethod):
     needs_norms = True
 

@@ -47,7 +47,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,6 +69,7 @@ from .collect import (
     sequential_refit,
 )
 from .finercut import greedy_sublayers
+from .options import AngularOptions, FinerCutOptions, TaylorOptions, WidthOptions
 from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
 from .reconstruct import PairedMoments, refit_projection
 from .scores import (
@@ -88,15 +89,16 @@ try:
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
-#: `PruningConfig`'s own defaults: a config object that lacks a field (e.g. a plain namespace) gets these.
-DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(PruningConfig)
-                            if f.default is not dataclasses.MISSING}
+@functools.lru_cache(maxsize=1)
+def _defaults() -> PruningConfig:
+    return PruningConfig(method="flap", sparsity=0.2)
 
 
 def option(config: Any, name: str) -> Any:
-    """``config.<name>``, or `PruningConfig`'s default when ``config`` has no such field."""
+    """``config.<name>``, or the default of that field or option when ``config`` (e.g. a plain namespace) has
+    none; options a method does not declare read as their default where they are declared."""
     value = getattr(config, name, None)
-    return DEFAULTS.get(name) if value is None else value
+    return getattr(_defaults(), name) if value is None else value
 
 
 # ------------------------------------------------------------------------------------- parameter costs
@@ -166,6 +168,7 @@ class StructuredMethod(PruningMethod):
 # ------------------------------------------------------------------------------------------ width
 class _WidthMethod(StructuredMethod):
     structured = "width"
+    options = WidthOptions
     standardized: ClassVar[bool] = True  # global threshold on per-module standardized scores
     compensates: ClassVar[bool] = False  # may add FLAP's bias compensation
 
@@ -362,7 +365,7 @@ class _TaylorTerms:
         return signed.cpu(), absolute.cpu()
 
 
-@register_method("taylor")
+@register_method("taylor", options=TaylorOptions)
 class Taylor(_WidthMethod):
     """LLM-Pruner's first-order Taylor importance per dependency group (needs gradients; not block by block).
 
@@ -449,7 +452,7 @@ class BlockInfluence(StructuredMethod):
         return StructuredPlan(remove_blocks=chosen), info
 
 
-@register_method("angular")
+@register_method("angular", options=AngularOptions)
 class Angular(StructuredMethod):
     """Gromov et al.: remove the contiguous span of ``n`` blocks with the smallest angular distance."""
 
@@ -478,7 +481,7 @@ class Angular(StructuredMethod):
 
 
 # ---------------------------------------------------------------------------------------- sublayer
-@register_method("finercut")
+@register_method("finercut", options=FinerCutOptions)
 class FinerCut(StructuredMethod):
     """FinerCut: greedily remove the attention / MLP sublayers whose removal changes the output least.
 

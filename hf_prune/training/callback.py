@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .. import __version__
+from .._version import __version__
 from ..config import PruningConfig
 from ..errors import CalibrationError, ConfigError, HfPruneError
 from ..registry import is_training_only

@@ -12,6 +12,7 @@ from ..config import PruningConfig
 from ..errors import ConfigError
 from ..oneshot.base import PruningMethod
 from ..registry import register_method
+from .options import LotteryOptions, MovementOptions, ScheduleOptions, SoftMovementOptions
 
 
 class TrainingOnlyMethod(PruningMethod):
@@ -28,21 +29,21 @@ class TrainingOnlyMethod(PruningMethod):
         )
 
 
-@register_method("gmp")
+@register_method("gmp", options=ScheduleOptions)
 class GradualMagnitudePruning(TrainingOnlyMethod):
     """Zhu & Gupta gradual magnitude pruning: |W| re-ranked every ``update_every`` steps along the schedule."""
 
 
-@register_method("movement")
+@register_method("movement", options=MovementOptions)
 class MovementPruning(TrainingOnlyMethod):
     """Sanh et al. hard movement pruning: top-k of scores S learned with a straight-through estimator."""
 
 
-@register_method("soft_movement")
+@register_method("soft_movement", options=SoftMovementOptions)
 class SoftMovementPruning(TrainingOnlyMethod):
     """Soft movement pruning: keep sigmoid(S) > tau, with an L1 penalty on sigmoid(S)."""
 
 
-@register_method("lottery")
+@register_method("lottery", options=LotteryOptions)
 class LotteryTicketPruning(TrainingOnlyMethod):
     """Iterative magnitude pruning with rewinding of the survivors to an early step (Frankle et al.)."""

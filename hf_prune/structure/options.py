@@ -1,0 +1,62 @@
+"""Options of the structured methods (declared once; the CLI and the docs read the ``help`` metadata).
+
+Example:
+    >>> from hf_prune.structure.options import WidthOptions
+    >>> WidthOptions(width_units="mlp").allocation
+    'global'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import MethodOptions, boolean, option, positive_int
+from ..oneshot.options import DampeningOptions
+
+WIDTH_UNITS = ("both", "mlp", "heads")
+ALLOCATIONS = ("global", "uniform")
+GQA_MODES = ("query", "group")
+TAYLOR_VARIANTS = ("element", "vector")
+
+
+@dataclass
+class WidthOptions(DampeningOptions):
+    """Width pruning (flap, wanda-sp, taylor): MLP channels and attention heads."""
+
+    width_units: str = option("both", "what width methods remove: 'both' (MLP channels and heads), 'mlp' or "
+                              "'heads'", choices=WIDTH_UNITS)
+    allocation: str = option("global", "'global': one standardized threshold across layers (FLAP; layers lose "
+                             "different amounts); 'uniform': every layer loses the same fraction", choices=ALLOCATIONS)
+    gqa_mode: str = option("query", "'query': the same number of query heads leaves every kv group (GQA stays "
+                           "uniform); 'group': whole kv groups go", choices=GQA_MODES)
+    bias_compensation: bool = option(True, "FLAP bias compensation: the mean contribution of removed channels "
+                                     "moves into the output projection's bias (flap, wanda-sp)", check=boolean)
+    round_to: int = option(1, "keep a multiple of this many MLP channels per layer (e.g. 8 or 32 for faster "
+                           "kernels; 1 = no rounding)", check=positive_int)
+    reconstruct: bool = option(False, "refit the output projections by least squares, block by block, on the "
+                               "pruned model's own inputs against the dense output (about 4x the scoring pass)",
+                               check=boolean)
+
+
+@dataclass
+class TaylorOptions(WidthOptions):
+    """First-order Taylor importance over LLM-Pruner dependency groups."""
+
+    taylor_variant: str = option("element", "'element': sum of |w*g| (LLM-Pruner's best); 'vector': |sum of w*g| "
+                                 "over the group", choices=TAYLOR_VARIANTS)
+
+
+@dataclass
+class AngularOptions(MethodOptions):
+    """Angular distance between the inputs of blocks l and l+n (Gromov et al.)."""
+
+    angular_last_token: bool = option(True, "measure distances on each sequence's last token (the paper's "
+                                      "choice) instead of all tokens", check=boolean)
+
+
+@dataclass
+class FinerCutOptions(MethodOptions):
+    """Greedy removal of attention/MLP sublayers."""
+
+    finercut_tokens: int = option(2048, "calibration tokens the greedy search compares with the dense model "
+                                  "(it runs many forwards, so it uses fewer tokens)", check=positive_int)

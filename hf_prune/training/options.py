@@ -1,0 +1,87 @@
+"""Options of the training-time methods (declared once; the CLI and the docs read the ``help`` metadata).
+
+Example:
+    >>> from hf_prune.training.options import ScheduleOptions
+    >>> ScheduleOptions(schedule="linear", end_step=100).update_every
+    10
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import (
+    PruningConfig,
+    check_fraction,
+    non_negative,
+    non_negative_int,
+    option,
+    positive_int,
+)
+from ..errors import ConfigError
+from ..oneshot.options import RankGroupOptions
+from .schedules import SCHEDULES, check_schedule
+
+
+def _optional_step(value: Any) -> str | None:
+    return None if value is None else non_negative_int(value)
+
+
+@dataclass
+class ScheduleOptions(RankGroupOptions):
+    """When masks are updated and how the target sparsity grows (every training method)."""
+
+    schedule: str = option("cubic", "how the target sparsity grows: 'constant', 'linear' or 'cubic' (Zhu & Gupta)",
+                           choices=tuple(SCHEDULES))
+    start_step: int = option(0, "optimizer step at which pruning starts", check=non_negative_int)
+    end_step: int | None = option(None, "optimizer step at which the final sparsity is reached (None: the "
+                                  "Trainer's max_steps)", check=_optional_step)
+    update_every: int = option(10, "steps between mask updates (Zhu & Gupta's delta t)", check=positive_int)
+    initial_sparsity: float = option(0.0, "sparsity at start_step (linear/cubic), at most sparsity")
+
+    def check_config(self, config: PruningConfig) -> None:
+        if self.end_step is not None:
+            check_schedule(self.schedule, self.start_step, self.end_step, self.update_every)
+        check_fraction("initial_sparsity", self.initial_sparsity)
+        if self.initial_sparsity > float(config.sparsity):  # type: ignore[arg-type]
+            raise ConfigError(f"initial_sparsity={self.initial_sparsity} is above the final sparsity="
+                              f"{config.sparsity}; the schedule only ever increases sparsity")
+
+
+@dataclass
+class MovementOptions(ScheduleOptions):
+    """Movement pruning's learned scores S."""
+
+    movement_lr: float = option(1.0, "step size of the movement scores S (S -= lr * dL/dW' * W)", check=non_negative)
+
+
+def _open_unit(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    return None if ok else "in (0, 1) (a threshold on sigmoid(S))"
+
+
+@dataclass
+class SoftMovementOptions(MovementOptions):
+    """Soft movement pruning: a threshold on sigmoid(S) and an L1 penalty."""
+
+    movement_l1: float = option(1e-4, "soft movement: L1 penalty coefficient on sigmoid(S)", check=non_negative)
+    movement_threshold: float = option(0.5, "soft movement keeps sigmoid(S) > tau; tau follows the schedule from 0 "
+                                       "to this value (sparsity is a cap)", check=_open_unit)
+
+
+@dataclass
+class LotteryOptions(ScheduleOptions):
+    """Iterative magnitude pruning with rewinding (lottery tickets)."""
+
+    lottery_rounds: int = option(3, "lottery-ticket rounds between start_step and end_step", check=positive_int)
+    lottery_rewind_step: int = option(0, "step whose weights the survivors are rewound to (at most start_step)",
+                                      check=non_negative_int)
+
+    def check_config(self, config: PruningConfig) -> None:
+        super().check_config(config)
+        if self.lottery_rewind_step > self.start_step:
+            raise ConfigError(
+                f"lottery_rewind_step={self.lottery_rewind_step} must be <= start_step={self.start_step}: survivors "
+                "are rewound to weights saved before the first round prunes"
+            )
