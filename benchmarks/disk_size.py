@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_prune.formats import save_sparse_pretrained  # noqa: E402
-from hf_prune.formats.packing import predicted_bytes_per_weight  # noqa: E402
+from hf_prune.nn.packing import predicted_bytes_per_weight  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 GPU_NOTE = (

@@ -125,7 +125,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         data = {"pruned": res.to_dict(), "dense": dense.to_dict() if dense else None,
                 "achieved_sparsity": report.achieved_sparsity,
                 "params": sum(p.numel() for p in model.parameters())}
-        from .report import atomic_write_text
+        from .io import atomic_write_text
 
         atomic_write_text(os.path.join(args.output, "eval_results.json"), json.dumps(data, indent=2))
     return 0

@@ -22,7 +22,6 @@ without gensim.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import html
 import importlib.util
 import io
@@ -31,11 +30,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .io.atomic import atomic_directory, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
     gguf_path = smollm2_gguf_path()
     root.mkdir(parents=True, exist_ok=True)
     logger.info("Converting %s to a plain checkpoint in %s (one time, ~40 s)", gguf_path, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_SUBDIR}.tmp-", dir=root))
-    try:
-        os.chmod(tmp, _umask_mode(0o777))
+    with atomic_directory(final, publish=_publish_model_cache) as tmp:
         convert_gguf_checkpoint(gguf_path, tmp)
         marker = {
             "format_version": MODEL_FORMAT_VERSION,
@@ -191,18 +189,20 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
             "gguf_bytes": gguf_path.stat().st_size,
         }
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        if final.exists():  # stale (old format) or written by a concurrent process
-            if _model_cache_ok(final):
-                return final
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _model_cache_ok(final):  # lost a race with a broken result: give up loudly
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _publish_model_cache(tmp: Path, final: Path) -> None:
+    """Move a converted checkpoint into the cache, unless a concurrent process already put a good one there."""
+    if final.exists():  # stale (old format) or written by a concurrent process
+        if _model_cache_ok(final):
+            return
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _model_cache_ok(final):  # lost a race with a broken result: give up loudly
+            raise
 
 
 # --------------------------------------------------------------------------- text: markup
@@ -550,27 +550,6 @@ def _read_wiki_sample(root: Path) -> bytes:
     )
 
 
-def _umask_mode(mode: int) -> int:
-    """``mode`` less the process umask (mkstemp/mkdtemp create private 0600/0700 paths)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, _umask_mode(0o666))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def default_text(cache_dir: str | None = None) -> str:
     """The default text: ~2.5 MB of plain English Wikipedia prose, articles separated by ``"\\n\\n"``.
 
@@ -591,8 +570,8 @@ def default_text(cache_dir: str | None = None) -> str:
         pass
     logger.info("Extracting the default Wikipedia text into %s (one time)", path)
     text = clean_wiki_dump(bz2.decompress(_read_wiki_sample(root)))
-    _atomic_write_text(path, text)
-    _atomic_write_text(marker, json.dumps({"format_version": TEXT_FORMAT_VERSION, "chars": len(text)}) + "\n")
+    atomic_write_text(path, text)
+    atomic_write_text(marker, json.dumps({"format_version": TEXT_FORMAT_VERSION, "chars": len(text)}) + "\n")
     return text
 
 

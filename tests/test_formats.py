@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_prune.formats as hpf
-from hf_prune.formats.packing import (
+from hf_prune.formats.quantizer import QUANT_METHOD, SENTINEL_KEY
+from hf_prune.nn import SparseLinear
+from hf_prune.nn.packing import (
     index_bits,
     is_nm_sparse,
     pack_bitmask,
@@ -27,8 +29,6 @@ from hf_prune.formats.packing import (
     unpack_bitmask,
     unpack_nm,
 )
-from hf_prune.formats.quantizer import QUANT_METHOD, SENTINEL_KEY
-from hf_prune.nn import SparseLinear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

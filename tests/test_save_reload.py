@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,59 @@ def test_failed_run_without_backup_refuses_save(tmp_path) -> None:
         model.save_pretrained(tmp_path)
     with pytest.raises(IncompletePruningError):
         model.prune(PruningConfig(method="magnitude"), show_progress=False, verbose=False)
+
+
+def test_compressed_save_of_pruned_model_uses_one_temp_folder(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.nn import SparseLinear
+
+    model = build("llama")
+    model.prune(PruningConfig(method="magnitude", sparsity=0.5, structure="2:4"), show_progress=False,
+                verbose=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("user file")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model.save_pretrained(out, sparse_format="2:4")
+    assert len(made) == 1 and not os.path.exists(made[0])  # one temporary folder, published once
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    names = set(os.listdir(out))
+    assert {"notes.txt", REPORT_FILE, "model.safetensors"} <= names and "model-00001-of-00002.safetensors" not in names
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["sparse_format"] == "2:4" and config["pruning_config"]["structure"] == "2:4"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.up_proj, SparseLinear)
+
+
+def test_atomic_writers_leave_old_content_on_failure(tmp_path) -> None:
+    from hf_prune.io import atomic_directory, atomic_write, atomic_write_bytes, atomic_write_text
+
+    target = tmp_path / "sub" / "f.txt"
+    atomic_write_text(target, "one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_text() == "two"
+
+    def broken(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "two" and os.listdir(target.parent) == ["f.txt"]
+
+    folder = tmp_path / "ckpt"
+    with atomic_directory(folder) as tmp:
+        (tmp / "a").write_text("a")
+        with atomic_directory(tmp) as inner:  # nested: writes in place, publishes nothing
+            assert inner == tmp
+            (inner / "b").write_text("b")
+    assert sorted(os.listdir(folder)) == ["a", "b"]
+    with pytest.raises(OSError, match="disk full"), atomic_directory(folder) as tmp:
+        (tmp / "c").write_text("c")
+        raise OSError("disk full")
+    assert sorted(os.listdir(folder)) == ["a", "b"] and sorted(os.listdir(tmp_path)) == ["ckpt", "sub"]

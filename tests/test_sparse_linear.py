@@ -87,6 +87,28 @@ def test_errors():
         empty.validate()
 
 
+def test_from_linear_recompresses_and_shares_bias():
+    lin, sl = sparse_linear_pair("2:4")
+    again = SparseLinear.from_linear(sl, "bitmask")  # a SparseLinear in, another format out
+    assert str(again.format) == "bitmask" and torch.equal(again.dense_weight(), lin.weight.detach())
+    assert torch.equal(again.bias, lin.bias) and again.bias is not sl.bias
+    shared = SparseLinear.from_linear(lin, "2:4", share_bias=True)
+    assert shared.bias is lin.bias
+
+
+def test_each_layer_has_its_own_policy(monkeypatch):
+    from hf_prune.nn import DEFAULT_POLICY
+
+    _, a = sparse_linear_pair("2:4")
+    _, b = sparse_linear_pair("2:4")
+    assert a.policy is not b.policy and a.policy is not DEFAULT_POLICY and a.policy == DEFAULT_POLICY
+    a.policy.allow_cpu_kernels = True
+    a.policy.max_kernel_batch = 1
+    assert b.policy == DispatchPolicy() and DEFAULT_POLICY == DispatchPolicy()
+    monkeypatch.setattr(DEFAULT_POLICY, "force", "dense")  # module-level defaults apply to new layers
+    assert sparse_linear_pair("2:4")[1].policy.force == "dense" and b.policy.force is None
+
+
 # ---------------------------------------------------------------------------------- dispatch
 
 

@@ -1,7 +1,9 @@
 """Compressed sparse checkpoints (bitmask, N:M) loadable through ``from_pretrained``.
 
 Importing this package registers the ``hf_prune_sparse`` quantization method with
-transformers (see :func:`register`, idempotent).
+transformers (see :func:`register`, idempotent). The packing math and the layer live in
+:mod:`hf_prune.nn` (``hf_prune.nn.packing``, ``hf_prune.nn.SparseLinear``); this package builds on them
+and re-exports the packing functions.
 
 Example:
     >>> import hf_prune.formats as f
@@ -10,7 +12,7 @@ Example:
     1.125
 """
 
-from .packing import (
+from ..nn.packing import (
     SparseFormat,
     is_nm_sparse,
     pack_bitmask,

@@ -40,8 +40,8 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn import sparse_linear as _sl  # module import: hf_prune.nn imports formats.packing
-from .packing import parse_format
+from ..nn.packing import parse_format
+from ..nn.sparse_linear import SparseLinear
 
 __all__ = [
     "QUANT_METHOD",
@@ -146,7 +146,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
             module = model.get_submodule(module_name)
         except AttributeError:
             return False
-        return isinstance(module, _sl.SparseLinear) and tensor_name in module.compressed_names
+        return isinstance(module, SparseLinear) and tensor_name in module.compressed_names
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         cfg = self.quantization_config
@@ -168,7 +168,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
                     f"[{module.out_features}, {module.in_features}]"
                 )
                 continue
-            sparse = _sl.SparseLinear(
+            sparse = SparseLinear(
                 in_f,
                 out_f,
                 bias=module.bias is not None,
@@ -176,8 +176,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
                 device=module.weight.device,
                 dtype=module.weight.dtype,
             )
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+            model.set_submodule(name, sparse)
         if problems:
             raise ValueError(
                 "hf_prune_sparse checkpoint does not match the model:\n  " + "\n  ".join(problems)
@@ -191,7 +190,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         problems = []
         for name, module in model.named_modules():
-            if isinstance(module, _sl.SparseLinear):
+            if isinstance(module, SparseLinear):
                 try:
                     module.validate()
                 except ValueError as exc:
@@ -207,7 +206,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
         """State dict with zero-size ``<name>.weight`` placeholders and the sentinel (see module doc)."""
         state_dict = model.state_dict()
         for name, module in model.named_modules():
-            if isinstance(module, _sl.SparseLinear):
+            if isinstance(module, SparseLinear):
                 state_dict[f"{name}.weight"] = torch.empty(0, dtype=module.weight_values.dtype)
         state_dict[SENTINEL_KEY] = torch.empty(0, dtype=torch.uint8)
         metadata = {"hf_prune_sparse_format": self.quantization_config.sparse_format, "requires": REQUIRES}
@@ -215,12 +214,11 @@ class HfPruneSparseQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         for name, module in list(model.named_modules()):
-            if isinstance(module, _sl.SparseLinear):
+            if isinstance(module, SparseLinear):
                 lin = module.to_linear()
                 if dtype is not None:
                     lin = lin.to(dtype)
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+                model.set_submodule(name, lin)
         return model
 
     def is_serializable(self) -> bool:

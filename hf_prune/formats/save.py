@@ -1,10 +1,12 @@
 """Write compressed sparse checkpoints (bitmask / N:M) that ``from_pretrained`` reloads as
 :class:`hf_prune.nn.SparseLinear` layers when hf_prune is imported.
 
-The write is atomic: everything goes to a temporary sibling directory first; only a complete
-checkpoint replaces ``out_dir``. Files already in ``out_dir`` that the new checkpoint does not
-rewrite (tokenizer, README, ...) are kept; stale weight files are moved aside and deleted only
-after the new checkpoint is in place.
+The write goes through hf_prune's one checkpoint path (:func:`hf_prune.io.save_checkpoint`): everything
+goes to one temporary sibling directory first; only a complete checkpoint replaces ``out_dir``. Files
+already in ``out_dir`` that the new checkpoint does not rewrite (tokenizer, README, ...) are kept; stale
+weight files are moved aside and deleted only after the new checkpoint is in place. This module only
+supplies the compressed view of the model that is saved (:func:`select_modules`, the layers built with
+:meth:`hf_prune.nn.SparseLinear.from_linear`).
 
 Example:
     >>> import tempfile, torch, hf_prune.formats
@@ -26,23 +28,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..io.save import publish_directory
-from ..nn import sparse_linear as _sl  # module import: hf_prune.nn imports formats.packing
-from .packing import SparseFormat, parse_format
+from ..io.save import save_checkpoint
+from ..nn.packing import SparseFormat, is_nm_sparse, parse_format
+from ..nn.sparse_linear import SparseLinear
 from .quantizer import HfPruneSparseConfig, HfPruneSparseQuantizer, register
 
 __all__ = ["save_sparse_pretrained", "select_modules"]
 
 logger = logging.getLogger("hf_prune.formats")
-
 
 
 def _excluded_module_ids(model: nn.Module) -> set[int]:
@@ -66,8 +66,6 @@ def _excluded_module_ids(model: nn.Module) -> set[int]:
 
 def _compressible(weight: torch.Tensor, fmt: SparseFormat) -> bool:
     """Bitmask: only when it saves bytes. N:M: only when the weight satisfies N:M."""
-    from .packing import is_nm_sparse
-
     if fmt.kind == "bitmask":
         zeros = float((weight == 0).float().mean())
         return zeros > 1.0 / (8 * weight.element_size())
@@ -95,7 +93,7 @@ def select_modules(
     named = dict(model.named_modules())
     if modules is not None:
         missing = [
-            n for n in modules if n not in named or not isinstance(named[n], (nn.Linear, _sl.SparseLinear))
+            n for n in modules if n not in named or not isinstance(named[n], (nn.Linear, SparseLinear))
         ]
         if missing:
             raise ValueError(f"modules not found or not nn.Linear: {missing}")
@@ -104,12 +102,12 @@ def select_modules(
         candidates = {
             n: m
             for n, m in named.items()
-            if isinstance(m, (nn.Linear, _sl.SparseLinear)) and id(m) not in excluded
+            if isinstance(m, (nn.Linear, SparseLinear)) and id(m) not in excluded
         }
     chosen: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for name, mod in candidates.items():
-        w = mod.dense_weight() if isinstance(mod, _sl.SparseLinear) else mod.weight.detach()
+        w = mod.dense_weight() if isinstance(mod, SparseLinear) else mod.weight.detach()
         if w.device.type == "meta":
             raise ValueError(f"{name} is on the meta device (offloaded?); load it fully before saving")
         if _compressible(w, fmt):
@@ -128,9 +126,39 @@ def select_modules(
     return chosen
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+@contextmanager
+def _compressed_view(model: nn.Module, layers: dict[str, SparseLinear], qc: HfPruneSparseConfig) -> Iterator[None]:
+    """Swap ``layers`` into ``model`` and attach the sparse ``quantization_config`` / quantizer for the
+    duration of the block; afterwards the model is exactly as it was (modules and config restored)."""
+    originals: dict[str, nn.Module] = {}
+    had_qc = "quantization_config" in model.config.__dict__
+    old_qc = model.config.__dict__.get("quantization_config")
+    had_q = "hf_quantizer" in model.__dict__
+    old_q = model.__dict__.get("hf_quantizer")
+    try:
+        for name, layer in layers.items():
+            originals[name] = model.get_submodule(name)
+            model.set_submodule(name, layer)
+        model.config.quantization_config = qc
+        model.hf_quantizer = HfPruneSparseQuantizer(qc, pre_quantized=True)
+        yield
+    finally:
+        for name, mod in originals.items():
+            model.set_submodule(name, mod)
+        if had_qc:
+            model.config.quantization_config = old_qc
+        elif "quantization_config" in model.config.__dict__:
+            del model.config.quantization_config
+        if had_q:
+            model.hf_quantizer = old_q
+        elif "hf_quantizer" in model.__dict__:
+            del model.hf_quantizer
+
+
+def _save_pretrained(model: nn.Module, folder: str, **save_kwargs: Any) -> None:
+    # The model's own save_pretrained: with hf_prune installed it adds the pruning report and the
+    # structured-pruning files, writing into this save's temporary folder (no second one).
+    model.save_pretrained(folder, **save_kwargs)
 
 
 def save_sparse_pretrained(
@@ -167,57 +195,18 @@ def save_sparse_pretrained(
     fmt = parse_format(sparse_format)
     chosen = select_modules(model, fmt, modules)
 
-    originals: dict[str, nn.Module] = {}
-    had_qc = "quantization_config" in model.config.__dict__
-    old_qc = model.config.__dict__.get("quantization_config")
-    had_q = "hf_quantizer" in model.__dict__
-    old_q = model.__dict__.get("hf_quantizer")
+    layers = {
+        name: SparseLinear.from_linear(model.get_submodule(name), fmt, share_bias=True) for name in chosen
+    }
     report: dict[str, Any] = {"format": str(fmt), "modules": {}, "compressed_bytes": 0, "dense_bytes": 0}
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for name, w in chosen.items():
-            mod = model.get_submodule(name)
-            sparse = _sl.SparseLinear(
-                mod.in_features,
-                mod.out_features,
-                bias=mod.bias is not None,
-                sparse_format=fmt,
-                device=w.device,
-                dtype=w.dtype,
-            )
-            sparse.load_compressed(**_sl.SparseLinear.compress_weight(w, fmt))
-            if mod.bias is not None:
-                sparse.bias = mod.bias  # share, no copy
-            originals[name] = mod
-            _set_module(model, name, sparse)
-            dense_b = w.numel() * w.element_size()
-            report["modules"][name] = {
-                "shape": list(w.shape),
-                "bytes": sparse.compressed_nbytes(),
-                "dense_bytes": dense_b,
-            }
-            report["compressed_bytes"] += sparse.compressed_nbytes()
-            report["dense_bytes"] += dense_b
-        qc = HfPruneSparseConfig(
-            sparse_format=str(fmt), modules={n: [int(w.shape[0]), int(w.shape[1])] for n, w in chosen.items()}
-        )
-        model.config.quantization_config = qc
-        model.hf_quantizer = HfPruneSparseQuantizer(qc, pre_quantized=True)
-        model.save_pretrained(str(tmp), **save_kwargs)
-        publish_directory(tmp, out)
-    finally:
-        for name, mod in originals.items():
-            _set_module(model, name, mod)
-        if had_qc:
-            model.config.quantization_config = old_qc
-        elif "quantization_config" in model.config.__dict__:
-            del model.config.quantization_config
-        if had_q:
-            model.hf_quantizer = old_q
-        elif "hf_quantizer" in model.__dict__:
-            del model.hf_quantizer
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    for name, w in chosen.items():
+        dense_b = w.numel() * w.element_size()
+        nbytes = layers[name].compressed_nbytes()
+        report["modules"][name] = {"shape": list(w.shape), "bytes": nbytes, "dense_bytes": dense_b}
+        report["compressed_bytes"] += nbytes
+        report["dense_bytes"] += dense_b
+    qc = HfPruneSparseConfig(
+        sparse_format=str(fmt), modules={n: [int(w.shape[0]), int(w.shape[1])] for n, w in chosen.items()}
+    )
+    save_checkpoint(_save_pretrained, model, out_dir, prepare=_compressed_view(model, layers, qc), **save_kwargs)
     return report

@@ -1,4 +1,6 @@
-"""Sparse modules: :class:`SparseLinear` (compressed bitmask / N:M weights, kernel dispatch).
+"""Sparse modules: :class:`SparseLinear` (compressed bitmask / N:M weights, kernel dispatch) and the pure
+tensor math of its layouts (:mod:`hf_prune.nn.packing`). Imports nothing from :mod:`hf_prune.formats`,
+which builds the ``from_pretrained`` integration on top of this package.
 
 Example:
     >>> from hf_prune.nn import SparseLinear, DispatchPolicy

@@ -28,15 +28,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.packing import (
+from .kernels_loader import load_kernels
+from .packing import (
     SparseFormat,
     index_bits,
     pack_bitmask,
@@ -46,7 +47,6 @@ from ..formats.packing import (
     unpack_bitmask,
     unpack_nm,
 )
-from .kernels_loader import load_kernels
 
 __all__ = ["SparseLinear", "DispatchPolicy", "DEFAULT_POLICY", "PATHS"]
 
@@ -56,7 +56,7 @@ PATHS = ("reference", "dense", "triton_nm", "triton_bitmask", "semi_structured")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@dataclass
+@dataclasses.dataclass
 class DispatchPolicy:
     """Knobs of :meth:`SparseLinear.forward`'s kernel choice.
 
@@ -81,6 +81,8 @@ class DispatchPolicy:
 
 
 DEFAULT_POLICY = DispatchPolicy()
+"""Module-level defaults: every new `SparseLinear` gets its own copy (as ``module.policy``), so changing one
+layer's policy never changes another's. Changing ``DEFAULT_POLICY`` affects the layers built afterwards."""
 
 
 class SparseLinear(nn.Module):
@@ -131,22 +133,30 @@ class SparseLinear(nn.Module):
                 )
             self.register_buffer("weight_indices", empty_u8)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.policy = DEFAULT_POLICY
+        self.policy = dataclasses.replace(DEFAULT_POLICY)  # own copy: per-layer changes stay per layer
         self.last_path = None
         self._failed_paths: set[str] = set()
         self._aux: dict = {}
 
     # ------------------------------------------------------------------ construction / conversion
     @classmethod
-    def from_linear(cls, linear: nn.Linear, sparse_format: str | SparseFormat) -> SparseLinear:
-        """Compress an ``nn.Linear`` (its zeros define the mask); raises ``ValueError`` if the weight
-        does not satisfy an N:M format.
+    def from_linear(
+        cls, linear: nn.Linear | SparseLinear, sparse_format: str | SparseFormat, *, share_bias: bool = False
+    ) -> SparseLinear:
+        """Compress an ``nn.Linear`` (its zeros define the mask), or re-compress a `SparseLinear` into
+        ``sparse_format``; raises ``ValueError`` if the weight does not satisfy an N:M format.
+
+        The bias is copied, or with ``share_bias=True`` the new module holds the same bias parameter (no
+        copy; for a short-lived view such as a compressed save).
 
         Example:
             >>> SparseLinear.from_linear(torch.nn.Linear(4, 2, bias=False), "bitmask").sparsity
             0.0
+            >>> lin = torch.nn.Linear(8, 2)
+            >>> SparseLinear.from_linear(lin, "bitmask", share_bias=True).bias is lin.bias
+            True
         """
-        w = linear.weight.detach()
+        w = linear.dense_weight() if isinstance(linear, SparseLinear) else linear.weight.detach()
         mod = cls(
             linear.in_features,
             linear.out_features,
@@ -157,7 +167,10 @@ class SparseLinear(nn.Module):
         )
         mod.load_compressed(**cls.compress_weight(w, mod.format))
         if linear.bias is not None:
-            mod.bias.data.copy_(linear.bias.detach())
+            if share_bias:
+                mod.bias = linear.bias
+            else:
+                mod.bias.data.copy_(linear.bias.detach())
         return mod
 
     @staticmethod

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..io.atomic import atomic_write_bytes
 from . import modeling_hf_prune as core
 from .config_io import is_structured
 
@@ -108,9 +109,7 @@ def upgrade_checkpoint(folder: str | Path) -> bool:
     new = Path(core.__file__).read_bytes()
     if target.read_bytes() == new:
         return False
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(new)
-    tmp.replace(target)
+    atomic_write_bytes(target, new)
     return True
 
 

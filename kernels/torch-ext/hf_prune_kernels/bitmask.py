@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_input, prepare_bias, use_fp32_dot
+from ._common import accumulate, check_input, output_tile, prepare_launch, store_output
 
 BITMASK_BLOCK_K = 64
 
@@ -64,12 +64,7 @@ def _bitmask_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    n_mask = rn < N
-    b_mask = rb < B
+    rn, rb, n_mask, b_mask = output_tile(B, N, BLOCK_B, BLOCK_N)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     n_tiles = tl.cdiv(K, BLOCK_K)
     for kt in range(0, n_tiles):
@@ -81,17 +76,8 @@ def _bitmask_linear_kernel(
         slot = tl.cumsum(bit, axis=1) - bit  # exclusive prefix sum inside the tile
         base = tl.load(t_ptr + rn * stride_tn + kt, mask=n_mask, other=0)
         w = tl.load(v_ptr + base[:, None] + slot, mask=mask2 & (bit == 1), other=0.0)
-        x = tl.load(
-            x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        if FP32_DOT:  # fp32 inputs, or the CPU interpreter (its bf16 dot is unreliable)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rb[:, None] * stride_yb + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_mask[:, None] & n_mask[None, :])
+        acc = accumulate(acc, x_ptr, stride_xb, rb, rk, b_mask, k_mask, w, FP32_DOT)
+    store_output(acc, b_ptr, y_ptr, stride_yb, rb, rn, b_mask, n_mask, HAS_BIAS)
 
 
 def bitmask_linear(
@@ -122,11 +108,7 @@ def bitmask_linear(
             f"tile_offsets must be [{out_features}, {n_tiles}] (computed with block_k={block_k})"
         )
     values = values.to(x.dtype).contiguous()
-    b = prepare_bias(bias, x, out_features)
-    tokens = x.shape[0]
-    y = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    block_b = 16
-    grid = (triton.cdiv(out_features, block_n), triton.cdiv(tokens, block_b))
+    b, y, grid, meta = prepare_launch(x, bias, out_features, block_n, block_k)
     _bitmask_linear_kernel[grid](
         x,
         bitmask.contiguous(),
@@ -134,17 +116,13 @@ def bitmask_linear(
         tile_offsets.contiguous(),
         b,
         y,
-        tokens,
+        x.shape[0],
         out_features,
         in_features,
         x.stride(0),
         bitmask.stride(0),
         tile_offsets.stride(0),
         y.stride(0),
-        HAS_BIAS=bias is not None,
-        FP32_DOT=use_fp32_dot(x),
-        BLOCK_B=block_b,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     return y

@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_input, prepare_bias, use_fp32_dot
+from ._common import accumulate, check_input, output_tile, prepare_launch, store_output
 
 
 def index_bits(m: int) -> int:
-    """Bits per stored index: ceil(log2 m) rounded up to 1, 2, 4 or 8 (matches hf_prune.formats)."""
+    """Bits per stored index: ceil(log2 m) rounded up to 1, 2, 4 or 8 (matches hf_prune.nn.packing)."""
     need = max(1, math.ceil(math.log2(m)))
     return next(b for b in (1, 2, 4, 8) if need <= b)
 
@@ -47,12 +47,7 @@ def _nm_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rb = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    n_mask = rn < N
-    b_mask = rb < B
+    rn, rb, n_mask, b_mask = output_tile(B, N, BLOCK_B, BLOCK_N)
     PER: tl.constexpr = 8 // BITS
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -68,17 +63,8 @@ def _nm_linear_kernel(
             idx = (byte.to(tl.int32) >> ((c % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
             val = tl.load(v_ptr + rn[:, None] * stride_vn + c[None, :], mask=mask2, other=0.0)
             w = tl.where(idx == pos[None, :], val.to(tl.float32), w)
-        x = tl.load(
-            x_ptr + rb[:, None] * stride_xb + rk[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        if FP32_DOT:  # fp32 inputs, or the CPU interpreter (its bf16 dot is unreliable)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rb[:, None] * stride_yb + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_mask[:, None] & n_mask[None, :])
+        acc = accumulate(acc, x_ptr, stride_xb, rb, rk, b_mask, k_mask, w, FP32_DOT)
+    store_output(acc, b_ptr, y_ptr, stride_yb, rb, rn, b_mask, n_mask, HAS_BIAS)
 
 
 def nm_linear(
@@ -108,18 +94,14 @@ def nm_linear(
         raise ValueError(f"indices must be uint8 [{out_features}, {(kept + per - 1) // per}]")
     values = values.to(x.dtype).contiguous()
     indices = indices.contiguous()
-    b = prepare_bias(bias, x, out_features)
-    tokens = x.shape[0]
-    y = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    block_b = 16  # tl.dot's minimum; masked rows cost nothing in memory traffic
-    grid = (triton.cdiv(out_features, block_n), triton.cdiv(tokens, block_b))
+    b, y, grid, meta = prepare_launch(x, bias, out_features, block_n, block_k)
     _nm_linear_kernel[grid](
         x,
         values,
         indices,
         b,
         y,
-        tokens,
+        x.shape[0],
         out_features,
         in_features,
         x.stride(0),
@@ -129,10 +111,6 @@ def nm_linear(
         NN=n,
         MM=m,
         BITS=bits,
-        HAS_BIAS=bias is not None,
-        FP32_DOT=use_fp32_dot(x),
-        BLOCK_B=block_b,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     return y

@@ -17,7 +17,7 @@ Layouts (all row-major, one row per output feature of a ``[out, in]`` weight):
 
 Example:
     >>> import torch
-    >>> from hf_prune.formats.packing import pack_nm, unpack_nm, pack_bitmask, unpack_bitmask
+    >>> from hf_prune.nn.packing import pack_nm, unpack_nm, pack_bitmask, unpack_bitmask
     >>> w = torch.tensor([[0.0, 1.5, 0.0, -2.0, 3.0, 0.0, 0.0, 4.0]])
     >>> values, idx = pack_nm(w, 2, 4)
     >>> values.tolist(), torch.equal(unpack_nm(values, idx, w.shape, 2, 4), w)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.masks import is_nm_sparse  # re-exported for formats users; one implementation
+from ..core.masks import is_nm_sparse  # re-exported for packing users; one implementation
 
 __all__ = [
     "SparseFormat",
