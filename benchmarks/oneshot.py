@@ -56,7 +56,9 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU, torch {torch.__version__}"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def command_line(script: str) -> str:
@@ -134,12 +136,17 @@ def markdown(results: dict) -> str:
         o, t, r = row["hf_prune"], row.get("llmcompressor"), row.get("ratio")
         fmt = lambda d, k, f: (f.format(d[k]) if d else "–")  # noqa: E731
         lines.append(
-            f"| {row['method']} | {row['structure']} | {row['sparsity']} | {'yes' if row.get('owl') else 'no'} | "
+            f"| {row['method']}{'*' if row.get('run') else ''} | {row['structure']} | {row['sparsity']} | {'yes' if row.get('owl') else 'no'} | "
             f"{o['ppl']:.2f} | {fmt(t, 'ppl', '{:.2f}')} | {fmt(r, 'ppl', '{:.3f}')} | {o['seconds']:.1f} | "
             f"{fmt(t, 'seconds', '{:.1f}')} | {fmt(r, 'seconds', '{:.3f}')} | {o['peak_rss_mb']:.0f} | "
             f"{fmt(t, 'peak_rss_mb', '{:.0f}')} | {fmt(r, 'peak_rss_mb', '{:.3f}')} | "
             f"{t['tool'] if t else 'none (no counterpart)'} |"
         )
+    merged = {json.dumps(r["run"], sort_keys=True): r["run"] for r in results["rows"] if r.get("run")}
+    for run in merged.values():
+        lines += ["", f"\\* merged later from another run: {run['machine']}, {run['date']}, `{run['command']}`, "
+                      f"dense PPL {run['dense_ppl']:.2f} in that run. Its seconds are not comparable with the rows "
+                      "above unless the machine and conditions match."]
     return "\n".join(lines)
 
 
@@ -152,6 +159,12 @@ def main() -> None:
     p.add_argument("--skip-llmc", action="store_true", help="hf_prune rows only")
     p.add_argument("--no-owl", action="store_true", help="skip the 60%%/70%% OWL rows")
     p.add_argument("--out", default=str(HERE / "results" / "oneshot.json"))
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
+                   help="comma-separated one-shot methods of the 50%% / 2:4 grid (e.g. 'ria')")
+    p.add_argument("--merge", action="store_true",
+                   help="add these rows to the existing --out file (rows of the same method/structure/sparsity/OWL "
+                        "are replaced; the others, llm-compressor's included, stay from their run); each merged row "
+                        "records its own machine, date and command")
     args = p.parse_args()
     if args.quick:
         args.samples, args.seqlen, args.eval_windows = 16, 256, 8
@@ -186,12 +199,21 @@ def main() -> None:
     }
     print(f"dense PPL {results['dense_ppl']:.3f}", flush=True)
 
+    if args.merge and Path(args.out).exists():
+        merged = json.loads(Path(args.out).read_text())
+        run_info = {k: results[k] for k in ("machine", "date", "command")}
+        run_info["dense_ppl"] = results["dense_ppl"]
+        results = merged
+    else:
+        run_info = None
+
     def save() -> None:
         atomic_write_text(args.out, json.dumps(results, indent=2))
         atomic_write_text(str(Path(args.out).with_suffix(".md")), markdown(results) + "\n")
 
-    grid = [(m, s, 0.5, False) for m in ("magnitude", "wanda", "sparsegpt") for s in ("unstructured", "2:4")]
-    if not args.no_owl:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    grid = [(m, s, 0.5, False) for m in methods for s in ("unstructured", "2:4")]
+    if not args.no_owl and not args.merge:
         grid += [("wanda", "unstructured", sp, owl) for sp in (0.6, 0.7) for owl in (False, True)]
     for method, structure, sparsity, owl in grid:
         row = {"method": method, "structure": structure, "sparsity": sparsity, "owl": owl,
@@ -199,7 +221,11 @@ def main() -> None:
         compare = not args.skip_llmc and not owl and sparsity == 0.5
         row["llmcompressor"] = prune_and_eval("baseline", method, structure, sparsity, False, ctx) if compare else None
         row["ratio"] = ratios(row)
-        results["rows"].append(row)
+        if run_info is not None:
+            row["run"] = run_info
+        key = (method, structure, sparsity, owl)
+        results["rows"] = [r for r in results["rows"]
+                           if (r["method"], r["structure"], r["sparsity"], bool(r.get("owl"))) != key] + [row]
         save()
     print(markdown(results))
 
