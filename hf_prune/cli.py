@@ -82,21 +82,15 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("seqlen", args.seqlen),
         ("batch_size", args.batch_size),
         ("seed", args.seed),
-        ("owl", args.owl or None),
         ("targets", args.targets),
         ("ignore", args.ignore),
-        ("magnitude_group", args.magnitude_group),
-        ("dampening", args.dampening),
-        ("blocksize", args.blocksize),
-        ("width_units", args.width_units),
-        ("allocation", args.allocation),
-        ("gqa_mode", args.gqa_mode),
-        ("round_to", args.round_to),
-        ("bias_compensation", False if args.no_bias_compensation else None),
-        ("reconstruct", True if args.reconstruct else None),
     ):
         if value is not None:
             data[field] = value
+    for name in option_flags():
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = value
     if "structure" in data and "sparsity" not in data and data["structure"] != "unstructured":
         data["sparsity"] = None
     return PruningConfig.from_dict(data)
@@ -174,15 +168,88 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods_help() -> str:
+    from .registry import available_methods
+
+    return (f"zeroing: {' | '.join(available_methods(family='oneshot'))} (default: wanda); structured (weights "
+            f"physically removed): {' | '.join(available_methods(family='structured'))}; training-only methods "
+            f"({', '.join(available_methods(family='training'))}) run in hf_prune.PruningCallback")
+
+
+def _declared(cls: type) -> list[Any]:
+    """The option fields ``cls`` declares itself (not inherited)."""
+    import dataclasses
+
+    own = cls.__dict__.get("__annotations__", {})
+    return [f for f in dataclasses.fields(cls) if f.name in own]
+
+
+#: families whose methods ``hf-prune prune`` runs (training methods run in hf_prune.PruningCallback)
+CLI_FAMILIES = ("oneshot", "structured")
+
+
+def _option_classes() -> list[type]:
+    """Every options class of a `CLI_FAMILIES` method that declares fields, bases first (each once)."""
+    from .registry import available_methods, get_spec
+
+    classes = []
+    for method in available_methods():
+        spec = get_spec(method)
+        if spec.family in CLI_FAMILIES and spec.options is not None and spec.options not in classes:
+            classes.append(spec.options)
+    out: list[type] = []
+    for cls in classes:
+        for base in reversed(cls.__mro__):
+            if base not in out and "__dataclass_fields__" in base.__dict__ and _declared(base):
+                out.append(base)
+    return out
+
+
+def option_flags() -> dict[str, Any]:
+    """``option name -> dataclass Field`` of every method option (the flags `add_option_groups` adds)."""
+    return {f.name: f for cls in _option_classes() for f in _declared(cls)}
+
+
+def _users(cls: type) -> list[str]:
+    from .registry import available_methods, get_spec
+
+    return [m for m in available_methods() if get_spec(m).family in CLI_FAMILIES
+            and get_spec(m).options is not None and issubclass(get_spec(m).options, cls)]
+
+
+def add_option_groups(parser: argparse.ArgumentParser) -> None:
+    """One argument group per options class, titled with the methods that use it; flags, types, choices and
+    help come from the fields' metadata (`hf_prune.config.option`), so an option is declared once."""
+    import dataclasses
+
+    for cls in _option_classes():
+        doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+        group = parser.add_argument_group(f"{', '.join(_users(cls))} options", doc)
+        for f in _declared(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            elif isinstance(default, dict):
+                kwargs.update(type=json.loads, metavar="JSON")
+            elif isinstance(default, float):
+                kwargs["type"] = float
+            elif isinstance(default, int) or "int" in str(f.type):
+                kwargs["type"] = int
+            group.add_argument(flag, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Prune Hugging Face transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="one-shot prune a model and save it (reloads with from_pretrained)")
     p.add_argument("model", help="model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--method", help="zeroing: magnitude | wanda | sparsegpt (default: wanda); structured (weights "
-                   "physically removed): flap | wanda-sp | taylor (channels/heads), block-influence | angular "
-                   "(blocks), finercut (attention/MLP sublayers)")
+    p.add_argument("--method", help=_methods_help())
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.5); for "
                    "structured methods the fraction of decoder parameters to remove")
     p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured); structured "
@@ -196,19 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 512)")
     p.add_argument("--batch-size", type=int, help="calibration sequences per forward (default 8)")
     p.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    p.add_argument("--owl", action="store_true", help="OWL non-uniform per-block sparsity")
     p.add_argument("--targets", nargs="+", help="regexes of modules to prune (default: all block linears)")
     p.add_argument("--ignore", nargs="+", help="regexes of modules never pruned")
-    p.add_argument("--magnitude-group", choices=("layer", "row"))
-    p.add_argument("--dampening", type=float, help="SparseGPT dampening (default 0.01)")
-    p.add_argument("--blocksize", type=int, help="SparseGPT column block (default 128)")
-    p.add_argument("--width-units", choices=("both", "mlp", "heads"), help="structured width: what to remove")
-    p.add_argument("--allocation", choices=("global", "uniform"), help="structured width: per-layer allocation")
-    p.add_argument("--gqa-mode", choices=("query", "group"), help="structured heads: query heads or whole kv groups")
-    p.add_argument("--round-to", type=int, help="structured width: keep a multiple of this many MLP channels")
-    p.add_argument("--no-bias-compensation", action="store_true", help="flap/wanda-sp: skip bias compensation")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="structured width: refit output projections by least squares on calibration activations")
+    add_option_groups(p)
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype to load the model in (default bfloat16)")
     p.add_argument("--device", help="compute device for each block (default: cuda if available, else cpu)")
     p.add_argument("--device-map", help="accelerate device_map for loading, e.g. 'auto' to offload")

@@ -60,3 +60,30 @@ def test_bad_flag_value_exits_with_message(model_dir, tmp_path) -> None:
                            "--output", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "sparsity=1.5 must be a number in [0, 1)" in proc.stderr
+
+
+def test_prune_help_groups_every_option_by_method_with_help() -> None:
+    import dataclasses
+
+    from hf_prune.cli import CLI_FAMILIES, _config_from_args, build_parser
+    from hf_prune.registry import available_methods, get_spec
+
+    parser = build_parser()
+    prune_parser = parser._subparsers._group_actions[0].choices["prune"]  # argparse has no public accessor
+    titles = {g.title: [a for a in g._group_actions] for g in prune_parser._action_groups}
+    flags = {a.dest: a for actions in titles.values() for a in actions}
+    for method in available_methods():
+        spec = get_spec(method)
+        if spec.family not in CLI_FAMILIES or spec.options is None:
+            continue
+        for f in dataclasses.fields(spec.options):
+            assert f.name in flags, f"{method}: option {f.name} has no flag"
+            assert f.metadata["help"] and flags[f.name].help, f"{method}: option {f.name} has no help"
+            assert any(method in title.split(" options")[0].split(", ") for title, actions in titles.items()
+                       if flags[f.name] in actions), f"{f.name} is not in a group named after {method}"
+    cfg = _config_from_args(parser.parse_args(["prune", "m", "-o", "out", "--method", "sparsegpt", "--blocksize", "64",
+                                               "--no-owl", "--layer-sparsity", '{"q_proj": 0.3}']))
+    assert (cfg.options.blocksize, cfg.options.owl, cfg.options.layer_sparsity) == (64, False, {"q_proj": 0.3})
+    cfg = _config_from_args(parser.parse_args(["prune", "m", "-o", "out", "--method", "flap", "--sparsity", "0.2",
+                                               "--no-bias-compensation", "--width-units", "mlp"]))
+    assert (cfg.options.bias_compensation, cfg.options.width_units) == (False, "mlp")

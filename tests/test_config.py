@@ -57,3 +57,30 @@ def test_layer_sparsity_override() -> None:
     cfg = PruningConfig(sparsity=0.5, layer_sparsity={r"layers\.0\.": 0.2})
     assert cfg.sparsity_for("model.layers.0.mlp.up_proj") == 0.2
     assert cfg.sparsity_for("model.layers.1.mlp.up_proj") == 0.5
+
+
+def test_configs_saved_by_version_0_1_still_load() -> None:
+    """tests/fixtures/pruning_configs_v0.1.json: config.json ``pruning_config`` entries written by hf_prune 0.1
+    (one flat dict with every option of every family, plus run metadata)."""
+    import json
+    import warnings
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    saved = json.loads((Path(__file__).parent / "fixtures" / "pruning_configs_v0.1.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every foreign option holds its default: dropped silently
+        loaded = {k: PruningConfig.from_model(SimpleNamespace(config=SimpleNamespace(pruning_config=v)))
+                  for k, v in saved.items()}
+    s = loaded["sparsegpt-2of4"]
+    assert (s.method, s.nm, s.sparsity, s.options.blocksize, s.options.dampening) == ("sparsegpt", (2, 4), 0.5, 64, 0.01)
+    w = loaded["wanda-owl"]
+    assert (w.sparsity, w.options.owl, w.options.owl_lambda) == (0.6, True, 0.1)
+    f = loaded["flap-reconstruct"]
+    assert (f.structure, f.options.reconstruct, f.options.dampening, f.options.allocation) == ("width", True, 0.02,
+                                                                                              "uniform")
+    g = loaded["gmp"]
+    assert (g.options.schedule, g.options.end_step, g.options.update_every) == ("linear", 100, 5)
+    for cfg in loaded.values():  # and they round-trip in the new format
+        assert PruningConfig.from_dict(cfg.to_dict()) == cfg
+        assert not {"movement_l1", "finercut_tokens"} & set(cfg.to_dict()) or cfg.method == "soft_movement"
