@@ -30,7 +30,7 @@ from .core.masks import check_nm_shape
 from .core.memory import PeakMemory
 from .errors import CalibrationError, ConfigError, IncompletePruningError, UnsupportedModelError
 from .oneshot.pipeline import LayerResult, SequentialPruner
-from .report import LayerRow, PruningReport
+from .report import LayerRow, PruningReport, Report, StructuredReport
 
 logger = logging.getLogger("hf_prune")
 
@@ -114,8 +114,9 @@ def prune(
     show_progress: bool = True,
     verbose: bool = True,
     **config_kwargs: Any,
-) -> PruningReport:
-    """Prune ``model`` in place, block by block, and return a `PruningReport`.
+) -> Report:
+    """Prune ``model`` in place, block by block, and return its report: a `PruningReport` (zeroing methods) or a
+    `StructuredReport` (structured methods), both `hf_prune.report.Report`.
 
     Args:
         model: a transformers model (any device placement, including accelerate ``device_map`` offload).
@@ -133,7 +134,7 @@ def prune(
 
     Structured methods (``flap``, ``wanda-sp``, ``taylor``, ``block-influence``, ``angular``, ``finercut``)
     physically remove channels, heads, sublayers or blocks and return a
-    `hf_prune.structure.report.StructuredReport`; ``sparsity`` is then the fraction of decoder parameters removed.
+    `hf_prune.report.StructuredReport`; ``sparsity`` is then the fraction of decoder parameters removed.
     """
     cfg = _resolve_config(config, config_kwargs)
     if cfg.structured_kind is not None:
@@ -206,7 +207,7 @@ def _calibration_tokens(model: nn.Module, cfg: PruningConfig, calibration: Any, 
 
 
 def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any,
-                      device: str | torch.device | None, show_progress: bool, verbose: bool) -> Any:
+                      device: str | torch.device | None, show_progress: bool, verbose: bool) -> StructuredReport:
     """`prune` for structured methods: same validation order (model, then data), then `prune_structured`."""
     from .structure.runner import check_model, prune_structured
 

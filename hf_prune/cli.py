@@ -138,8 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from .report import REPORT_FILE
-    from .structure.report import load_report
+    from .report import REPORT_FILE, load_report
 
     path = _resolve_model_path(args.model)
     config = AutoConfig.from_pretrained(path)

@@ -1,12 +1,23 @@
-"""`PruningReport`: what a pruning run did, per layer and in total; printable and saved as JSON.
+"""Reports of every family, one module: what a run did, per layer or block and in total; printed as a table,
+saved as ``pruning_report.json`` the same way (`Report.save`), read back with `load_report`.
+
+* `PruningReport` (``kind="oneshot"``): zeroed weights, per layer (one-shot methods, and the training callback's
+  final masks);
+* `StructuredReport` (``kind="structured"``): removed parameters, per original decoder block.
 
 Example:
-    >>> from hf_prune.report import LayerRow, PruningReport
+    >>> from hf_prune.report import BlockRow, LayerRow, PruningReport, StructuredReport, load_report
     >>> r = PruningReport(method="magnitude", structure="unstructured", target_sparsity=0.5,
     ...                   layers=[LayerRow("l.0.q", 0, [4, 4], 16, 8, 0.5)], total_params=32, seconds=0.1,
     ...                   peak_rss_mb=100.0)
     >>> round(r.achieved_sparsity, 2)
     0.5
+    >>> s = StructuredReport(method="flap", structure="width", target_fraction=0.2,
+    ...                      blocks=[BlockRow(0, 1000, 800, mlp=(64, 48), heads=(4, 4), kv_heads=(2, 2))],
+    ...                      params_before=5000, params_after=4800, decoder_params_before=1000, seconds=0.1,
+    ...                      peak_rss_mb=100.0)
+    >>> round(s.achieved_fraction, 2), s.params_removed, type(load_report(s.to_dict())).__name__
+    (0.2, 200, 'StructuredReport')
 """
 
 from __future__ import annotations
@@ -21,8 +32,17 @@ from .io.atomic import atomic_write_text  # re-exported: cli.py and benchmarks/ 
 REPORT_FILE = "pruning_report.json"
 
 
-class SavedReport:
-    """JSON and ``pruning_report.json`` for report classes that define ``to_dict``."""
+class Report:
+    """Base of every report: ``kind``, ``method``, ``structure``, ``achieved_sparsity``, a printable ``table``,
+    JSON (``to_dict``/``to_json``) and ``save`` into ``pruning_report.json``."""
+
+    kind: str = "oneshot"
+
+    def table(self, max_rows: int | None = None) -> str:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.table(max_rows=40)
 
     def to_dict(self) -> dict[str, Any]:  # pragma: no cover - defined by subclasses
         raise NotImplementedError
@@ -52,7 +72,7 @@ class LayerRow:
 
 
 @dataclass
-class PruningReport(SavedReport):
+class PruningReport(Report):
     method: str
     structure: str
     target_sparsity: float
@@ -67,6 +87,7 @@ class PruningReport(SavedReport):
     block_sparsity: list[float] | None = None
     skipped: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    kind: str = "oneshot"
 
     @property
     def pruned_params(self) -> int:
@@ -131,6 +152,109 @@ class PruningReport(SavedReport):
             lines.append(f"not pruned (unsupported): {'; '.join(self.skipped)}")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.table(max_rows=40)
 
+@dataclass
+class BlockRow:
+    """One original decoder block: parameters before/after and its units before/after (``None``: unchanged)."""
+
+    block: int
+    params_before: int
+    params_after: int
+    mlp: tuple[int, int] | None = None
+    heads: tuple[int, int] | None = None
+    kv_heads: tuple[int, int] | None = None
+    removed: str | None = None  # "block", "attention", "mlp", "attention+mlp"
+
+    @property
+    def fraction_removed(self) -> float:
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+
+@dataclass
+class StructuredReport(Report):
+    method: str
+    structure: str
+    target_fraction: float
+    blocks: list[BlockRow]
+    params_before: int
+    params_after: int
+    decoder_params_before: int
+    seconds: float
+    peak_rss_mb: float
+    peak_device_mb: float | None = None
+    device: str = "cpu"
+    num_calibration_samples: int = 0
+    seqlen: int = 0
+    reload_path: str = "stock"  # "stock" (plain config fields) or "hf_prune" (per-layer shapes + remote code)
+    config: dict[str, Any] = field(default_factory=dict)
+    kind: str = "structured"
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def achieved_fraction(self) -> float:
+        """Parameters removed / decoder-block parameters before pruning (what ``sparsity`` targets)."""
+        return self.params_removed / max(self.decoder_params_before, 1)
+
+    # one-shot reports call it sparsity; the CLI and benchmarks read either name
+    achieved_sparsity = achieved_fraction
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["params_removed"] = self.params_removed
+        data["achieved_fraction"] = self.achieved_fraction
+        for row, block in zip(data["blocks"], self.blocks):
+            row["fraction_removed"] = block.fraction_removed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StructuredReport:
+        data = {k: v for k, v in data.items() if k not in ("params_removed", "achieved_fraction")}
+        blocks = []
+        for row in data.pop("blocks"):
+            row = {k: v for k, v in row.items() if k != "fraction_removed"}
+            for key in ("mlp", "heads", "kv_heads"):
+                if row.get(key) is not None:
+                    row[key] = tuple(row[key])
+            blocks.append(BlockRow(**row))
+        return cls(blocks=blocks, **data)
+
+    def table(self, max_rows: int | None = None) -> str:
+        """Per-block table plus totals, as printed after pruning."""
+
+        def units(pair: tuple[int, int] | None) -> str:
+            return "-" if pair is None else f"{pair[0]}->{pair[1]}"
+
+        head = f"{'block':>5} {'mlp channels':>13} {'heads':>8} {'kv heads':>8} {'removed':>14} {'params':>21} {'cut':>7}"
+        lines = [head, "-" * len(head)]
+        rows = self.blocks if max_rows is None or len(self.blocks) <= max_rows else self.blocks[:max_rows]
+        for r in rows:
+            params = f"{r.params_before:,}->{r.params_after:,}"
+            lines.append(
+                f"{r.block:>5} {units(r.mlp):>13} {units(r.heads):>8} {units(r.kv_heads):>8} {r.removed or '-':>14} "
+                f"{params:>21} {r.fraction_removed:>7.1%}"
+            )
+        if len(rows) < len(self.blocks):
+            lines.append(f"... {len(self.blocks) - len(rows)} more blocks (see {REPORT_FILE})")
+        lines.append("-" * len(head))
+        lines.append(
+            f"{self.method} ({self.structure}): removed {self.params_removed:,} parameters = "
+            f"{self.achieved_fraction:.2%} of {self.decoder_params_before:,} decoder-block parameters "
+            f"(target {self.target_fraction:.1%})"
+        )
+        lines.append(
+            f"model: {self.params_before:,} -> {self.params_after:,} parameters; reloads via "
+            f"{'stock transformers' if self.reload_path == 'stock' else 'hf_prune or trust_remote_code=True'}"
+        )
+        dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
+        lines.append(f"time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB{dev}")
+        return "\n".join(lines)
+
+
+def load_report(data: dict[str, Any]) -> Report:
+    """The report ``data`` (a saved ``pruning_report.json``) describes, by its ``kind``."""
+    if data.get("kind") == "structured":
+        return StructuredReport.from_dict(data)
+    return PruningReport.from_dict(data)

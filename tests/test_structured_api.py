@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 import hf_prune
 from hf_prune import ConfigError, PruningConfig, UnsupportedModelError
 from hf_prune.cli import main
-from hf_prune.structure.report import StructuredReport, load_report
+from hf_prune.report import StructuredReport, load_report
 
 
 def _calib(n: int = 4, seqlen: int = 24) -> torch.Tensor:

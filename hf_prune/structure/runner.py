@@ -28,10 +28,10 @@ from ..core.memory import PeakMemory
 from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
 from ..registry import get_method
+from ..report import BlockRow, StructuredReport
 from .arch import block_specs, num_params
 from .config_io import is_structured
 from .plan import BlockSpec, StructuredPlan
-from .report import BlockRow, StructuredReport
 from .surgery import apply_plan
 
 
