@@ -35,10 +35,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_prune
 import hf_prune.oneshot.pipeline as P
+from hf_prune.assets import default_model_dir, default_splits
 from hf_prune.core.blocks import on_device, run_block
 from hf_prune.core.calibration import build_calibration
 from hf_prune.core.stats import StatsCollector
-from hf_prune.defaults import default_model_dir, default_splits
 from hf_prune.evaluate import perplexity, tokenize_for_eval
 from hf_prune.report import atomic_write_text
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_prune.assets import default_model_dir, default_splits
 from hf_prune.core.calibration import build_calibration
-from hf_prune.defaults import default_model_dir, default_splits
 from hf_prune.evaluate import perplexity, tokenize_for_eval
 from hf_prune.report import atomic_write_text
 

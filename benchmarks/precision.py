@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_prune.defaults import default_model_dir
+from hf_prune.assets import default_model_dir
 from hf_prune.report import atomic_write_text
 
 HERE = Path(__file__).resolve().parent

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from hf_prune.assets import default_splits
 from hf_prune.core.calibration import build_calibration
-from hf_prune.defaults import default_splits
 from hf_prune.evaluate import tokenize_for_eval
 from hf_prune.report import atomic_write_text
 

@@ -43,9 +43,9 @@ from oneshot import command_line, machine  # noqa: E402
 from speed import measure_interleaved  # noqa: E402
 
 import hf_prune  # noqa: E402
+from hf_prune.assets import default_model_dir, default_splits  # noqa: E402
 from hf_prune.core.calibration import build_calibration  # noqa: E402
 from hf_prune.core.model import find_blocks  # noqa: E402
-from hf_prune.defaults import default_model_dir, default_splits  # noqa: E402
 from hf_prune.evaluate import perplexity, tokenize_for_eval  # noqa: E402
 from hf_prune.report import atomic_write_text  # noqa: E402
 

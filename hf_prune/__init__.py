@@ -18,7 +18,6 @@ Example:
 # The built-in families register their methods (hf_prune.registry) when imported; the quantizer of compressed
 # checkpoints registers with transformers.
 from . import formats, oneshot  # noqa: E402,F401
-from . import patches as _patches  # noqa: E402
 from ._version import __version__  # noqa: E402,F401
 from .api import prune, validate  # noqa: E402
 from .config import PruningConfig  # noqa: E402
@@ -31,13 +30,14 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .evaluate import perplexity  # noqa: E402
+from .integrations import transformers as _transformers_integration  # noqa: E402
 from .registry import available_methods, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
 from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
 from .training import methods as _training_methods  # noqa: E402,F401
 
-_patches.install()
+_transformers_integration.install()
 
 __all__ = [
     "CalibrationError",

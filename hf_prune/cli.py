@@ -26,7 +26,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _resolve_model_path(name: str) -> str:
-    from .defaults import DEFAULT_MODEL_NAME, default_model_dir
+    from .assets import DEFAULT_MODEL_NAME, default_model_dir
 
     if name == DEFAULT_MODEL_NAME:
         return str(default_model_dir())
@@ -51,7 +51,7 @@ def _text_source(value: str | None, split: str) -> Any:
     """A file/dataset path as given, or the embedded Wikipedia split as a list of one string."""
     if value not in (None, EMBEDDED_TEXT):
         return value
-    from .defaults import default_splits
+    from .assets import default_splits
 
     calib, held_out = default_splits()
     return [calib if split == "calibration" else held_out]

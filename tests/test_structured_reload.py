@@ -205,7 +205,7 @@ def test_checkpoint_saved_before_the_cache_rename_loads_with_current_code(saved:
 
     from hf_prune.cli import main
     from hf_prune.core.compat import output_cache
-    from hf_prune.structure import modeling_hf_prune as core
+    from hf_prune.structure import modeling_hf_prune as shipped
     from hf_prune.structure.loading import MODELING_FILE
 
     folder = tmp_path / "old"
@@ -214,12 +214,48 @@ def test_checkpoint_saved_before_the_cache_rename_loads_with_current_code(saved:
     new_lookup = next(line for line in current.splitlines() if "CACHE_KWARGS if kwargs.get" in line) + "\n"
     (folder / MODELING_FILE).write_text(current.replace(new_lookup, OLD_LOOKUP))
     model = AutoModelForCausalLM.from_pretrained(folder)
-    zero = [m for m in model.modules() if isinstance(m, core.ZeroAttention)]
-    assert zero and all(type(m) is core.ZeroAttention for m in zero)  # the package's class, not the folder's
+    zero = [m for m in model.modules() if isinstance(m, shipped.ZeroAttention)]
+    assert zero and all(type(m) is shipped.ZeroAttention for m in zero)  # the package's class, not the folder's
     with torch.no_grad():
         cache = output_cache(model(calib_ids(1, 9), use_cache=True))
     assert [cache.get_seq_length(i) for i in range(len(model.model.layers))] == [9] * len(model.model.layers)
     assert main(["upgrade", str(folder)]) == 0
-    assert (folder / MODELING_FILE).read_text() == Path(core.__file__).read_text()
+    assert (folder / MODELING_FILE).read_text() == Path(shipped.__file__).read_text()
     assert main(["upgrade", str(folder)]) == 0  # already current: no change
     assert main(["upgrade", str(tmp_path)]) == 2  # not a per-layer checkpoint
+
+
+def test_failing_init_leaves_no_build_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model ``__init__`` that raises while a per-layer config is being built leaves no entry behind in the
+    build registry and puts the hidden per-layer spec back, through hf_prune's load hook (entry ended when the
+    half-built model is freed) and through the ``trust_remote_code`` class (ended at once); the same config
+    then still builds the pruned shapes."""
+    import gc
+
+    from transformers.models.llama import modeling_llama
+
+    from hf_prune.structure import modeling_hf_prune as shipped
+
+    model = build("llama")
+    apply_plan(model, make_plan(model, "mixed"))
+    config = model.config
+    assert is_structured(config)
+    spec = config.__dict__.get("_heterogeneity_spec")
+
+    def fail(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("init failed")
+
+    classes = (modeling_llama.LlamaForCausalLM, shipped.structured_class(modeling_llama.LlamaForCausalLM))
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_llama.LlamaModel, "__init__", fail)
+        for cls in classes:
+            with pytest.raises(RuntimeError, match="init failed"):
+                cls(config)
+            gc.collect()
+            assert id(config) not in shipped._BUILDS, cls.__name__
+            assert config.__dict__.get("_heterogeneity_spec") is spec, cls.__name__
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for cls in classes:
+        rebuilt = cls(config)
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes, cls.__name__
+        assert not shipped._BUILDS

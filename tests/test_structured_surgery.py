@@ -20,7 +20,7 @@ from tiny_models import ARCHITECTURES, build, calib_ids
 from hf_prune.core.compat import cache_kwarg, output_cache
 from hf_prune.core.model import find_blocks
 from hf_prune.errors import ConfigError, UnsupportedModelError
-from hf_prune.structure import modeling_hf_prune as core
+from hf_prune.structure import modeling_hf_prune as shipped
 from hf_prune.structure.arch import block_specs, unit_params
 from hf_prune.structure.plan import BlockSpec, LayerPlan, StructuredPlan
 from hf_prune.structure.surgery import apply_plan
@@ -283,7 +283,7 @@ def test_unsupported_architecture_names_the_model() -> None:
 def test_removed_attention_keeps_cache_length(arch: str) -> None:
     model = build(arch).eval()
     apply_plan(model, StructuredPlan(layers={0: LayerPlan(remove_attention=True)}))
-    assert any(isinstance(m, core.ZeroAttention) for m in model.modules())
+    assert any(isinstance(m, shipped.ZeroAttention) for m in model.modules())
     ids = calib_ids(1, 8)
     with torch.no_grad():
         out = model(ids[:, :7], use_cache=True)

@@ -46,7 +46,7 @@ The dependency graph itself is traced by Torch-Pruning as usual on a short token
 (``output_transform=lambda out: out.logits``).
 
 Evaluation and speed use the same code as for hf_prune: ``hf_prune.perplexity`` on the first ``--eval-windows``
-non-overlapping ``--seqlen``-token windows of the held-out 20% (``hf_prune.defaults.default_splits``), bf16 model,
+non-overlapping ``--seqlen``-token windows of the held-out 20% (``hf_prune.assets.default_splits``), bf16 model,
 and ``benchmarks/speed.py`` (bf16). The pruning itself runs in fp32.
 
 Result JSON (``--result``): {method, importance, target_removed, removed_fraction, ratio, params, dense_params,
@@ -72,8 +72,8 @@ import torch_pruning as tp
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_prune.assets import default_model_dir, default_splits
 from hf_prune.core.calibration import build_calibration
-from hf_prune.defaults import default_model_dir, default_splits
 from hf_prune.evaluate import perplexity, tokenize_for_eval
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 # Create the separate venv that runs Torch-Pruning (the structured-pruning side-by-side anchor).
 #
 # Torch-Pruning is kept out of the hf_prune venv so that the two tools never share
-# state; the venv holds the repo itself (editable, for hf_prune.defaults,
+# state; the venv holds the repo itself (editable, for hf_prune.assets,
 # hf_prune.evaluate and benchmarks/speed.py), so evaluation and speed are measured
 # by exactly the same code for both tools. torch is installed FIRST and then held
 # by a constraints file: resolving the rest must neither replace the CPU wheel nor

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,6 +37,11 @@ try:  # transformers' GPT-2 style linear with a transposed weight
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (a linear layer whose weight is stored ``[in, out]``)."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -84,7 +89,6 @@ class PrunableLayer:
     kind: str = "linear"  # "linear" | "conv1d" | "expert"
     expert: int | None = None
     stats_key: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def param(self) -> nn.Parameter:
@@ -192,10 +196,10 @@ def iter_prunable(
     """Yield the prunable layers of one block (full names ``prefix.sub.name``)."""
     for sub_name, module in block.named_modules():
         full = f"{prefix}.{sub_name}" if sub_name else prefix
-        if isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, nn.Embedding):
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, nn.Embedding):
             if _matches(ignore, full) or (targets is not None and not _matches(targets, full)):
                 continue
-            kind = "conv1d" if Conv1D and isinstance(module, Conv1D) else "linear"
+            kind = "conv1d" if is_conv1d(module) else "linear"
             yield PrunableLayer(name=full, module=module, kind=kind)
             continue
         three_d = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]

@@ -3,6 +3,18 @@
 `InputStats` accumulates the per-feature sum of squares (Wanda's norms) and/or the Hessian sum X^T X
 (SparseGPT) of one input; `StatsCollector` hooks a block's layers, shares one `InputStats` between layers that
 read the same tensor (q/k/v, gate/up), routes tokens of fused MoE experts, and can stop the block early.
+`fold_input` / `input_hook` are the lifecycle both share with other families' accumulators (e.g. structured
+pruning's float64 moments): one accumulator per key, created from the first input it sees, fed every input.
+
+Example:
+    >>> import torch
+    >>> from hf_prune.core.stats import InputStats, fold_input
+    >>> store = {}
+    >>> new = lambda features, device: InputStats(features, device, norms=True, hessian=False)
+    >>> fold_input(store, "q_proj", torch.ones(2, 3, 4), new)
+    >>> fold_input(store, "q_proj", torch.ones(1, 4), new)
+    >>> store["q_proj"].n_tokens, store["q_proj"].sum_sq.tolist()
+    (7, [7.0, 7.0, 7.0, 7.0])
 """
 
 from __future__ import annotations
@@ -55,6 +67,28 @@ class InputStats:
         return all(bool(torch.isfinite(t).all()) for t in (self.sum_sq, self.hessian) if t is not None)
 
 
+#: ``factory(in_features, device) -> accumulator`` (anything with ``add(x)``), as `fold_input` calls it.
+AccumulatorFactory = Callable[[int, torch.device], Any]
+
+
+def fold_input(store: dict[str, Any], key: str, x: torch.Tensor, factory: AccumulatorFactory) -> None:
+    """Add ``x`` (detached, ``[..., in_features]``) to ``store[key]``, first creating that accumulator as
+    ``factory(x.shape[-1], x.device)`` when the key is new."""
+    acc = store.get(key)
+    if acc is None:
+        acc = store[key] = factory(x.shape[-1], x.device)
+    acc.add(x.detach())
+
+
+def input_hook(store: dict[str, Any], key: str, factory: AccumulatorFactory) -> Callable:
+    """A forward pre-hook that folds its module's first input into ``store[key]`` (see `fold_input`)."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        fold_input(store, key, args[0], factory)
+
+    return hook
+
+
 class StatsCollector:
     """Forward hooks that accumulate `InputStats` per group of layers sharing one input tensor."""
 
@@ -74,7 +108,8 @@ class StatsCollector:
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self._handles: list[Any] = []
 
-    def _new_stats(self, in_features: int) -> InputStats:
+    def _new_stats(self, in_features: int, device: torch.device | None = None) -> InputStats:
+        """A fresh `InputStats` on the collector's device (``device``, the input's, is not used)."""
         return InputStats(in_features, self.device, self.norms, self.hessian)
 
     def _done(self, module: nn.Module) -> None:
@@ -98,9 +133,8 @@ class StatsCollector:
                 self.groups[key] = [layer]
                 self._leader[layer.name] = key
                 layer.stats_key = key
-                self.stats[key] = self._new_stats(x.shape[-1])
             if layer.name in self._leader:
-                self.stats[layer.stats_key].add(x.detach())
+                fold_input(self.stats, layer.stats_key, x, self._new_stats)
             self._done(module)
 
         return hook

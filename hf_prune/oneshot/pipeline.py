@@ -48,10 +48,6 @@ class LayerResult:
     nonzero: int
     target_sparsity: float
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nonzero / max(self.numel, 1)
-
 
 def _group_layers(layers: list[PrunableLayer]) -> dict[str, list[PrunableLayer]]:
     groups: dict[str, list[PrunableLayer]] = {}
@@ -81,7 +77,6 @@ class SequentialPruner:
         self._backup_dir: str | None = None
         self.committed = 0
         self.block_sparsity: list[float] = [float(config.sparsity)] * len(self.blocks)  # type: ignore[arg-type]
-        self.damping_used: dict[str, float] = {}
 
     @property
     def needs_calibration(self) -> bool:
@@ -140,7 +135,6 @@ class SequentialPruner:
                     scores.append(wanda_scores(w, stats.sum_sq).flatten())
                 ratios.append(owl_outlier_ratio(scores, self.config.owl_threshold))
         self.block_sparsity = owl_block_sparsities(ratios, float(self.config.sparsity), self.config.owl_lambda)
-        self.owl_ratios = ratios
         logger.info("OWL block sparsities: %s", [round(s, 3) for s in self.block_sparsity])
 
     def _prune_block(

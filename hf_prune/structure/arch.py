@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.model import find_blocks
 from ..errors import UnsupportedModelError
-from . import modeling_hf_prune as core
+from . import modeling_hf_prune as shipped
 from .plan import AttentionSpec, BlockSpec, MlpSpec
 
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, GPT-2, OPT, GPT-NeoX, Qwen3-MoE (attention "
@@ -45,7 +45,7 @@ def _prefixed(layout: dict, prefix: str) -> dict:
 
 def block_spec(block: nn.Module, prefix: str, index: int) -> BlockSpec:
     """The `BlockSpec` of one block whose path in the model is ``prefix``."""
-    attn, mlp = core.attention_layout(block), core.mlp_layout(block)
+    attn, mlp = shipped.attention_layout(block), shipped.mlp_layout(block)
     return BlockSpec(index=index, module=prefix,
                      attention=None if attn is None else AttentionSpec(**_prefixed(attn, prefix)),
                      mlp=None if mlp is None else MlpSpec(**_prefixed(mlp, prefix)))
@@ -58,7 +58,7 @@ def block_specs(model: nn.Module) -> list[BlockSpec]:
     """
     prefix, blocks = find_blocks(model)
     specs = [block_spec(b, f"{prefix}.{i}", i) for i, b in enumerate(blocks)]
-    removed_attention = any(isinstance(m, core.ZeroAttention) for m in blocks.modules())
+    removed_attention = any(isinstance(m, shipped.ZeroAttention) for m in blocks.modules())
     if all(s.attention is None and s.mlp is None for s in specs) and not removed_attention:
         raise UnsupportedModelError(
             f"structured pruning cannot find attention heads or MLP channels in the blocks of "
@@ -91,14 +91,14 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
     a = spec.attention
     if a is not None:
         o = get(a.o)
-        hidden, d = core.out_features(o), a.head_dim
+        hidden, d = shipped.out_features(o), a.head_dim
         if a.qkv is None:
             q, k = get(a.q), get(a.k)
-            out["query_head"] = d * (core.in_features(q) + _bias(q)) + d * hidden
-            out["kv_head"] = 2 * d * (core.in_features(k) + _bias(k))
+            out["query_head"] = d * (shipped.in_features(q) + _bias(q)) + d * hidden
+            out["kv_head"] = 2 * d * (shipped.in_features(k) + _bias(k))
         else:
             qkv = get(a.qkv)
-            row = core.in_features(qkv) + _bias(qkv)
+            row = shipped.in_features(qkv) + _bias(qkv)
             if a.qkv_layout == "interleaved":  # MHA: a head takes its q, k and v rows
                 out["query_head"] = 3 * d * row + d * hidden
             else:
@@ -108,10 +108,10 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
     m = spec.mlp
     if m is not None:
         names = list(m.inputs) + ([m.fused_gate_up] if m.fused_gate_up else [])
-        per_channel = sum(core.in_features(get(n)) + _bias(get(n)) for n in m.inputs)
+        per_channel = sum(shipped.in_features(get(n)) + _bias(get(n)) for n in m.inputs)
         if m.fused_gate_up:
             fused = get(m.fused_gate_up)
-            per_channel += 2 * (core.in_features(fused) + _bias(fused))
-        out["mlp_channel"] = per_channel + core.out_features(get(m.output))
+            per_channel += 2 * (shipped.in_features(fused) + _bias(fused))
+        out["mlp_channel"] = per_channel + shipped.out_features(get(m.output))
         out["mlp"] = sum(num_params(get(n)) for n in names) + num_params(get(m.output))
     return out

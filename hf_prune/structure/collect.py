@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core.blocks import StopBlock, check_finite, on_device, record_block_inputs, run_block
 from ..core.model import find_blocks, input_device
+from ..core.stats import input_hook
 from ..errors import NumericalError
 from .plan import BlockSpec
 from .reconstruct import PairedMoments
@@ -89,18 +90,6 @@ def sweep_blocks(
 
 
 # ----------------------------------------------------------------------------------------- width stats
-def _accumulate(store: dict[str, Any], path: str, factory: Callable[..., Any]) -> Callable:
-    """A forward pre-hook adding the module's input to ``store[path]`` (created by ``factory(width, device=)``)."""
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        if path not in store:
-            store[path] = factory(x.shape[-1], device=x.device)
-        store[path].add(x)
-
-    return hook
-
-
 def collect_width_stats(
     model: nn.Module,
     specs: Sequence[BlockSpec],
@@ -121,7 +110,7 @@ def collect_width_stats(
         spec = by_block.get(i)
         paths = [] if spec is None else [p for p in (spec.attention and spec.attention.o,
                                                      spec.mlp and spec.mlp.output) if p]
-        return [model.get_submodule(p).register_forward_pre_hook(_accumulate(stats, p, RunningMoments)) for p in paths]
+        return [model.get_submodule(p).register_forward_pre_hook(input_hook(stats, p, RunningMoments)) for p in paths]
 
     sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
     for path, s in stats.items():

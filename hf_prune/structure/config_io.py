@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from . import modeling_hf_prune as core
+from . import modeling_hf_prune as shipped
 
-STRUCTURE_KEY = core.STRUCTURE_KEY
+STRUCTURE_KEY = shipped.STRUCTURE_KEY
 
 
 def is_structured(config: Any) -> bool:
@@ -38,11 +38,11 @@ def is_structured(config: Any) -> bool:
 def describe(block: nn.Module) -> dict[str, Any]:
     """Shapes of one block as built: head counts, MLP width, removed attention, extra output biases."""
     out: dict[str, Any] = {"attention_removed": False}
-    zero = next((m for m in block.children() if isinstance(m, core.ZeroAttention)), None)
-    zero_mlp = next((m for m in block.children() if isinstance(m, core.ZeroMlp)), None)
+    zero = next((m for m in block.children() if isinstance(m, shipped.ZeroAttention)), None)
+    zero_mlp = next((m for m in block.children() if isinstance(m, shipped.ZeroMlp)), None)
     if zero_mlp is not None:
         out.update(mlp_removed=True, mlp_removed_bias=zero_mlp.bias is not None)
-    attn, mlp = core.attention_layout(block), core.mlp_layout(block)
+    attn, mlp = shipped.attention_layout(block), shipped.mlp_layout(block)
     if zero is not None:
         out.update(attention_removed=True, attention_bias=zero.bias is not None)
     elif attn is not None:
@@ -86,9 +86,9 @@ def _meta_build(cls: type, config: Any, structured: bool = False) -> nn.Module:
         if not structured:
             return cls(config)
         model = cls.__new__(cls)
-        core.begin_build(model, config)
-        cls.__init__(model, config)
-        core.finish_build(model)  # no-op when hf_prune's post_init hook already ran it
+        with shipped.building(model, config):
+            cls.__init__(model, config)
+            shipped.finish_build(model)  # no-op when hf_prune's post_init hook already ran it
         return model
 
 
@@ -105,7 +105,7 @@ def _shape_diff(live: nn.Module, ref: nn.Module) -> tuple[list[str], list[str]]:
             mod = live.get_submodule(path)
         except AttributeError:
             mod = None
-        if leaf == "bias" and isinstance(mod, core._LINEAR) and mod.bias is None:
+        if leaf == "bias" and isinstance(mod, shipped._LINEAR) and mod.bias is None:
             addable.append(path)
         else:
             problems.append(f"{k}: only in the stock model")
@@ -120,20 +120,20 @@ def _uniform_fields(base: Any, ref: list[dict], actual: list[dict]) -> dict[str,
     fields: dict[str, Any] = {}
     if "num_heads" in first and (first["num_heads"], first["num_kv_heads"]) != (r["num_heads"], r["num_kv_heads"]):
         fields["num_attention_heads"] = first["num_heads"]
-        if core._has_field(base, "num_key_value_heads"):
+        if shipped._has_field(base, "num_key_value_heads"):
             fields["num_key_value_heads"] = first["num_kv_heads"]
         fields["head_dim"] = first["head_dim"]
     if "intermediate" in first and first["intermediate"] != r["intermediate"]:
-        field = core.mlp_field(base)
+        field = shipped.mlp_field(base)
         if field is None:
             return None
         fields[field] = first["intermediate"]
     if first.get("o_bias") and not r.get("o_bias"):
-        if not core._has_field(base, "attention_bias"):
+        if not shipped._has_field(base, "attention_bias"):
             return None
         fields["attention_bias"] = True
     if first.get("mlp_bias") and not r.get("mlp_bias"):
-        if not core._has_field(base, "mlp_bias"):
+        if not shipped._has_field(base, "mlp_bias"):
             return None
         fields["mlp_bias"] = True
     return fields
@@ -151,7 +151,7 @@ def _try_uniform(model: nn.Module, base: Any, fields: dict[str, Any]) -> bool:
     if problems:
         return False
     for path in addable:  # e.g. attention_bias=True also gives q/k/v a bias: zeros keep the function
-        core.add_bias(model.get_submodule(path))
+        shipped.add_bias(model.get_submodule(path))
     config = model.config
     config.per_layer_config = None
     config.__dict__.pop(STRUCTURE_KEY, None)
@@ -191,7 +191,7 @@ def _layer_entry(i: int, a: dict, r: dict) -> dict[str, Any]:
 def _stock_overrides(base: Any, entry: dict) -> dict[str, Any]:
     """The same per-layer shapes under stock field names, where the stock meaning matches."""
     out: dict[str, Any] = {}
-    field = core.mlp_field(base)
+    field = shipped.mlp_field(base)
     if "intermediate" in entry and field is not None:
         out[field] = entry["intermediate"]
     # Head counts stay out: in transformers 5.23 the Llama-family config validators read num_attention_heads
@@ -214,11 +214,11 @@ def rewrite_config(model: nn.Module, prefix: str, kept: list[int], n_before: int
     blocks = model.get_submodule(prefix)
     base = _clean_copy(config)
     ref_model = _meta_build(type(model), base)
-    ref = [describe(b) for b in core.find_structured_blocks(ref_model, prefix)]
+    ref = [describe(b) for b in shipped.find_structured_blocks(ref_model, prefix)]
     actual = [describe(b) for b in blocks]
     fields = _uniform_fields(base, ref, actual)
     if fields is not None and _try_uniform(model, base, fields):
-        core.unbind_layer_configs(model)
+        shipped.unbind_layer_configs(model)
         return "stock"
     layers, per_layer = {}, {}
     for i, (a, r) in enumerate(zip(actual, ref, strict=True)):
@@ -227,9 +227,9 @@ def rewrite_config(model: nn.Module, prefix: str, kept: list[int], n_before: int
             layers[str(i)] = entry
             if overrides := _stock_overrides(base, entry):
                 per_layer[i] = overrides
-    config.__dict__[STRUCTURE_KEY] = {"format": core.FORMAT_VERSION, "blocks": prefix, "layers": layers}
+    config.__dict__[STRUCTURE_KEY] = {"format": shipped.FORMAT_VERSION, "blocks": prefix, "layers": layers}
     config.per_layer_config = per_layer or None
-    core.bind_layer_configs(model, blocks)
+    shipped.bind_layer_configs(model, blocks)
     check = _meta_build(type(model), copy.deepcopy(config), structured=True)
     problems, _ = _shape_diff(model, check)
     if problems:

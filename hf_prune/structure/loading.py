@@ -31,21 +31,21 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..io.atomic import atomic_write_bytes
-from . import modeling_hf_prune as core
+from . import modeling_hf_prune as shipped
 from .config_io import is_structured
 
-MODELING_FILE = Path(core.__file__).name
+MODELING_FILE = Path(shipped.__file__).name
 _ORIGINAL_INIT = PreTrainedModel.__init__
 _ORIGINAL_POST_INIT = PreTrainedModel.post_init
 
 
 def _init(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
-    core.begin_build(self, config)
+    shipped.begin_build(self, config)
     _ORIGINAL_INIT(self, config, *args, **kwargs)
 
 
 def _post_init(self: PreTrainedModel) -> None:
-    core.finish_build(self)
+    shipped.finish_build(self)
     _ORIGINAL_POST_INIT(self)
 
 
@@ -63,16 +63,16 @@ def uninstall() -> None:
 
 def _stock_name(cls: type) -> str:
     name = cls.__name__
-    return name[len(core.PREFIX):] if name.startswith(core.PREFIX) else name
+    return name[len(shipped.PREFIX):] if name.startswith(shipped.PREFIX) else name
 
 
 def auto_map_for(model: nn.Module) -> dict[str, str]:
     """``auto_map`` entries pointing the Auto classes at the saved modeling file."""
     module = MODELING_FILE.removesuffix(".py")
-    out = {"AutoModelForCausalLM": f"{module}.{core.PREFIX}{_stock_name(type(model))}"}
+    out = {"AutoModelForCausalLM": f"{module}.{shipped.PREFIX}{_stock_name(type(model))}"}
     base = getattr(model, "base_model", None)
     if isinstance(base, PreTrainedModel) and base is not model:
-        out["AutoModel"] = f"{module}.{core.PREFIX}{_stock_name(type(base))}"
+        out["AutoModel"] = f"{module}.{shipped.PREFIX}{_stock_name(type(base))}"
     return out
 
 
@@ -82,9 +82,9 @@ def finalize_checkpoint(model: nn.Module, folder: str | Path) -> None:
     path = folder / "config.json"
     config = json.loads(path.read_text())
     if config.get("architectures"):
-        config["architectures"] = [a.removeprefix(core.PREFIX) for a in config["architectures"]]
+        config["architectures"] = [a.removeprefix(shipped.PREFIX) for a in config["architectures"]]
     if is_structured(model.config):
-        shutil.copyfile(core.__file__, folder / MODELING_FILE)
+        shutil.copyfile(shipped.__file__, folder / MODELING_FILE)
         config["auto_map"] = {**config.get("auto_map", {}), **auto_map_for(model)}
     elif _points_here(config.get("auto_map")):  # a no-longer-structured model saved over its old config
         config.pop("auto_map")
@@ -106,7 +106,7 @@ def upgrade_checkpoint(folder: str | Path) -> bool:
     if not target.is_file():
         raise FileNotFoundError(f"{target} does not exist: {folder} is not a per-layer hf_prune checkpoint "
                                 "(uniform checkpoints load with stock transformers and need no upgrade)")
-    new = Path(core.__file__).read_bytes()
+    new = Path(shipped.__file__).read_bytes()
     if target.read_bytes() == new:
         return False
     atomic_write_bytes(target, new)

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..core.model import PrunableLayer, find_blocks
+from ..core.model import PrunableLayer, find_blocks, is_conv1d
 from ..errors import CalibrationError, ConfigError
 from ..oneshot.base import PruningMethod
 from ..registry import register_method
@@ -84,10 +84,6 @@ from .scores import (
     wanda_sp_scores,
 )
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment,misc]
 
 @functools.lru_cache(maxsize=1)
 def _defaults() -> PruningConfig:
@@ -102,10 +98,6 @@ def option(config: Any, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------- parameter costs
-def _is_conv1d(module: nn.Module) -> bool:
-    return bool(Conv1D) and isinstance(module, Conv1D)
-
-
 @dataclass(frozen=True)
 class UnitCosts:
     """Parameters removed with one unit of one block (``kv_group``: a kv head with all of its query heads)."""
@@ -143,10 +135,20 @@ def _require_calibration(name: str, calibration: torch.Tensor | None) -> torch.T
     return calibration
 
 
+def _depth_budget(
+    name: str, model: nn.Module, calibration: torch.Tensor | None, config: Any
+) -> tuple[torch.Tensor, float, int, list[int]]:
+    """What a depth method starts from: the checked calibration, the parameter target, the parameters of all
+    blocks and of each block."""
+    calibration = _require_calibration(name, calibration)
+    target, total, blocks = _budget(model, config)
+    return calibration, target, total, [num_params(b) for b in blocks]
+
+
 def _weight(model: nn.Module, path: str) -> torch.Tensor:
     """The ``[out, in]`` float32 weight of a linear / Conv1D module."""
     module = model.get_submodule(path)
-    layer = PrunableLayer(path, module, kind="conv1d" if _is_conv1d(module) else "linear")
+    layer = PrunableLayer(path, module, kind="conv1d" if is_conv1d(module) else "linear")
     return layer.read_weight().float()
 
 
@@ -355,7 +357,7 @@ class _TaylorTerms:
         w = module.weight.detach()
         g = self.grads[f"{path}.weight"].to(w.device)
         prod = w.float() * g
-        if _is_conv1d(module):
+        if is_conv1d(module):
             prod = prod.t()
         signed, absolute = unit_terms(prod, index, dim)
         bias = getattr(module, "bias", None)
@@ -440,9 +442,7 @@ class BlockInfluence(StructuredMethod):
     structured = "depth"
 
     def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
-        calibration = _require_calibration(self.name, calibration)
-        target, total, blocks = _budget(model, config)
-        costs = [num_params(b) for b in blocks]
+        calibration, target, total, costs = _depth_budget(self.name, model, calibration, config)
         stats = collect_depth_stats(model, calibration, option(config, "batch_size"), device, show_progress)
         chosen = choose_blocks(stats.block_influence, costs, target)
         removed = sum(costs[i] for i in chosen)
@@ -459,9 +459,7 @@ class Angular(StructuredMethod):
     structured = "depth"
 
     def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
-        calibration = _require_calibration(self.name, calibration)
-        target, total, blocks = _budget(model, config)
-        costs = [num_params(b) for b in blocks]
+        calibration, target, total, costs = _depth_budget(self.name, model, calibration, config)
         n = span_length(costs, target)
         last_token = bool(option(config, "angular_last_token"))
         info: dict[str, Any] = {"method": self.name, "block_params": total, "target_params": int(round(target)),

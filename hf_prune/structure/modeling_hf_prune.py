@@ -29,6 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +55,8 @@ _LINEAR = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 # ----------------------------------------------------------------------------------------------- linear helpers
 
 
+# Deliberately a private twin of `hf_prune.core.model.is_conv1d`: this file is copied into checkpoints and loaded
+# with ``trust_remote_code`` where hf_prune is not installed, so it may import only torch and transformers.
 def _is_conv1d(mod: nn.Module) -> bool:
     return Conv1D is not None and isinstance(mod, Conv1D)
 
@@ -429,40 +434,39 @@ def _first_heads(layout: dict, nq: int, nkv: int) -> tuple[list[int], list[int]]
     return heads, list(range(nkv))
 
 
+def _zero_bias(mod: nn.Module, wanted: Any) -> torch.Tensor | None:
+    """A zero output bias shaped for ``mod`` if ``wanted`` (the checkpoint's value is loaded into it later)."""
+    if not wanted:
+        return None
+    return torch.zeros(out_features(mod), dtype=mod.weight.dtype, device=mod.weight.device)
+
+
+def _ensure_bias(mod: nn.Module, wanted: Any) -> None:
+    """Give ``mod`` an output bias if ``wanted`` and it has none."""
+    if wanted and mod.bias is None:
+        add_bias(mod)
+
+
 def apply_layer_entry(block: nn.Module, entry: dict) -> None:
     """Shrink one freshly built (usually meta) block to the shapes recorded in ``entry``; idempotent."""
     attn = attention_layout(block)
     if entry.get("attention_removed"):
         if attn is not None:
-            o = _child(block, attn["o"])
-            bias = None
-            if entry.get("attention_bias"):
-                bias = torch.zeros(out_features(o), dtype=o.weight.dtype, device=o.weight.device)
-            remove_attention(block, attn, bias)
+            remove_attention(block, attn, _zero_bias(_child(block, attn["o"]), entry.get("attention_bias")))
     elif attn is not None:
         nq, nkv = entry.get("num_heads", attn["num_heads"]), entry.get("num_kv_heads", attn["num_kv_heads"])
         if (nq, nkv) != (attn["num_heads"], attn["num_kv_heads"]):
             keep_heads(block, attn, *_first_heads(attn, nq, nkv))
-        if entry.get("o_bias"):
-            o = _child(block, attn["o"])
-            if o.bias is None:
-                add_bias(o)
+        _ensure_bias(_child(block, attn["o"]), entry.get("o_bias"))
     mlp = mlp_layout(block)
     if entry.get("mlp_removed"):
         if mlp is not None:
-            out = _child(block, mlp["output"])
-            bias = None
-            if entry.get("mlp_removed_bias"):
-                bias = torch.zeros(out_features(out), dtype=out.weight.dtype, device=out.weight.device)
-            remove_mlp(block, mlp, bias)
+            remove_mlp(block, mlp, _zero_bias(_child(block, mlp["output"]), entry.get("mlp_removed_bias")))
     elif mlp is not None:
         width = entry.get("intermediate", mlp["intermediate"])
         if width != mlp["intermediate"]:
             keep_channels(block, mlp, list(range(width)))
-        if entry.get("mlp_bias"):
-            out = _child(block, mlp["output"])
-            if out.bias is None:
-                add_bias(out)
+        _ensure_bias(_child(block, mlp["output"]), entry.get("mlp_bias"))
 
 
 def apply_structure(model: nn.Module) -> None:
@@ -481,9 +485,37 @@ def apply_structure(model: nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------------- build hooks
 
-# id(config) -> (config, id(owner model), hidden heterogeneity spec). Module-level, not on the config, so that
-# nothing of it can end up in a serialised config.
-_BUILDS: dict[int, tuple[Any, int, Any]] = {}
+# id(config) -> (config, weak reference to the owner model, hidden heterogeneity spec, finalizer). Module-level,
+# not on the config, so that nothing of it can end up in a serialised config. An entry lives only while its owner
+# is being built: `finish_build` ends it; when the owner's ``__init__`` raises, `building` ends it (try/finally)
+# where the whole ``__init__`` is wrapped, and a finalizer on the owner where only ``PreTrainedModel.__init__``
+# and ``post_init`` are hooked (hf_prune's loader) ends it when the half-built owner is freed. Ending a build
+# always puts the hidden spec back on the config.
+_BUILDS: dict[int, tuple[Any, Any, Any, Any]] = {}
+
+
+def _take_build(key: int) -> Any:
+    """Remove the (existing) entry of config ``key`` and return the heterogeneity spec it hid."""
+    _, _, spec, finalizer = _BUILDS.pop(key)
+    finalizer.detach()
+    return spec
+
+
+def _restore_spec(config: Any, spec: Any) -> None:
+    if spec is not None:
+        config.__dict__["_heterogeneity_spec"] = spec
+
+
+def _owner_freed(key: int) -> None:
+    """Finalizer of an owner model that never reached `finish_build` (its ``__init__`` raised)."""
+    entry = _BUILDS.get(key)
+    if entry is not None and entry[1]() is None:
+        _restore_spec(entry[0], _take_build(key))
+
+
+def _owns(model: nn.Module, config: Any) -> bool:
+    entry = _BUILDS.get(id(config))
+    return entry is not None and entry[1]() is model
 
 
 def begin_build(model: nn.Module, config: Any) -> None:
@@ -492,22 +524,34 @@ def begin_build(model: nn.Module, config: Any) -> None:
     if id(config) in _BUILDS or not getattr(config, STRUCTURE_KEY, None):
         return
     spec = config.__dict__.pop("_heterogeneity_spec", None)
-    _BUILDS[id(config)] = (config, id(model), spec)
+    finalizer = weakref.finalize(model, _owner_freed, id(config))
+    finalizer.atexit = False
+    _BUILDS[id(config)] = (config, weakref.ref(model), spec, finalizer)
 
 
 def finish_build(model: nn.Module) -> None:
     """Call in the outermost model's ``post_init`` (before weights are initialised): shrink the blocks to the
     recorded shapes and restore the per-layer overrides. A no-op for every other model."""
     config = getattr(model, "config", None)
-    entry = _BUILDS.get(id(config))
-    if entry is None or entry[1] != id(model):
+    if not _owns(model, config):
         return
-    del _BUILDS[id(config)]
+    spec = _take_build(id(config))
     try:
         apply_structure(model)
     finally:
-        if entry[2] is not None:
-            config.__dict__["_heterogeneity_spec"] = entry[2]
+        _restore_spec(config, spec)
+
+
+@contextlib.contextmanager
+def building(model: nn.Module, config: Any) -> Iterator[None]:
+    """Wrap a whole outermost ``__init__`` (with `finish_build` inside it): `begin_build` on entry, and on the
+    way out -- also when ``__init__`` raises -- end a build that `finish_build` did not, restoring the config."""
+    begin_build(model, config)
+    try:
+        yield
+    finally:
+        if _owns(model, config):
+            _restore_spec(config, _take_build(id(config)))
 
 
 # --------------------------------------------------------------------- trust_remote_code classes (auto_map)
@@ -521,8 +565,8 @@ def structured_class(base: type) -> type:
     name = PREFIX + base.__name__
     if name not in _CLASSES:
         def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
-            begin_build(self, config)
-            base.__init__(self, config, *args, **kwargs)
+            with building(self, config):
+                base.__init__(self, config, *args, **kwargs)
 
         def post_init(self: Any) -> None:
             finish_build(self)
@@ -558,5 +602,5 @@ def __getattr__(name: str) -> type:
 
 
 __all__ = ["STRUCTURE_KEY", "ZeroAttention", "ZeroMlp", "remove_mlp", "LayerConfig", "attention_layout", "mlp_layout", "keep_heads",
-           "keep_channels", "remove_attention", "apply_structure", "begin_build", "finish_build",
+           "keep_channels", "remove_attention", "apply_structure", "begin_build", "finish_build", "building",
            "structured_class"]

@@ -29,32 +29,15 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..core.model import find_blocks
+from ..core.model import find_blocks, is_conv1d
 from ..errors import ConfigError, UnsupportedModelError
-from . import modeling_hf_prune as core
+from . import modeling_hf_prune as shipped
 from .arch import block_specs, num_params
 from .config_io import rewrite_config
 from .plan import BlockSpec, LayerPlan, StructuredPlan
-
-
-@dataclass
-class LayerCut:
-    """What surgery does to one block (original indices; ``None`` = unchanged)."""
-
-    heads: list[int] | None = None
-    kv_heads: list[int] | None = None
-    channels: list[int] | None = None
-    remove_attention: bool = False
-    remove_mlp: bool = False
-    attn_bias: torch.Tensor | None = None
-    mlp_bias: torch.Tensor | None = None
-    attn_out_weight: torch.Tensor | None = None
-    mlp_out_weight: torch.Tensor | None = None
 
 
 def _indices(values: list[int] | None, limit: int, what: str, layer: int) -> list[int] | None:
@@ -114,8 +97,11 @@ def _resolve_heads(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int], l
     return heads, kv
 
 
-def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> tuple[dict[int, LayerCut], list[int]]:
+def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> tuple[dict[int, LayerPlan], list[int]]:
     """Validate the whole ``plan`` and return (per-layer cuts, indices of kept blocks). Touches nothing.
+
+    Each cut is a normalised `LayerPlan`: keep lists sorted and range-checked (``heads_keep`` and
+    ``kv_heads_keep`` both filled in when either was given), bias and weight tensors shape-checked and detached.
 
     Raises `ConfigError` naming the layer and what is allowed.
     """
@@ -123,7 +109,7 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
     removed = set(_indices(list(plan.remove_blocks), n, "remove_blocks", -1) or [])
     if len(removed) == n:
         raise ConfigError(f"the plan removes all {n} blocks; keep at least one")
-    cuts: dict[int, LayerCut] = {}
+    cuts: dict[int, LayerPlan] = {}
     for i, lp in sorted(plan.layers.items()):
         if not 0 <= int(i) < n:
             raise ConfigError(f"plan has a LayerPlan for block {i}; the model has blocks 0..{n - 1}")
@@ -131,9 +117,9 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
         if i in removed:
             raise ConfigError(f"layer {i}: the plan both removes the block and prunes inside it; keep one of the two")
         spec = specs[i]
-        cut = LayerCut(remove_attention=lp.remove_attention, remove_mlp=lp.remove_mlp,
-                       attn_bias=_bias_vector(lp.attn_bias, hidden, "attn_bias", i),
-                       mlp_bias=_bias_vector(lp.mlp_bias, hidden, "mlp_bias", i))
+        cut = LayerPlan(remove_attention=lp.remove_attention, remove_mlp=lp.remove_mlp,
+                        attn_bias=_bias_vector(lp.attn_bias, hidden, "attn_bias", i),
+                        mlp_bias=_bias_vector(lp.mlp_bias, hidden, "mlp_bias", i))
         if lp.remove_attention:
             if lp.attn_out_weight is not None:
                 raise ConfigError(f"layer {i}: remove_attention=True together with attn_out_weight; give one of "
@@ -145,7 +131,7 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
         else:
             resolved = _resolve_heads(spec, lp, i)
             if resolved is not None:
-                cut.heads, cut.kv_heads = resolved
+                cut.heads_keep, cut.kv_heads_keep = resolved
             if cut.attn_bias is not None and spec.attention is None:
                 raise ConfigError(f"layer {i}: attn_bias given but the block has no attention output projection")
             if lp.attn_out_weight is not None:
@@ -153,7 +139,7 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
                 if a is None:
                     raise ConfigError(f"layer {i}: attn_out_weight given but the block has no attention output "
                                       "projection")
-                n_heads = len(cut.heads) if cut.heads is not None else a.num_heads
+                n_heads = len(cut.heads_keep) if cut.heads_keep is not None else a.num_heads
                 cut.attn_out_weight = _out_weight(lp.attn_out_weight, (hidden, n_heads * a.head_dim),
                                                   "attn_out_weight", i)
         if lp.remove_mlp or lp.mlp_keep is not None or cut.mlp_bias is not None or lp.mlp_out_weight is not None:
@@ -166,11 +152,11 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
                                   "of them")
         else:
             if lp.mlp_keep is not None:
-                cut.channels = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
-                if not cut.channels:
+                cut.mlp_keep = _indices(lp.mlp_keep, spec.mlp.intermediate, "mlp_keep", i)
+                if not cut.mlp_keep:
                     raise ConfigError(f"layer {i}: mlp_keep is empty; set remove_mlp=True to drop the MLP sublayer")
             if lp.mlp_out_weight is not None:
-                n_ch = len(cut.channels) if cut.channels is not None else spec.mlp.intermediate
+                n_ch = len(cut.mlp_keep) if cut.mlp_keep is not None else spec.mlp.intermediate
                 cut.mlp_out_weight = _out_weight(lp.mlp_out_weight, (hidden, n_ch), "mlp_out_weight", i)
         cuts[i] = cut
     return cuts, [i for i in range(n) if i not in removed]
@@ -181,7 +167,7 @@ def _set_weight(mod: nn.Module, value: torch.Tensor) -> None:
     w = mod.weight
     if w.device.type == "meta":
         return
-    value = value.t() if core._is_conv1d(mod) else value
+    value = value.t() if is_conv1d(mod) else value
     if tuple(value.shape) != tuple(w.shape):
         raise ConfigError(f"refit weight of shape {list(value.shape)} does not fit the projection's "
                           f"{list(w.shape)}")
@@ -196,26 +182,27 @@ def _removed_branch_bias(proj: nn.Module, compensation: torch.Tensor | None) -> 
     return bias if proj.bias is None else bias + proj.bias.data
 
 
-def _cut_block(block: nn.Module, cut: LayerCut) -> None:
-    attn, mlp = core.attention_layout(block), core.mlp_layout(block)
+def _cut_block(block: nn.Module, cut: LayerPlan) -> None:
+    """Apply one cut resolved by `resolve_plan` (sorted, validated keep lists) to ``block``."""
+    attn, mlp = shipped.attention_layout(block), shipped.mlp_layout(block)
     if cut.remove_attention:
-        core.remove_attention(block, attn, _removed_branch_bias(block.get_submodule(attn["o"]), cut.attn_bias))
+        shipped.remove_attention(block, attn, _removed_branch_bias(block.get_submodule(attn["o"]), cut.attn_bias))
     else:
-        if cut.heads is not None:
-            core.keep_heads(block, attn, cut.heads, cut.kv_heads)
+        if cut.heads_keep is not None:
+            shipped.keep_heads(block, attn, cut.heads_keep, cut.kv_heads_keep)
         if cut.attn_out_weight is not None:
             _set_weight(block.get_submodule(attn["o"]), cut.attn_out_weight)
         if cut.attn_bias is not None:
-            core.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
+            shipped.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
     if cut.remove_mlp:
-        core.remove_mlp(block, mlp, _removed_branch_bias(block.get_submodule(mlp["output"]), cut.mlp_bias))
+        shipped.remove_mlp(block, mlp, _removed_branch_bias(block.get_submodule(mlp["output"]), cut.mlp_bias))
         return
-    if cut.channels is not None:
-        core.keep_channels(block, mlp, cut.channels)
+    if cut.mlp_keep is not None:
+        shipped.keep_channels(block, mlp, cut.mlp_keep)
     if cut.mlp_out_weight is not None:
         _set_weight(block.get_submodule(mlp["output"]), cut.mlp_out_weight)
     if cut.mlp_bias is not None:
-        core.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
+        shipped.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
 
 
 def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
@@ -240,7 +227,7 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
     if len(kept) < len(blocks):
         new_blocks = nn.ModuleList([blocks[i] for i in kept])
         for new_index, block in enumerate(new_blocks):
-            core.renumber(block, new_index)
+            shipped.renumber(block, new_index)
         model.set_submodule(prefix, new_blocks)
         blocks = new_blocks
     rewrite_config(model, prefix, kept, n_before=len(before))

@@ -1,8 +1,9 @@
 """Pruning during training: `PruningCallback` for transformers' `Trainer` and trl's `SFTTrainer`.
 
 Modules: `schedules` (pure sparsity schedules), `state` (masks and their enforcement), `movement`
-(movement-pruning scores), `lottery` (rewinding), `checkpoint` (state in Trainer checkpoints), `callback`
-(lifecycle), `methods` (registry entries of the training-only method names).
+(movement-pruning scores), `lottery` (rewinding), `checkpoint` (state in Trainer checkpoints), `methods`
+(the `TrainingMethod` objects, registered as ``gmp``, ``movement``, ``soft_movement``, ``lottery``, and the
+constant mask of one-shot methods), `callback` (lifecycle only: drives a `TrainingMethod`).
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from ..errors import HfPruneError
+from ..io.atomic import atomic_write, atomic_write_text
 
 MASKS_FILE = "hf_prune_masks.safetensors"
 STATE_FILE = "hf_prune_state.json"
@@ -24,33 +24,15 @@ class MissingPruningStateError(HfPruneError, RuntimeError):
     """A resumed run's checkpoint has no (or incompatible) hf_prune mask state."""
 
 
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_state(folder: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write the tensors (masks as uint8) and the JSON metadata into ``folder`` atomically."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     flat = {k: (v.to(torch.uint8) if v.dtype == torch.bool else v).detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(os.path.join(folder, MASKS_FILE), lambda tmp: save_file(flat, tmp))
+    atomic_write(os.path.join(folder, MASKS_FILE), lambda tmp: save_file(flat, tmp))
     text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True)
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    _atomic(os.path.join(folder, STATE_FILE), write_json)
+    atomic_write_text(os.path.join(folder, STATE_FILE), text)
 
 
 def has_state(folder: str) -> bool:

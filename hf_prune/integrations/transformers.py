@@ -1,5 +1,6 @@
-"""transformers integration: ``PreTrainedModel.prune`` and a ``save_pretrained`` that is atomic, writes the
-pruning report, refuses half-pruned models and accepts ``sparse_format=``.
+"""transformers integration: ``PreTrainedModel.prune``, a ``save_pretrained`` that is atomic, writes the
+pruning report, refuses half-pruned models and accepts ``sparse_format=``, and the load hook that builds
+structurally pruned checkpoints with their per-layer shapes (`hf_prune.structure.loading`).
 
 Installed once when `hf_prune` is imported; `uninstall()` restores transformers' originals.
 """
@@ -12,7 +13,8 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from .errors import IncompletePruningError
+from ..errors import IncompletePruningError
+from .hub import HUB_KWARGS, upload_folder
 
 _ORIGINAL_SAVE = PreTrainedModel.save_pretrained
 _INSTALLED = False
@@ -26,7 +28,7 @@ def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *
         )
     if sparse_format not in (None, "dense"):
         try:
-            from .formats import save_sparse_pretrained
+            from ..formats import save_sparse_pretrained
         except ImportError as exc:  # pragma: no cover - formats ship with hf_prune
             raise ImportError(f"sparse_format={sparse_format!r} needs hf_prune.formats ({exc})") from exc
         if args:
@@ -34,31 +36,18 @@ def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *
         return save_sparse_pretrained(self, save_directory, sparse_format, **kwargs)
     if not getattr(self, "_hf_prune_report", None) and not _is_pruned(self) and not _is_structured(self):
         return _ORIGINAL_SAVE(self, save_directory, *args, **kwargs)
-    from .io import atomic_save_pretrained
-    from .structure.loading import finalize_checkpoint
+    from ..io import atomic_save_pretrained
+    from ..structure.loading import finalize_checkpoint
 
-    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     push = bool(hub.pop("push_to_hub", False))
     out = atomic_save_pretrained(_ORIGINAL_SAVE, self, save_directory, *args, finalize=finalize_checkpoint,
                                  **kwargs)
     if push:
         # Upload the finished folder, so the report, the trust_remote_code file and auto_map go up with the weights
         # (transformers' own push would upload before hf_prune's files are written).
-        _upload_folder(save_directory, hub, token=kwargs.get("token"))
+        upload_folder(save_directory, hub, token=kwargs.get("token"))
     return out
-
-
-_HUB_KWARGS = ("push_to_hub", "repo_id", "commit_message", "create_pr", "private", "revision")
-
-
-def _upload_folder(folder: str | os.PathLike, hub: dict[str, Any], token: str | bool | None) -> None:
-    import huggingface_hub
-
-    repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(folder)))
-    repo_id = huggingface_hub.create_repo(repo_id, token=token, private=hub.get("private"), exist_ok=True).repo_id
-    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), token=token,
-                                  commit_message=hub.get("commit_message") or "Upload pruned model (hf_prune)",
-                                  create_pr=bool(hub.get("create_pr", False)), revision=hub.get("revision"))
 
 
 def _is_pruned(model: PreTrainedModel) -> bool:
@@ -67,7 +56,7 @@ def _is_pruned(model: PreTrainedModel) -> bool:
 
 def _is_structured(model: PreTrainedModel) -> bool:
     """Structurally pruned: per-layer shapes (hf_prune_structure) or a model loaded through the remote-code class."""
-    from .structure.config_io import is_structured
+    from ..structure.config_io import is_structured
 
     return is_structured(getattr(model, "config", None)) or type(model).__name__.startswith("HfPrune")
 
@@ -75,7 +64,7 @@ def _is_structured(model: PreTrainedModel) -> bool:
 def _model_prune(self: PreTrainedModel, config: Any = None, calibration: Any = None, tokenizer: Any = None,
                  **kwargs: Any) -> Any:
     """``model.prune(config, calibration=..., tokenizer=...)``: same as `hf_prune.prune(model, ...)`."""
-    from .api import prune
+    from ..api import prune
 
     return prune(self, config, calibration, tokenizer, **kwargs)
 
@@ -87,7 +76,7 @@ def install() -> None:
         return
     PreTrainedModel.prune = _model_prune  # type: ignore[attr-defined]
     PreTrainedModel.save_pretrained = functools.wraps(_ORIGINAL_SAVE)(_save_pretrained)  # type: ignore[method-assign]
-    from .structure import loading
+    from ..structure import loading
 
     loading.install()  # build structurally pruned checkpoints with their per-layer shapes
     _INSTALLED = True
@@ -99,7 +88,7 @@ def uninstall() -> None:
     if hasattr(PreTrainedModel, "prune"):
         del PreTrainedModel.prune  # type: ignore[attr-defined]
     PreTrainedModel.save_pretrained = _ORIGINAL_SAVE  # type: ignore[method-assign]
-    from .structure import loading
+    from ..structure import loading
 
     loading.uninstall()
     _INSTALLED = False

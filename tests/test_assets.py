@@ -1,4 +1,4 @@
-"""Tests for hf_prune.defaults: markup stripping (fast) and the real embedded assets (slow)."""
+"""Tests for hf_prune.assets: markup stripping (fast) and the real embedded assets (slow)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from hf_prune import defaults
-from hf_prune.defaults import (
+from hf_prune import assets as defaults
+from hf_prune.assets import (
     clean_wiki_dump,
     default_splits,
     is_redirect,
