@@ -40,7 +40,7 @@ from hf_prune.core.blocks import on_device, run_block
 from hf_prune.core.calibration import build_calibration
 from hf_prune.core.stats import StatsCollector
 from hf_prune.evaluate import perplexity, tokenize_for_eval
-from hf_prune.report import atomic_write_text
+from hf_prune.report import LayerRow, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("sdpa", "eager", "fp32", "true-sequential")
@@ -77,7 +77,7 @@ def _true_sequential_block(self: P.SequentialPruner, i: int, hidden: list, calls
             self._commit(group, new)
             for layer in group:
                 w = new[layer.name]
-                results.append(P.LayerResult(layer.name, i, tuple(w.shape), w.numel(), int((w != 0).sum()),
+                results.append(LayerRow(layer.name, i, list(w.shape), w.numel(), int((w != 0).sum()),
                                              self.target_sparsity(layer, i)))
         return run_block(block, hidden, calls, self.device)
 

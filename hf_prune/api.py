@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
 from .config import PruningConfig
 from .core.calibration import build_calibration
 from .core.masks import check_nm_shape
 from .core.memory import PeakMemory
 from .errors import CalibrationError, ConfigError, IncompletePruningError, UnsupportedModelError
-from .oneshot.pipeline import LayerResult, SequentialPruner
-from .report import LayerRow, PruningReport, Report, StructuredReport
+from .oneshot.pipeline import SequentialPruner
+from .report import LayerRow, PruningReport, Report, StructuredReport, attach_report
 
 logger = logging.getLogger("hf_prune")
 
@@ -61,17 +60,18 @@ def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torc
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _aggregate(results: list[LayerResult]) -> list[LayerRow]:
-    """One report row per weight tensor; the experts of a fused MoE tensor are summed ([E, out, in])."""
+def _aggregate(results: list[LayerRow]) -> list[LayerRow]:
+    """One report row per weight tensor (the pipeline reports each expert of a fused MoE tensor separately;
+    they are summed here into one ``[E, out, in]`` row)."""
     rows: dict[str, LayerRow] = {}
     for r in results:
         name, expert = r.name.split("[")[0], "[" in r.name
         row = rows.get(name)
         if row is None:
             shape = [1, *r.shape] if expert else list(r.shape)
-            rows[name] = LayerRow(name, r.block, shape, r.numel, r.nonzero, r.target_sparsity)
+            rows[name] = LayerRow(name, r.block, shape, r.params, r.nonzero, r.target_sparsity)
         else:
-            row.params += r.numel
+            row.params += r.params
             row.nonzero += r.nonzero
             row.shape[0] += 1
     return list(rows.values())
@@ -170,13 +170,7 @@ def prune(
         skipped=pruner.skipped,
         config=cfg.to_dict(),
     )
-    if getattr(model, "config", None) is not None:
-        model.config.pruning_config = {
-            **cfg.to_dict(),
-            "achieved_sparsity": round(report.achieved_sparsity, 6),
-            "hf_prune_version": __version__,
-        }
-    model._hf_prune_report = report  # type: ignore[assignment]
+    attach_report(model, cfg, report)
     if verbose:
         print(report)
     return report
@@ -220,9 +214,7 @@ def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, to
         report = prune_structured(model, cfg, calib, _resolve_device(model, device), show_progress)
     finally:
         model.train(was_training)
-    model.config.pruning_config = {**cfg.to_dict(), "achieved_fraction": round(report.achieved_fraction, 6),
-                                   "hf_prune_version": __version__}
-    model._hf_prune_report = report  # type: ignore[assignment]
+    attach_report(model, cfg, report)
     if verbose:
         print(report)
     return report

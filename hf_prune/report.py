@@ -38,6 +38,10 @@ class Report:
 
     kind: str = "oneshot"
 
+    def config_fields(self) -> dict[str, Any]:
+        """Run results stored beside the config in ``config.json``'s ``pruning_config``."""
+        return {"achieved_sparsity": round(float(self.achieved_sparsity), 6)}  # type: ignore[attr-defined]
+
     def table(self, max_rows: int | None = None) -> str:  # pragma: no cover - defined by subclasses
         raise NotImplementedError
 
@@ -87,7 +91,8 @@ class PruningReport(Report):
     block_sparsity: list[float] | None = None
     skipped: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
-    kind: str = "oneshot"
+    kind: str = "oneshot"  # or "training": the final masks of hf_prune.PruningCallback
+    history: list[list[float]] | None = None  # training: [step, target, mask sparsity] at every mask update
 
     @property
     def pruned_params(self) -> int:
@@ -140,7 +145,7 @@ class PruningReport(Report):
         lines.append("-" * len(head))
         dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
         lines.append(
-            f"{self.method} {self.structure}: {len(self.layers)} layers, {self.pruned_params:,} prunable params, "
+            f"hf_prune {self.method} {self.structure}: {len(self.layers)} layers, {self.pruned_params:,} prunable params, "
             f"achieved sparsity {self.achieved_sparsity:.2%} (target {self.target_sparsity:.1%})"
         )
         lines.append(
@@ -201,6 +206,9 @@ class StructuredReport(Report):
     # one-shot reports call it sparsity; the CLI and benchmarks read either name
     achieved_sparsity = achieved_fraction
 
+    def config_fields(self) -> dict[str, Any]:
+        return {"achieved_fraction": round(self.achieved_fraction, 6)}
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["params_removed"] = self.params_removed
@@ -251,6 +259,17 @@ class StructuredReport(Report):
         dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
         lines.append(f"time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB{dev}")
         return "\n".join(lines)
+
+
+def attach_report(model: Any, config: Any, report: Report) -> None:
+    """Record a finished run on ``model``, the same way for every family: ``model.config.pruning_config`` (the
+    config, the run's results and the hf_prune version; written to config.json) and the report that
+    ``save_pretrained`` writes next to the weights as ``pruning_report.json``."""
+    from ._version import __version__
+
+    if getattr(model, "config", None) is not None:
+        model.config.pruning_config = {**config.to_dict(), **report.config_fields(), "hf_prune_version": __version__}
+    model._hf_prune_report = report
 
 
 def load_report(data: dict[str, Any]) -> Report:

@@ -353,3 +353,20 @@ def test_pruned_model_still_learns(tmp_path, method: str) -> None:
     assert cb.masks.mask_sparsity() == pytest.approx(0.5, abs=2e-3)
     assert_masked_zero(cb)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def test_training_report_is_saved_like_every_other_report(tmp_path) -> None:
+    import json
+
+    from hf_prune.report import REPORT_FILE, PruningReport, load_report
+
+    cb = PruningCallback(_cfg("gmp", sparsity=0.5, end_step=4, update_every=2), verbose=False)
+    trainer = make_trainer("llama", tmp_path / "run", [cb])
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "saved")
+    report = load_report(json.loads((tmp_path / "saved" / REPORT_FILE).read_text()))
+    assert isinstance(report, PruningReport) and report.kind == "training" and report.method == "gmp"
+    assert report.achieved_sparsity == pytest.approx(cb.masks.sparsity(), abs=1e-6)
+    assert report.history and report.history[-1][1] == pytest.approx(0.5)
+    assert {r.name for r in report.layers} == set(cb.masks.params)
+    assert "hf_prune gmp unstructured" in cb.summary()

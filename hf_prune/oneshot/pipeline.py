@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,20 +32,11 @@ from ..core.model import PrunableLayer, find_blocks, iter_prunable
 from ..core.stats import InputStats, StatsCollector
 from ..errors import NumericalError
 from ..registry import get_method
+from ..report import LayerRow
 from .base import PruningMethod
 from .functional import owl_block_sparsities, owl_outlier_ratio, wanda_scores
 
 logger = logging.getLogger("hf_prune")
-
-
-@dataclass
-class LayerResult:
-    name: str
-    block: int
-    shape: tuple[int, int]
-    numel: int
-    nonzero: int
-    target_sparsity: float
 
 
 def _group_layers(layers: list[PrunableLayer]) -> dict[str, list[PrunableLayer]]:
@@ -92,7 +82,7 @@ class SequentialPruner:
         return self.block_sparsity[block_idx] if override is None else override
 
     # ---------------------------------------------------------------- main entry
-    def run(self, calib: torch.Tensor | None) -> list[LayerResult]:
+    def run(self, calib: torch.Tensor | None) -> list[LayerRow]:
         hidden: list[torch.Tensor] = []
         calls: list[list[tuple[tuple, dict]]] = []
         if self.needs_calibration:
@@ -102,7 +92,7 @@ class SequentialPruner:
             check_finite(hidden, "entering block 0 (embeddings)")
             if self.config.owl:
                 self._owl(hidden, calls)
-        results: list[LayerResult] = []
+        results: list[LayerRow] = []
         try:
             bar = self._progress(range(len(self.blocks)), f"{self.config.method}: pruning", len(self.blocks))
             for i in bar:
@@ -138,7 +128,7 @@ class SequentialPruner:
         logger.info("OWL block sparsities: %s", [round(s, 3) for s in self.block_sparsity])
 
     def _prune_block(
-        self, i: int, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], results: list[LayerResult]
+        self, i: int, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], results: list[LayerRow]
     ) -> list[torch.Tensor]:
         block, layers = self.blocks[i], self.layers[i]
         method = self.method
@@ -158,7 +148,7 @@ class SequentialPruner:
             for layer in layers:
                 w = new_weights[layer.name]
                 results.append(
-                    LayerResult(layer.name, i, tuple(w.shape), w.numel(), int((w != 0).sum()), self.target_sparsity(layer, i))
+                    LayerRow(layer.name, i, list(w.shape), w.numel(), int((w != 0).sum()), self.target_sparsity(layer, i))
                 )
             del new_weights, stats
             if hidden:

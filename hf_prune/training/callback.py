@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +30,10 @@ from transformers import TrainerCallback
 
 from .._version import __version__
 from ..config import PruningConfig
+from ..core.memory import lifetime_peak_rss_mb
 from ..errors import ConfigError, HfPruneError
 from ..registry import is_training_only
+from ..report import LayerRow, PruningReport, attach_report
 from . import checkpoint as ckpt
 from .lottery import RewindSnapshot
 from .methods import LOG_THRESHOLD, TrainingMethod, training_method_class
@@ -92,6 +95,7 @@ class PruningCallback(TrainerCallback):
         self.end_step: int | None = None
         self.last_update_step: int | None = None
         self.history: list[list[float]] = []  # [step, target, mask sparsity] at every mask update
+        self.report: PruningReport | None = None  # the final masks, set at on_train_end
 
     # ------------------------------------------------------------------ properties
     @property
@@ -197,10 +201,9 @@ class PruningCallback(TrainerCallback):
             return control
         self.masks.remove_grad_hooks()
         self.masks.apply_()
-        sparsity = self.masks.sparsity()
+        self.report = self._report(model, args)
         if getattr(model, "config", None) is not None:
-            model.config.pruning_config = {**self.config.to_dict(), "achieved_sparsity": round(sparsity, 6),
-                                           "hf_prune_version": __version__}
+            attach_report(model, self.config, self.report)  # save_pretrained writes config + pruning_report.json
         if self.verbose and state.is_world_process_zero:
             print(self.summary())
         return control
@@ -272,18 +275,27 @@ class PruningCallback(TrainerCallback):
         self.history = [list(h) for h in meta.get("history", [])]
 
     # ------------------------------------------------------------------ reporting
-    def summary(self) -> str:
-        """Per-layer table: shape, parameters, non-zeros, sparsity."""
+    def _report(self, model: Any, args: Any) -> PruningReport:
         assert self.masks is not None
-        rows = self.masks.layer_stats()
-        width = max(len(r[0]) for r in rows)
-        lines = [f"hf_prune {self.method} {self.config.structure}: target {self.target:.4f}, achieved "
-                 f"{self.masks.sparsity():.4f} over {len(rows)} weight tensors",
-                 f"{'layer':<{width}}  {'shape':>16}  {'params':>10}  {'nonzero':>10}  sparsity"]
-        for name, shape, numel, nonzero in rows:
-            lines.append(f"{name:<{width}}  {'x'.join(map(str, shape)):>16}  {numel:>10,}  {nonzero:>10,}  "
-                         f"{1 - nonzero / max(numel, 1):.4f}")
-        return "\n".join(lines)
+        rows = [LayerRow(name, _block_index(name), shape, numel, nonzero, round(self.target, 6))
+                for name, shape, numel, nonzero in self.masks.layer_stats()]
+        params = sum(p.numel() for p in model.parameters()) if model is not None else sum(r.params for r in rows)
+        device = str(next(model.parameters()).device) if model is not None else "cpu"
+        return PruningReport(method=self.method, structure=self.config.structure, target_sparsity=self.target,
+                             layers=rows, total_params=params, seconds=0.0, peak_rss_mb=lifetime_peak_rss_mb(),
+                             device=device, config=self.config.to_dict(), kind="training",
+                             history=[list(h) for h in self.history])
+
+    def summary(self) -> str:
+        """Per-layer table of the final masks (`hf_prune.report.PruningReport`, ``kind="training"``)."""
+        report = self.report or self._report(None, None)
+        return report.table()
+
+
+def _block_index(name: str) -> int:
+    """The first integer path component of a parameter name (its decoder block), or -1."""
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
 
 
 def _trainer_resume_arg() -> str | None:
