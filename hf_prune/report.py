@@ -28,8 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .io.atomic import atomic_write_text  # re-exported: cli.py and benchmarks/ import it from here
-
-REPORT_FILE = "pruning_report.json"
+from .io.save import REPORT_FILE
 
 
 class Report:

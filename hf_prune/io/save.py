@@ -27,6 +27,10 @@ __all__ = ["save_checkpoint", "atomic_save_pretrained", "publish_directory", "is
 
 logger = logging.getLogger("hf_prune")
 
+
+#: the report file written next to the weights (`hf_prune.report.Report.save`)
+REPORT_FILE = "pruning_report.json"
+
 _WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_model")
 
 
@@ -42,7 +46,6 @@ def is_weight_file(name: str) -> bool:
 
 def publish_directory(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move the finished checkpoint folder ``tmp`` to ``out`` atomically, keeping the user's other files."""
-    from ..report import REPORT_FILE  # here, not at import: hf_prune.report writes through hf_prune.io
 
     tmp, out = Path(tmp), Path(out)
     if out.exists() and not out.is_dir():
