@@ -22,20 +22,39 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from typing import Any, ClassVar
 
 from .io.atomic import atomic_write_text  # re-exported: cli.py and benchmarks/ import it from here
 from .io.save import REPORT_FILE
 
 
+@dataclass
 class Report:
-    """Base of every report: ``kind``, ``method``, ``structure``, ``achieved_sparsity``, a printable ``table``,
-    JSON (``to_dict``/``to_json``) and ``save`` into ``pruning_report.json``."""
+    """Base of every report: what ran (``method``, ``structure``, ``kind``), its cost (time, peak memory, device,
+    calibration), the config, one row per layer or block, a printable ``table``, JSON (``to_dict``/``from_dict``)
+    and ``save`` into ``pruning_report.json``. Subclasses name their rows (``ROWS``, ``ROW_TYPE``) and the
+    derived values added to the JSON (``DERIVED``, ``ROW_DERIVED``)."""
 
+    method: str
+    structure: str
+    _: KW_ONLY
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_device_mb: float | None = None
+    device: str = "cpu"
+    num_calibration_samples: int = 0
+    seqlen: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
     kind: str = "oneshot"
+
+    ROWS: ClassVar[str] = ""
+    ROW_TYPE: ClassVar[type] = object
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+    ROW_DERIVED: ClassVar[tuple[str, ...]] = ()
 
     def config_fields(self) -> dict[str, Any]:
         """Run results stored beside the config in ``config.json``'s ``pruning_config``."""
@@ -47,8 +66,38 @@ class Report:
     def __str__(self) -> str:
         return self.table(max_rows=40)
 
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - defined by subclasses
-        raise NotImplementedError
+    def rows_table(self, head: str, line: Any, noun: str, max_rows: int | None) -> list[str]:
+        """``head``, a rule, ``line(row)`` for the first ``max_rows`` rows (a ``... N more`` line for the rest),
+        a rule: the body every report's table shares."""
+        rows = getattr(self, self.ROWS)
+        shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
+        lines = [head, "-" * len(head), *(line(r) for r in shown)]
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more {noun} (see {REPORT_FILE})")
+        return [*lines, "-" * len(head)]
+
+    def cost_line(self) -> str:
+        """``time ..., peak RSS ...`` (and peak device memory when measured)."""
+        dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
+        return f"time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB{dev}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update({name: getattr(self, name) for name in self.DERIVED})
+        for row, obj in zip(data[self.ROWS], getattr(self, self.ROWS)):
+            row.update({name: getattr(obj, name) for name in self.ROW_DERIVED})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        data = {k: v for k, v in data.items() if k not in cls.DERIVED}
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls.ROW_TYPE)}
+        rows = []
+        for row in data.pop(cls.ROWS):
+            row = {k: v for k, v in row.items() if k in kinds}
+            rows.append(cls.ROW_TYPE(**{k: tuple(v) if "tuple" in kinds[k] and v is not None else v
+                                        for k, v in row.items()}))
+        return cls(**{cls.ROWS: rows}, **data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -76,22 +125,20 @@ class LayerRow:
 
 @dataclass
 class PruningReport(Report):
-    method: str
-    structure: str
-    target_sparsity: float
-    layers: list[LayerRow]
-    total_params: int
-    seconds: float
-    peak_rss_mb: float
-    peak_device_mb: float | None = None
-    device: str = "cpu"
-    num_calibration_samples: int = 0
-    seqlen: int = 0
+    """Zeroed weights per layer: one-shot methods (``kind="oneshot"``) and the final masks of
+    `hf_prune.PruningCallback` (``kind="training"``)."""
+
+    target_sparsity: float = 0.0
+    layers: list[LayerRow] = field(default_factory=list)
+    total_params: int = 0
     block_sparsity: list[float] | None = None
     skipped: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    kind: str = "oneshot"  # or "training": the final masks of hf_prune.PruningCallback
     history: list[list[float]] | None = None  # training: [step, target, mask sparsity] at every mask update
+
+    ROWS: ClassVar[str] = "layers"
+    ROW_TYPE: ClassVar[type] = LayerRow
+    DERIVED: ClassVar[tuple[str, ...]] = ("achieved_sparsity", "pruned_params", "total_nonzero")
+    ROW_DERIVED: ClassVar[tuple[str, ...]] = ("sparsity",)
 
     @property
     def pruned_params(self) -> int:
@@ -108,41 +155,16 @@ class PruningReport(Report):
         """Non-zero parameters of the whole model, assuming unpruned parameters are dense."""
         return self.total_params - sum(r.params - r.nonzero for r in self.layers)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["achieved_sparsity"] = self.achieved_sparsity
-        data["pruned_params"] = self.pruned_params
-        data["total_nonzero"] = self.total_nonzero
-        for row, layer in zip(data["layers"], self.layers):
-            row["sparsity"] = layer.sparsity
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruningReport:
-        data = dict(data)
-        for key in ("achieved_sparsity", "pruned_params", "total_nonzero"):
-            data.pop(key, None)
-        layers = []
-        for row in data.pop("layers"):
-            row = dict(row)
-            row.pop("sparsity", None)
-            layers.append(LayerRow(**row))
-        return cls(layers=layers, **data)
-
     def table(self, max_rows: int | None = None) -> str:
         """Per-layer table plus totals, as printed after pruning."""
         head = f"{'layer':<52} {'shape':>13} {'params':>10} {'nonzero':>10} {'target':>7} {'sparsity':>8}"
-        lines = [head, "-" * len(head)]
-        rows = self.layers if max_rows is None or len(self.layers) <= max_rows else self.layers[:max_rows]
-        for r in rows:
+
+        def line(r: LayerRow) -> str:
             shape = "x".join(str(s) for s in r.shape)
-            lines.append(
-                f"{r.name[-52:]:<52} {shape:>13} {r.params:>10,} {r.nonzero:>10,} {r.target_sparsity:>7.1%} {r.sparsity:>8.2%}"
-            )
-        if len(rows) < len(self.layers):
-            lines.append(f"... {len(self.layers) - len(rows)} more layers (see pruning_report.json)")
-        lines.append("-" * len(head))
-        dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
+            return (f"{r.name[-52:]:<52} {shape:>13} {r.params:>10,} {r.nonzero:>10,} {r.target_sparsity:>7.1%} "
+                    f"{r.sparsity:>8.2%}")
+
+        lines = self.rows_table(head, line, "layers", max_rows)
         lines.append(
             f"hf_prune {self.method} {self.structure}: {len(self.layers)} layers, {self.pruned_params:,} prunable params, "
             f"achieved sparsity {self.achieved_sparsity:.2%} (target {self.target_sparsity:.1%})"
@@ -151,7 +173,7 @@ class PruningReport(Report):
             f"model: {self.total_params:,} params, {self.total_nonzero:,} non-zero "
             f"({1 - self.total_nonzero / max(self.total_params, 1):.2%} zeros overall)"
         )
-        lines.append(f"time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB{dev}")
+        lines.append(self.cost_line())
         if self.skipped:
             lines.append(f"not pruned (unsupported): {'; '.join(self.skipped)}")
         return "\n".join(lines)
@@ -176,22 +198,20 @@ class BlockRow:
 
 @dataclass
 class StructuredReport(Report):
-    method: str
-    structure: str
-    target_fraction: float
-    blocks: list[BlockRow]
-    params_before: int
-    params_after: int
-    decoder_params_before: int
-    seconds: float
-    peak_rss_mb: float
-    peak_device_mb: float | None = None
-    device: str = "cpu"
-    num_calibration_samples: int = 0
-    seqlen: int = 0
+    """Removed parameters per original decoder block (structured methods, ``kind="structured"``)."""
+
+    target_fraction: float = 0.0
+    blocks: list[BlockRow] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    decoder_params_before: int = 0
     reload_path: str = "stock"  # "stock" (plain config fields) or "hf_prune" (per-layer shapes + remote code)
-    config: dict[str, Any] = field(default_factory=dict)
-    kind: str = "structured"
+    kind: str = field(default="structured", kw_only=True)
+
+    ROWS: ClassVar[str] = "blocks"
+    ROW_TYPE: ClassVar[type] = BlockRow
+    DERIVED: ClassVar[tuple[str, ...]] = ("params_removed", "achieved_fraction")
+    ROW_DERIVED: ClassVar[tuple[str, ...]] = ("fraction_removed",)
 
     @property
     def params_removed(self) -> int:
@@ -208,26 +228,6 @@ class StructuredReport(Report):
     def config_fields(self) -> dict[str, Any]:
         return {"achieved_fraction": round(self.achieved_fraction, 6)}
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["params_removed"] = self.params_removed
-        data["achieved_fraction"] = self.achieved_fraction
-        for row, block in zip(data["blocks"], self.blocks):
-            row["fraction_removed"] = block.fraction_removed
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StructuredReport:
-        data = {k: v for k, v in data.items() if k not in ("params_removed", "achieved_fraction")}
-        blocks = []
-        for row in data.pop("blocks"):
-            row = {k: v for k, v in row.items() if k != "fraction_removed"}
-            for key in ("mlp", "heads", "kv_heads"):
-                if row.get(key) is not None:
-                    row[key] = tuple(row[key])
-            blocks.append(BlockRow(**row))
-        return cls(blocks=blocks, **data)
-
     def table(self, max_rows: int | None = None) -> str:
         """Per-block table plus totals, as printed after pruning."""
 
@@ -235,17 +235,13 @@ class StructuredReport(Report):
             return "-" if pair is None else f"{pair[0]}->{pair[1]}"
 
         head = f"{'block':>5} {'mlp channels':>13} {'heads':>8} {'kv heads':>8} {'removed':>14} {'params':>21} {'cut':>7}"
-        lines = [head, "-" * len(head)]
-        rows = self.blocks if max_rows is None or len(self.blocks) <= max_rows else self.blocks[:max_rows]
-        for r in rows:
+
+        def line(r: BlockRow) -> str:
             params = f"{r.params_before:,}->{r.params_after:,}"
-            lines.append(
-                f"{r.block:>5} {units(r.mlp):>13} {units(r.heads):>8} {units(r.kv_heads):>8} {r.removed or '-':>14} "
-                f"{params:>21} {r.fraction_removed:>7.1%}"
-            )
-        if len(rows) < len(self.blocks):
-            lines.append(f"... {len(self.blocks) - len(rows)} more blocks (see {REPORT_FILE})")
-        lines.append("-" * len(head))
+            return (f"{r.block:>5} {units(r.mlp):>13} {units(r.heads):>8} {units(r.kv_heads):>8} {r.removed or '-':>14} "
+                    f"{params:>21} {r.fraction_removed:>7.1%}")
+
+        lines = self.rows_table(head, line, "blocks", max_rows)
         lines.append(
             f"{self.method} ({self.structure}): removed {self.params_removed:,} parameters = "
             f"{self.achieved_fraction:.2%} of {self.decoder_params_before:,} decoder-block parameters "
@@ -255,8 +251,7 @@ class StructuredReport(Report):
             f"model: {self.params_before:,} -> {self.params_after:,} parameters; reloads via "
             f"{'stock transformers' if self.reload_path == 'stock' else 'hf_prune or trust_remote_code=True'}"
         )
-        dev = f", peak {self.device} memory {self.peak_device_mb:,.0f} MB" if self.peak_device_mb is not None else ""
-        lines.append(f"time {self.seconds:.1f} s, peak RSS {self.peak_rss_mb:,.0f} MB{dev}")
+        lines.append(self.cost_line())
         return "\n".join(lines)
 
 
