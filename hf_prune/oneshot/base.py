@@ -13,6 +13,7 @@ import torch
 
 from ..config import PruningConfig
 from ..core.stats import InputStats
+from .functional import prune_by_scores
 
 
 class PruningMethod:
@@ -35,3 +36,26 @@ class PruningMethod:
     ) -> list[torch.Tensor]:
         """Return pruned float32 copies of ``weights`` (each ``[out, in]``, all with the same input)."""
         raise NotImplementedError
+
+
+class ScoreMethod(PruningMethod):
+    """A method that only ranks weights: `scores` (pure math, float32) is compared within ``compare_group()``
+    (``"row"``: per output row; ``"layer"``: the whole matrix) or within each N:M group, and the lowest scores
+    are zeroed; no weight update."""
+
+    def scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compare_group(self) -> str:
+        return "row"
+
+    def prune_group(
+        self,
+        weights: Sequence[torch.Tensor],
+        stats: InputStats | None,
+        sparsities: Sequence[float],
+        names: Sequence[str],
+    ) -> list[torch.Tensor]:
+        group = self.compare_group()
+        return [prune_by_scores(w, self.scores(w, stats), s, self.config.nm, group)[0]
+                for w, s in zip(weights, sparsities)]

@@ -27,7 +27,6 @@ Example (the scores against a naive loop; then a pruned layer):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +34,7 @@ import torch
 from ..config import non_negative, option
 from ..core.stats import InputStats
 from ..registry import register_method
-from .base import PruningMethod
-from .functional import prune_by_scores
+from .base import ScoreMethod
 from .options import OneShotOptions
 
 
@@ -57,15 +55,9 @@ def ria_scores(weight: torch.Tensor, sum_sq: torch.Tensor, alpha: float) -> torc
 
 
 @register_method("ria", options=RIAOptions)
-class RIAPruning(PruningMethod):
+class RIAPruning(ScoreMethod):
     needs_norms = True
 
-    def prune_group(
-        self, weights: Sequence[torch.Tensor], stats: InputStats | None, sparsities: Sequence[float], names: Sequence[str]
-    ) -> list[torch.Tensor]:
+    def scores(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         assert stats is not None and stats.sum_sq is not None
-        alpha = float(self.config.options.ria_alpha)
-        return [
-            prune_by_scores(w, ria_scores(w, stats.sum_sq.to(w.device), alpha), s, self.config.nm, "row")[0]
-            for w, s in zip(weights, sparsities)
-        ]
+        return ria_scores(weight, stats.sum_sq.to(weight.device), float(self.config.options.ria_alpha))
