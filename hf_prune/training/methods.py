@@ -33,6 +33,7 @@ import torch
 from ..config import PruningConfig
 from ..errors import CalibrationError, ConfigError, HfPruneError
 from ..oneshot.base import PruningMethod
+from ..oneshot.functional import magnitude_scores
 from ..registry import get_spec, register_method
 from .lottery import RewindSnapshot
 from .movement import MovementScores, soft_mask, soft_threshold
@@ -53,7 +54,7 @@ LOG_THRESHOLD = "prune/threshold"
 
 
 def _magnitude(entry: Any, layer: Any, weight: torch.Tensor) -> torch.Tensor:
-    return weight.abs().float()
+    return magnitude_scores(weight).float()
 
 
 class TrainingMethod:
