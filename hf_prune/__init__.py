@@ -21,6 +21,7 @@ from . import formats, oneshot  # noqa: E402,F401
 from ._version import __version__  # noqa: E402,F401
 from .api import prune, validate  # noqa: E402
 from .config import PruningConfig  # noqa: E402
+from .core.precision import auto_dtype  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationError,
     ConfigError,
@@ -40,6 +41,7 @@ from .training import methods as _training_methods  # noqa: E402,F401
 _transformers_integration.install()
 
 __all__ = [
+    "auto_dtype",
     "CalibrationError",
     "ConfigError",
     "HfPruneError",
