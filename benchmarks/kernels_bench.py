@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_prune.nn import DispatchPolicy, SparseLinear  # noqa: E402
+from hf_prune.nn import KernelDispatch, SparseLinear  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -77,7 +77,7 @@ def bench_one(out_f: int, in_f: int, tokens: int, fmt: str, sparsity: float, rep
     with torch.no_grad():
         lin.weight.copy_(w)
     sl = SparseLinear.from_linear(lin, fmt)
-    sl.policy = DispatchPolicy(max_kernel_batch=max(BATCHES), bitmask_min_sparsity=0.0)
+    sl.dispatch = KernelDispatch(max_kernel_batch=max(BATCHES), bitmask_min_sparsity=0.0)
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = F.linear(x, w)

@@ -254,7 +254,8 @@ def test_model_roundtrip_bit_exact(tmp_path, fmt, dtype, builder):
     with torch.no_grad():
         out = loaded(IDS).logits
     assert torch.equal(out, logits)
-    assert {m.last_path for m in mods.values()} == {"reference"}
+    # CPU default policy: decompressed once at load, the dense model's forward
+    assert {m.last_path for m in mods.values()} == {"decompressed"} and {m.policy for m in mods.values()} == {"speed"}
 
 
 def test_disk_size_matches_arithmetic(tmp_path):
@@ -317,6 +318,69 @@ def test_resave_loaded_and_dequantize(tmp_path):
     assert not sparse_modules(plain)
     with torch.no_grad():
         assert torch.equal(plain(IDS).logits, logits)
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmask"])
+def test_load_policy_is_chosen_per_model_at_load(tmp_path, fmt, caplog):
+    """``quantization_config=HfPruneSparseConfig(policy=...)`` at ``from_pretrained`` picks what the layers hold;
+    no global; every policy gives the same logits, re-saves to the same files, and never reaches config.json."""
+    import logging
+
+    from hf_prune.formats import HfPruneSparseConfig
+
+    model = prune_model_(tiny_llama(), fmt)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    hpf.save_sparse_pretrained(model, tmp_path / "ckpt", fmt)
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    held = {}
+    for policy in ("speed", "memory", "kernel", "auto"):
+        with caplog.at_level(logging.INFO, logger="hf_prune.nn"):
+            caplog.clear()
+            m = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt",
+                                                     quantization_config=HfPruneSparseConfig(policy=policy))
+        msg = "\n".join(r.getMessage() for r in caplog.records if r.name == "hf_prune.nn")
+        mods = sparse_modules(m)
+        want = {"auto": "speed"}.get(policy, policy)  # auto on CPU = speed
+        got = {x.policy for x in mods.values()}
+        assert got <= ({"kernel", "speed"} if policy == "kernel" else {want}), (policy, got)
+        assert f"policy={policy!r}" in msg and "MiB" in msg and f"policy={next(iter(got))}" in repr(m)
+        held[policy] = sum(x.held_nbytes() for x in mods.values())
+        with torch.no_grad():
+            out = m(IDS).logits
+        if policy == "kernel":
+            torch.testing.assert_close(out, logits, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(out, logits), policy
+        m.save_pretrained(tmp_path / policy)  # saving again re-compresses to the same tensors
+        again = load_file(tmp_path / policy / "model.safetensors")
+        assert set(again) == set(saved) and all(torch.equal(again[k], saved[k]) for k in saved), policy
+        assert "policy" not in json.loads((tmp_path / policy / "config.json").read_text())["quantization_config"]
+    assert held["memory"] < held["speed"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert {x.policy for x in sparse_modules(plain).values()} == {"speed"}  # the CPU default
+
+
+def test_bad_policy_is_refused_before_loading(tmp_path):
+    from hf_prune.formats import HfPruneSparseConfig
+
+    with pytest.raises(ValueError, match=r"policy='fastest'.*'speed', 'memory', 'kernel'"):
+        HfPruneSparseConfig(policy="fastest")
+
+
+def test_kernel_policy_without_a_kernel_falls_back_to_speed_with_a_warning(tmp_path, caplog):
+    """bf16 weights on CPU: no CSR product runs bf16 natively, so ``kernel`` falls back to ``speed`` and says so."""
+    import logging
+
+    from hf_prune.formats import HfPruneSparseConfig
+
+    model = prune_model_(tiny_llama(torch.bfloat16), "bitmask")
+    hpf.save_sparse_pretrained(model, tmp_path / "ckpt", "bitmask")
+    with caplog.at_level(logging.WARNING, logger="hf_prune.nn"):
+        m = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16,
+                                                 quantization_config=HfPruneSparseConfig(policy="kernel"))
+    assert {x.policy for x in sparse_modules(m).values()} == {"speed"}
+    assert any("fell back to 'speed'" in r.getMessage() for r in caplog.records)
 
 
 def test_dense_with_zeros_unaffected_by_registration(tmp_path):

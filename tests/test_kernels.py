@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from hf_prune.nn import DispatchPolicy, SparseLinear, load_kernels  # noqa: E402
+from hf_prune.nn import KernelDispatch, SparseLinear, load_kernels  # noqa: E402
 
 K = load_kernels()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,13 +107,13 @@ def test_kernel_input_validation():
 @pytest.mark.skipif(not INTERP and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_sparse_linear_dispatch_runs_real_kernels_in_interpreter():
     sl = make("2:4", 32, 64, torch.bfloat16, device=DEV)
-    sl.policy = DispatchPolicy(allow_cpu_kernels=True)
+    sl.dispatch = KernelDispatch(allow_cpu_kernels=True)
     x = torch.randn(2, 3, 64).to(torch.bfloat16).to(DEV)
     y = sl(x)
     assert sl.last_path == "triton_nm" and y.shape == (2, 3, 32)
     close(y, sl.reference_forward(x), torch.bfloat16)
     bm = make("bitmask", 32, 64, torch.float32, sparsity=0.7, device=DEV)
-    bm.policy = DispatchPolicy(allow_cpu_kernels=True)
+    bm.dispatch = KernelDispatch(allow_cpu_kernels=True)
     x = torch.randn(4, 64, device=DEV)
     close(bm(x), bm.reference_forward(x), torch.float32)
     assert bm.last_path == "triton_bitmask"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_prune.nn.kernels_loader as kl
-from hf_prune.nn import DispatchPolicy, SparseLinear
+from hf_prune.nn import KernelDispatch, SparseLinear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FORMATS = ["2:4", "1:4", "2:8", "bitmask"]
@@ -96,17 +96,90 @@ def test_from_linear_recompresses_and_shares_bias():
     assert shared.bias is lin.bias
 
 
-def test_each_layer_has_its_own_policy(monkeypatch):
-    from hf_prune.nn import DEFAULT_POLICY
-
+def test_each_layer_has_its_own_dispatch_knobs():
     _, a = sparse_linear_pair("2:4")
     _, b = sparse_linear_pair("2:4")
-    assert a.policy is not b.policy and a.policy is not DEFAULT_POLICY and a.policy == DEFAULT_POLICY
-    a.policy.allow_cpu_kernels = True
-    a.policy.max_kernel_batch = 1
-    assert b.policy == DispatchPolicy() and DEFAULT_POLICY == DispatchPolicy()
-    monkeypatch.setattr(DEFAULT_POLICY, "force", "dense")  # module-level defaults apply to new layers
-    assert sparse_linear_pair("2:4")[1].policy.force == "dense" and b.policy.force is None
+    assert a.dispatch is not b.dispatch and a.dispatch == KernelDispatch()
+    a.dispatch.max_kernel_batch = 1
+    assert b.dispatch == KernelDispatch() and a.policy == b.policy == "memory"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policies_give_the_same_outputs_and_hold_what_they_say(fmt, dtype):
+    lin, sl = sparse_linear_pair(fmt, dtype=dtype, sparsity=0.9)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    want = lin(x)
+    saved = {k: v.clone() for k, v in sl.state_dict().items()}
+    compressed = sl.compressed_nbytes()
+
+    assert sl.apply_policy("speed") == "speed" and sl.policy == "speed" and "policy=speed" in repr(sl)
+    assert torch.equal(sl(x), want) and sl.last_path == "decompressed"
+    assert all(getattr(sl, n).numel() == 0 for n in sl.compressed_names)  # compressed copy freed
+    assert sl.held_nbytes() == lin.weight.numel() * lin.weight.element_size()
+    # saving re-compresses: the same buffers as before, byte for byte
+    again = sl.state_dict()
+    assert set(again) == set(saved) and all(torch.equal(again[k], saved[k]) for k in saved)
+    assert sl.compressed_nbytes() == compressed and sl.sparsity == pytest.approx(
+        SparseLinear.from_linear(lin, fmt).sparsity)
+
+    assert sl.apply_policy("memory") == "memory" and sl.weight is None
+    assert torch.equal(sl(x), want) and sl.last_path == "reference"
+    assert sl.held_nbytes() == compressed < lin.weight.numel() * lin.weight.element_size()
+
+    got = sl.apply_policy("kernel")  # CPU: CSR only where it measured faster than dense, else speed
+    assert got in ("kernel", "speed") and sl.policy == got
+    if dtype == torch.bfloat16:
+        assert got == "speed"  # no native bf16 CSR product on CPU
+    torch.testing.assert_close(sl(x), want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(sl.state_dict()[k], saved[k]) for k in saved)
+    assert sl.apply_policy("auto") == "speed"  # CPU
+
+
+def test_cpu_kernel_policy_uses_csr_where_it_wins(monkeypatch):
+    from hf_prune.nn import cpu_sparse
+
+    lin, sl = sparse_linear_pair("bitmask", sparsity=0.95)
+    monkeypatch.setattr(cpu_sparse, "faster_than_dense", lambda w, c, tokens, **k: (tokens == 1, 0.5))
+    assert sl.apply_policy("kernel") == "kernel"
+    assert sl.weight_csr is not None and sl.weight is not None  # dense kept for prefill, where CSR lost
+    x1, x64 = torch.randn(1, 32), torch.randn(64, 32)
+    torch.testing.assert_close(sl(x1), lin(x1), rtol=1e-5, atol=1e-5)
+    assert sl.last_path == "cpu_csr"
+    assert torch.equal(sl(x64), lin(x64)) and sl.last_path == "decompressed"
+    monkeypatch.setattr(cpu_sparse, "faster_than_dense", lambda w, c, tokens, **k: (True, 0.5))
+    sl.apply_policy("memory")
+    assert sl.apply_policy("kernel") == "kernel" and sl.weight is None  # CSR wins everywhere: no dense copy
+    torch.testing.assert_close(sl(x64), lin(x64), rtol=1e-5, atol=1e-5)
+    assert sl.last_path == "cpu_csr" and sl.held_nbytes() < lin.weight.numel() * 4
+    monkeypatch.setattr(cpu_sparse, "faster_than_dense", lambda w, c, tokens, **k: (False, 1.5))
+    assert sl.apply_policy("kernel") == "speed" and sl.weight_csr is None
+
+
+def test_csr_linear_matches_the_dense_reference():
+    from hf_prune.nn import cpu_sparse
+
+    torch.manual_seed(0)
+    for out_f, in_f, tokens in [(24, 32, 1), (64, 48, 7), (5, 130, 300)]:
+        w = torch.randn(out_f, in_f)
+        w[torch.rand_like(w) < 0.85] = 0
+        b = torch.randn(out_f)
+        x = torch.randn(tokens, in_f)
+        csr = cpu_sparse.to_csr(w)
+        assert csr.crow_indices().dtype == torch.int32 and csr.values().numel() == int((w != 0).sum())
+        torch.testing.assert_close(cpu_sparse.csr_linear(x, csr, b), cpu_sparse.reference_linear(x, w, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_policy_survives_load_state_dict_and_rejects_unknown_names():
+    lin, sl = sparse_linear_pair("2:4")
+    sl.apply_policy("speed")
+    other = sparse_linear_pair("2:4")[1]
+    sl.load_state_dict(other.state_dict())  # new weights: the held dense copy is rebuilt from them
+    x = torch.randn(3, 32)
+    assert sl.policy == "speed" and torch.equal(sl(x), other(x))
+    with pytest.raises(ValueError, match=r"policy='fast'.*'speed'"):
+        sl.apply_policy("fast")
 
 
 # ---------------------------------------------------------------------------------- dispatch
@@ -151,7 +224,7 @@ def cpu_kernels(monkeypatch):
 )
 def test_dispatch_table(cpu_kernels, fmt, sparsity, tokens, expected):
     _, sl = sparse_linear_pair(fmt, sparsity=sparsity)
-    sl.policy = DispatchPolicy(allow_cpu_kernels=True)
+    sl.dispatch = KernelDispatch(allow_cpu_kernels=True)
     x = torch.randn(tokens, 32)
     sl(x)
     assert sl.last_path == expected
@@ -162,7 +235,7 @@ def test_dispatch_defaults_to_reference_on_cpu(cpu_kernels):
     _, sl = sparse_linear_pair("2:4")
     sl(torch.randn(1, 32))  # default policy: CPU -> reference even with the interpreter on
     assert sl.last_path == "reference" and cpu_kernels == []
-    sl.policy = DispatchPolicy(allow_cpu_kernels=True)
+    sl.dispatch = KernelDispatch(allow_cpu_kernels=True)
     sl(torch.randn(1, 32, dtype=torch.float64))  # a dtype without kernels
     assert sl.last_path == "reference"
 
@@ -175,7 +248,7 @@ def test_kernel_failure_falls_back_to_reference(monkeypatch, caplog):
 
     monkeypatch.setattr("hf_prune.nn.sparse_linear.load_kernels", broken)
     lin, sl = sparse_linear_pair("2:4")
-    sl.policy = DispatchPolicy(allow_cpu_kernels=True)
+    sl.dispatch = KernelDispatch(allow_cpu_kernels=True)
     x = torch.randn(2, 32)
     with caplog.at_level(logging.DEBUG, logger="hf_prune.nn"):
         y = sl(x)

@@ -16,6 +16,12 @@ On-disk contract (written by :func:`hf_prune.formats.save.save_sparse_pretrained
   instead of silently running with randomly initialised weights. A zero-size tensor named
   :data:`SENTINEL_KEY` shows up in its load report to say what to install.
 
+What the compressed layers hold at inference is chosen at load, per model, with the loading attribute
+``policy`` (`hf_prune.nn.sparse_linear`): ``from_pretrained(path, quantization_config=HfPruneSparseConfig(
+policy="memory"))``, as transformers does for GPTQ/AWQ loading attributes. Default ``"auto"``: ``"kernel"`` on
+CUDA with the kernels, else ``"speed"`` (decompressed once: dense speed). The policy is a loading attribute only:
+it is never written to ``config.json``.
+
 Example:
     >>> from hf_prune.formats.quantizer import register, HfPruneSparseConfig
     >>> register(); register()  # idempotent
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -41,7 +48,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn.packing import parse_format
-from ..nn.sparse_linear import SparseLinear
+from ..nn.policy import set_policy
+from ..nn.sparse_linear import SparseLinear, check_policy
 
 __all__ = [
     "QUANT_METHOD",
@@ -73,6 +81,8 @@ class HfPruneSparseConfig(QuantizationConfigMixin):
         modules: compressed ``nn.Linear`` names mapped to their ``[out_features, in_features]``.
         requires / format_version: informational; ``requires`` tells users without hf_prune what
             to install (stock transformers prints unknown configs' fields in its warnings).
+        policy: loading attribute, what the compressed layers hold at inference: ``"auto"`` (default),
+            ``"speed"``, ``"memory"`` or ``"kernel"`` (`hf_prune.nn.sparse_linear`). Not saved.
 
     Example:
         >>> c = HfPruneSparseConfig.from_dict({"quant_method": "hf_prune_sparse", "sparse_format": "bitmask"})
@@ -87,6 +97,7 @@ class HfPruneSparseConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         requires: str = REQUIRES,
         quant_method: str = QUANT_METHOD,
+        policy: str = "auto",
         **kwargs: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
@@ -113,8 +124,19 @@ class HfPruneSparseConfig(QuantizationConfigMixin):
         self.modules = {k: [int(v[0]), int(v[1])] for k, v in modules.items()}
         self.format_version = int(format_version)
         self.requires = requires
+        self.policy = check_policy(policy)
         for k, v in kwargs.items():  # keep unknown (newer, informational) fields round-trippable
             setattr(self, k, v)
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What a ``quantization_config`` passed to ``from_pretrained`` overrides in the checkpoint's (transformers
+        merges these for pre-quantized checkpoints)."""
+        return {"policy": self.policy}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("policy", None)  # a loading choice of this machine, not a property of the checkpoint
+        return data
 
 
 class HfPruneSparseQuantizer(HfQuantizer):
@@ -200,6 +222,7 @@ class HfPruneSparseQuantizer(HfQuantizer):
                 "hf_prune_sparse checkpoint has missing, truncated or corrupt compressed tensors:\n  "
                 + "\n  ".join(problems)
             )
+        set_policy(model, getattr(self.quantization_config, "policy", "auto"))
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -230,7 +253,8 @@ class HfPruneSparseQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the config and quantizer with transformers (safe to call many times).
+    """Register the config and quantizer with transformers (safe to call many times), with ``policy`` as a
+    loading attribute that a ``quantization_config`` given to ``from_pretrained`` may override.
 
     Example:
         >>> from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
@@ -243,3 +267,8 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfPruneSparseQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(HfPruneSparseQuantizer)
+    # transformers copies get_loading_attributes() of a user's config onto a pre-quantized checkpoint's config
+    # only for the config types in this tuple (GPTQ, AWQ, ...); it is read at call time, so extending it works.
+    types = getattr(quantizers_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and HfPruneSparseConfig not in types:
+        quantizers_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, HfPruneSparseConfig)

@@ -1,16 +1,32 @@
 """``SparseLinear``: a linear layer that owns compressed sparse weights (bitmask or N:M).
 
-The pure-torch reference forward decompresses the weight and calls ``F.linear``; it is the CPU
-path and the ground truth the kernels are tested against. On CUDA, ``forward`` dispatches by
-batch size, dtype and format (see :class:`DispatchPolicy`) to
+What the layer holds at run time is its **policy**, chosen once per layer (`apply_policy`; at load through
+``quantization_config=HfPruneSparseConfig(policy=...)``, see `hf_prune.formats`):
+
+* ``"speed"``: the weight decompressed once into a dense tensor (exact zeros kept); forward is ``F.linear``,
+  as fast as the dense model. The compressed buffers are dropped and rebuilt from the dense weight when the
+  model is saved, so saving again re-compresses. The default on CPU and wherever no sparse kernel beats dense.
+* ``"memory"``: only the compressed buffers; every forward decompresses the weight (the pure-torch reference
+  below) or, on CUDA, runs a sparse kernel. Least memory; on CPU several times slower than dense.
+* ``"kernel"``: sparse kernels where they are faster: the CUDA/Triton paths below; on CPU a CSR product
+  (`hf_prune.nn.cpu_sparse`) for the layers and token counts where timing it against dense on the layer itself
+  shows that it wins; every other layer behaves as ``"speed"``.
+* ``"auto"``: ``"kernel"`` on CUDA with the kernels available, else ``"speed"``.
+
+A freshly constructed module (as built before a checkpoint loads) is in ``"memory"``.
+
+The pure-torch reference forward decompresses the weight and calls ``F.linear``; it is the ground
+truth the kernels are tested against. With compressed storage on CUDA, ``forward`` dispatches by
+batch size, dtype and format (see :class:`KernelDispatch`) to
 
 * ``"triton_nm"``: N:M (2:4) decompress-in-register skinny GEMM (batch <= 16),
 * ``"triton_bitmask"``: tiled-bitmask unstructured skinny GEMM (batch <= 16, sparsity >= 50 %),
 * ``"semi_structured"``: ``torch.sparse.to_sparse_semi_structured`` for 2:4 at large batch,
 * ``"dense"``: decompress + cuBLAS for everything else,
 
-and falls back to ``"reference"`` whenever a kernel is unavailable or raises. The path taken by
-the last call is in ``module.last_path`` and logged at DEBUG level (logger ``hf_prune.nn``).
+and falls back to ``"reference"`` whenever a kernel is unavailable or raises. Held dense weights run as
+``"decompressed"``, the CPU CSR product as ``"cpu_csr"``. The path taken by the last call is in
+``module.last_path`` and logged at DEBUG level (logger ``hf_prune.nn``).
 
 Example:
     >>> import torch
@@ -24,6 +40,9 @@ Example:
     (True, 'reference')
     >>> torch.equal(sl.to_linear().weight, lin.weight)
     True
+    >>> sl.apply_policy("speed"); torch.allclose(sl(x), lin(x)), sl.last_path
+    'speed'
+    (True, 'decompressed')
 """
 
 from __future__ import annotations
@@ -36,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels_loader import load_kernels
+from . import cpu_sparse
+from .kernels_loader import kernels_available, load_kernels
 from .packing import (
     SparseFormat,
     index_bits,
@@ -48,17 +68,36 @@ from .packing import (
     unpack_nm,
 )
 
-__all__ = ["SparseLinear", "DispatchPolicy", "DEFAULT_POLICY", "PATHS"]
+__all__ = ["SparseLinear", "KernelDispatch", "PATHS", "POLICIES", "check_policy"]
 
 logger = logging.getLogger("hf_prune.nn")
 
-PATHS = ("reference", "dense", "triton_nm", "triton_bitmask", "semi_structured")
+PATHS = ("reference", "dense", "decompressed", "cpu_csr", "triton_nm", "triton_bitmask", "semi_structured")
+#: what a compressed layer holds and runs at inference (module docstring)
+POLICIES = ("auto", "speed", "memory", "kernel")
+
+
+def check_policy(policy: object) -> str:
+    """Return ``policy`` if it is one of `POLICIES`, else raise ``ValueError`` naming the allowed values.
+
+    Example:
+        >>> check_policy("speed")
+        'speed'
+    """
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(
+            f"policy={policy!r} is not a compressed-layer policy; use one of {POLICIES}: 'speed' decompresses "
+            "once at load (dense speed and memory), 'memory' keeps the weights compressed and decompresses per "
+            "call (least memory, slower), 'kernel' uses sparse kernels where they beat dense, 'auto' = 'kernel' "
+            "on CUDA with kernels, else 'speed'"
+        )
+    return policy
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclasses.dataclass
-class DispatchPolicy:
-    """Knobs of :meth:`SparseLinear.forward`'s kernel choice.
+class KernelDispatch:
+    """Knobs of :meth:`SparseLinear.forward`'s kernel choice (each layer holds its own, ``module.dispatch``).
 
     Attributes:
         max_kernel_batch: rows (tokens) up to which the skinny Triton kernels are used.
@@ -67,9 +106,11 @@ class DispatchPolicy:
         allow_cpu_kernels: run Triton kernels on CPU tensors (only meaningful with
             ``TRITON_INTERPRET=1``; for tests).
         force: force one path from :data:`PATHS` (still falls back to reference on failure).
+        max_cpu_decode_tokens: under ``policy="kernel"`` on CPU, inputs of at most this many rows count as
+            decode (the CSR product is timed at 1 row), larger ones as prefill (timed at ``cpu_prefill_tokens``).
 
     Example:
-        >>> DispatchPolicy(max_kernel_batch=8).max_kernel_batch
+        >>> KernelDispatch(max_kernel_batch=8).max_kernel_batch
         8
     """
 
@@ -78,11 +119,8 @@ class DispatchPolicy:
     use_semi_structured: bool = True
     allow_cpu_kernels: bool = False
     force: str | None = None
-
-
-DEFAULT_POLICY = DispatchPolicy()
-"""Module-level defaults: every new `SparseLinear` gets its own copy (as ``module.policy``), so changing one
-layer's policy never changes another's. Changing ``DEFAULT_POLICY`` affects the layers built afterwards."""
+    max_cpu_decode_tokens: int = 8
+    cpu_prefill_tokens: int = 256
 
 
 class SparseLinear(nn.Module):
@@ -107,6 +145,8 @@ class SparseLinear(nn.Module):
     """
 
     last_path: str | None
+    weight: torch.Tensor | None
+    weight_csr: torch.Tensor | None
 
     def __init__(
         self,
@@ -133,8 +173,15 @@ class SparseLinear(nn.Module):
                 )
             self.register_buffer("weight_indices", empty_u8)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.policy = dataclasses.replace(DEFAULT_POLICY)  # own copy: per-layer changes stay per layer
+        # Run-time forms of the weight, never saved (the state dict always holds the compressed buffers):
+        self.register_buffer("weight", None, persistent=False)  # dense, decompressed once ("speed"/"kernel")
+        self.register_buffer("weight_csr", None, persistent=False)  # CSR for the CPU kernel ("kernel")
+        self.policy = "memory"
+        self.dispatch = KernelDispatch()
         self.last_path = None
+        self._compressed_dropped = False  # compressed buffers freed; rebuilt from `weight` when saving
+        self._nnz: int | None = None
+        self._csr_decode = self._csr_prefill = False
         self._failed_paths: set[str] = set()
         self._aux: dict = {}
 
@@ -201,14 +248,137 @@ class SparseLinear(nn.Module):
         )
 
     def load_compressed(self, **tensors: torch.Tensor) -> None:
-        """Set the compressed buffers (exact names from :attr:`compressed_names`) and validate."""
+        """Set the compressed buffers (exact names from :attr:`compressed_names`) and validate; the layer keeps
+        its policy (run-time forms are rebuilt from the new weights)."""
         unknown = set(tensors) - set(self.compressed_names)
         if unknown or set(tensors) != set(self.compressed_names):
             raise ValueError(f"expected tensors {self.compressed_names}, got {sorted(tensors)}")
         for name, t in tensors.items():
             setattr(self, name, t)
+        self._after_new_compressed()
+
+    def _after_new_compressed(self) -> None:
         self._aux.clear()
+        self._compressed_dropped = False
+        self.weight = self.weight_csr = None
         self.validate()
+        if self.policy != "memory":
+            self.apply_policy(self.policy)
+
+    def compressed_tensors(self) -> dict[str, torch.Tensor]:
+        """The compressed buffers as saved: the held ones, or rebuilt from the dense weight when the policy
+        dropped them (same zeros, so a saved model re-compresses)."""
+        if self._compressed_dropped:
+            return self.compress_weight(self.dense_weight(), self.format)
+        return {n: getattr(self, n) for n in self.compressed_names}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._compressed_dropped:
+            for name, t in self.compressed_tensors().items():
+                destination[prefix + name] = t
+
+    # ------------------------------------------------------------------------------- policies
+    def apply_policy(self, policy: str) -> str:
+        """Hold the weight as ``policy`` says (module docstring) and return the policy in effect: ``"kernel"``
+        falls back to ``"speed"`` for a layer where no kernel applies or none beats dense (`kernel_available`).
+
+        Example:
+            >>> lin = torch.nn.Linear(8, 4); sl = SparseLinear.from_linear(lin, "bitmask")
+            >>> sl.apply_policy("speed"), sl.weight is not None, sl.weight_values.numel()
+            ('speed', True, 0)
+            >>> sl.apply_policy("memory"), sl.weight is None, sl.weight_values.numel()
+            ('memory', True, 32)
+        """
+        policy = check_policy(policy)
+        device = self._storage_device()
+        if policy == "auto":
+            policy = "kernel" if device.type == "cuda" and kernels_available() else "speed"
+        if policy == "kernel" and not self._choose_kernels(device):
+            policy = "speed"
+        if policy == "memory":
+            self._restore_compressed()
+            self.weight = self.weight_csr = None
+        elif policy == "speed":
+            self._hold_dense()
+            self.weight_csr = None
+            self._drop_compressed()
+        self.policy = policy
+        self._aux.clear()
+        return policy
+
+    def _storage_device(self) -> torch.device:
+        held = self.weight if self.weight is not None else self.weight_csr
+        return held.device if held is not None else self.weight_values.device
+
+    def _hold_dense(self) -> None:
+        if self.weight is None:
+            self.weight = self.dense_weight().detach().clone()
+
+    def _drop_compressed(self) -> None:
+        if self._compressed_dropped:
+            return
+        self._nnz = self._stored_nnz()
+        for name in self.compressed_names:
+            t = getattr(self, name)
+            setattr(self, name, t.new_empty(0))
+        self._compressed_dropped = True
+
+    def _restore_compressed(self) -> None:
+        if self._compressed_dropped:
+            for name, t in self.compressed_tensors().items():
+                setattr(self, name, t)
+            self._compressed_dropped = False
+
+    def _stored_nnz(self) -> int:
+        if self._compressed_dropped:
+            return int(self._nnz or 0)
+        return int(self.weight_values.numel())
+
+    def kernel_available(self, device: torch.device | str) -> bool:
+        """Whether a sparse kernel exists for this layer's format on ``device`` (CUDA: the Triton kernels for
+        N:M with M <= 16 and bitmask at >= ``dispatch.bitmask_min_sparsity``; CPU: the CSR product for float32
+        weights). Whether it *wins* is decided by `apply_policy`."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not kernels_available():
+                return False
+            if self.format.kind == "nm":
+                return index_bits(self.format.m) <= 8
+            return self.sparsity >= self.dispatch.bitmask_min_sparsity
+        if device.type == "cpu":
+            return self.weight_values.dtype in cpu_sparse.CSR_DTYPES
+        return False
+
+    def _choose_kernels(self, device: torch.device) -> bool:
+        """Set up ``"kernel"`` storage; False when no kernel applies or (CPU) none beats dense on this layer."""
+        if not self.kernel_available(device):
+            return False
+        if device.type == "cuda":
+            self._restore_compressed()
+            self.weight = self.weight_csr = None
+            return True
+        dense = self.dense_weight().detach()
+        csr = cpu_sparse.to_csr(dense)
+        d = self.dispatch
+        self._csr_decode = cpu_sparse.faster_than_dense(dense, csr, tokens=1)[0]
+        self._csr_prefill = cpu_sparse.faster_than_dense(dense, csr, tokens=d.cpu_prefill_tokens, reps=5)[0]
+        if not (self._csr_decode or self._csr_prefill):
+            return False
+        self.weight_csr = csr
+        # keep a dense copy only for the token counts where the CSR product does not win
+        self.weight = None if (self._csr_decode and self._csr_prefill) else dense.clone()
+        self._drop_compressed()
+        return True
+
+    def held_nbytes(self) -> int:
+        """Bytes of the weight as this layer holds it now (compressed buffers, dense copy, CSR; bias excluded)."""
+        n = 0 if self._compressed_dropped else tensor_nbytes(*(getattr(self, x) for x in self.compressed_names))
+        if self.weight is not None:
+            n += self.weight.numel() * self.weight.element_size()
+        if self.weight_csr is not None:
+            n += cpu_sparse.csr_nbytes(self.weight_csr)
+        return n
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -223,13 +393,22 @@ class SparseLinear(nn.Module):
                 device = cur.device if cur.device.type != "meta" else new.device
                 dtype = cur.dtype if name == "weight_values" else new.dtype
                 setattr(self, name, new.detach().to(device=device, dtype=dtype).clone())
-        self._aux.clear()
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if all(prefix + n in state_dict for n in self.compressed_names):
+            self._compressed_dropped = False
+            self.weight = self.weight_csr = None
+            self._aux.clear()
+            if self.policy != "memory":  # rebuild the run-time form of the new weights
+                self.apply_policy(self.policy)
 
     def dense_weight(self) -> torch.Tensor:
         """Decompress to the dense ``[out, in]`` weight (dtype of the stored values). Pure torch."""
+        if self.weight is not None:
+            return self.weight
+        if self._compressed_dropped and self.weight_csr is not None:
+            return self.weight_csr.to_dense()
         shape = (self.out_features, self.in_features)
         if self.format.kind == "bitmask":
             return unpack_bitmask(self.weight_bitmask, self.weight_values, shape)
@@ -237,6 +416,11 @@ class SparseLinear(nn.Module):
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the buffers are missing, truncated or do not match the shape."""
+        if self._compressed_dropped:
+            if tuple(self.dense_weight().shape) != (self.out_features, self.in_features):
+                raise ValueError(f"held weight has shape {tuple(self.dense_weight().shape)}, expected "
+                                 f"{(self.out_features, self.in_features)}")
+            return
         if any(getattr(self, n).device.type == "meta" for n in self.compressed_names):
             raise ValueError("compressed tensors were never loaded (still on the meta device)")
         self.dense_weight()  # unpack_* check shapes, counts and index ranges
@@ -264,17 +448,17 @@ class SparseLinear(nn.Module):
         """Fraction of zero weights (bitmask: exact; N:M: nominal ``1 - n/m``)."""
         total = self.out_features * self.in_features
         if self.format.kind == "bitmask":
-            return 1.0 - self.weight_values.numel() / total if total else 0.0
+            return 1.0 - self._stored_nnz() / total if total else 0.0
         return 1.0 - self.format.n / self.format.m
 
     def compressed_nbytes(self) -> int:
-        """Bytes of the compressed weight buffers (bias excluded)."""
-        return tensor_nbytes(*(getattr(self, n) for n in self.compressed_names))
+        """Bytes of the compressed weight buffers as saved (bias excluded), whatever the policy holds."""
+        return tensor_nbytes(*self.compressed_tensors().values())
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.format}, sparsity={self.sparsity:.3f}"
+            f"format={self.format}, sparsity={self.sparsity:.3f}, policy={self.policy}"
         )
 
     # -------------------------------------------------------------------------------- forward
@@ -286,7 +470,15 @@ class SparseLinear(nn.Module):
 
     def choose_path(self, x2d: torch.Tensor) -> str:
         """Pick the forward path for a ``[tokens, in]`` input (see module docstring)."""
-        p = self.policy
+        if self.weight_csr is not None and x2d.device.type == "cpu" and x2d.dtype == self.weight_csr.dtype:
+            small = x2d.shape[0] <= self.dispatch.max_cpu_decode_tokens
+            if self._csr_decode if small else self._csr_prefill:
+                return "cpu_csr"
+        if self.weight is not None:
+            return "decompressed"
+        if self._compressed_dropped:
+            return "reference"  # CSR held but not usable for this input: densify it for the call
+        p = self.dispatch
         on_cpu_interp = (
             x2d.device.type == "cpu" and p.allow_cpu_kernels and os.environ.get("TRITON_INTERPRET") == "1"
         )
@@ -311,10 +503,21 @@ class SparseLinear(nn.Module):
         return "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w is not None and self.weight_csr is None:  # "speed": the dense model's forward, nothing else
+            self.last_path = "decompressed"
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self._bias_for(x))
         x2d = x.reshape(-1, self.in_features)
         path = self.choose_path(x2d)
         if path in self._failed_paths:
             path = "reference"
+        if path in ("decompressed", "cpu_csr"):
+            self._record(path, x2d)
+            if path == "cpu_csr":
+                y2d = cpu_sparse.csr_linear(x2d, self.weight_csr, self._bias_for(x2d))
+                return y2d.reshape(*x.shape[:-1], self.out_features)
+            w = self.weight
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self._bias_for(x))
         if path not in ("reference", "dense"):
             try:
                 y2d = self._kernel_forward(path, x2d)
@@ -329,6 +532,10 @@ class SparseLinear(nn.Module):
                 return y2d.reshape(*x.shape[:-1], self.out_features)
         self._record(path, x2d)
         return self.reference_forward(x)
+
+    def _bias_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        b = self.bias
+        return b if b is None or b.dtype == x.dtype else b.to(x.dtype)
 
     def _record(self, path: str, x2d: torch.Tensor) -> None:
         self.last_path = path
