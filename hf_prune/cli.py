@@ -6,6 +6,8 @@ Examples::
     hf-prune prune ./my-llama --method wanda --sparsity 0.5 --calibration data.txt --output out/llama-wanda
     hf-prune eval out/smollm2-2of4 --text heldout.txt --seqlen 512
     hf-prune inspect out/smollm2-2of4
+    hf-prune eval out/smollm2-2of4 --tasks hellaswag,arc_easy --limit 200     # lm-evaluation-harness
+    hf-prune push out/smollm2-2of4 me/smollm2-2of4 --private
     hf-prune prune smollm2 --method flap --sparsity 0.2 --output out/smollm2-flap20 --eval   # 20% fewer params
 
 ``MODEL`` is a local folder (or a Hub id, when the Hub is reachable); ``smollm2`` is the embedded default
@@ -23,6 +25,9 @@ from typing import Any
 
 EMBEDDED_TEXT = "wikipedia"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_HELP = ("dtype to load and run the model in (default auto: bf16 on a GPU or on a CPU with native bf16 "
+              "(AVX512_BF16/AMX), else float32, where bf16 is emulated and several times slower; the choice is "
+              "printed). The pruning math is float32 either way")
 
 
 def _resolve_model_path(name: str) -> str:
@@ -38,7 +43,12 @@ def _load(name: str, dtype: str, device_map: str | None = None) -> tuple[Any, An
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _resolve_model_path(name)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto":  # what fits this hardware (hf_prune.core.precision), not transformers' "checkpoint dtype"
+        from .core.precision import auto_dtype
+
+        torch_dtype = auto_dtype(device_map if device_map in ("cuda", "cpu") else None)
+    else:
+        torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
@@ -122,16 +132,62 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .io import atomic_write_text
 
         atomic_write_text(os.path.join(args.output, "eval_results.json"), json.dumps(data, indent=2))
+        from .card import record_evaluation
+
+        # the numbers also go into pruning_report.json ("evaluation") and the model card, rewritten atomically
+        record_evaluation(args.output, {"perplexity": res.to_dict(),
+                                        **({"dense_perplexity": dense.to_dict()} if dense else {})})
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
 
+    if args.tasks:
+        return _cmd_lm_eval(args)
     model, tokenizer = _load(args.model, args.dtype, args.device_map)
     res = perplexity(model, _read_eval_text(args.text), tokenizer, args.seqlen, args.batch_size, args.max_windows)
     print(json.dumps(res.to_dict(), indent=2) if args.json else
           f"perplexity {res.ppl:.3f} on {res.windows} windows x {res.seqlen} tokens ({res.tokens} predicted)")
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    """``hf-prune eval DIR --tasks ...``: lm-evaluation-harness in-process; scores go into DIR's report and card."""
+    from .evaluate import lm_eval_scores
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        import lm_eval  # noqa: F401 - fail before loading the model
+    except ImportError:
+        raise SystemExit('hf-prune eval --tasks needs lm-evaluation-harness: pip install "hf_prune[eval]"') from None
+    model, tokenizer = _load(args.model, args.dtype, args.device_map)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    scores = lm_eval_scores(model, tokenizer, tasks, limit=limit, include_path=args.include_path,
+                            batch_size=args.batch_size)
+    print(json.dumps(scores, indent=2) if args.json else "\n".join(
+        f"{task:<30} {metric:<24} {value:.4f}" for task, metrics in scores.items()
+        for metric, value in metrics.items() if "stderr" not in metric))
+    folder = _resolve_model_path(args.model)
+    from .assets import DEFAULT_MODEL_NAME
+
+    if os.path.isfile(os.path.join(folder, "config.json")) and args.model != DEFAULT_MODEL_NAME:
+        from .card import record_evaluation
+
+        config = {"limit": limit} if limit is not None else {}
+        record_evaluation(folder, {"lm_eval": scores, "lm_eval_config": config})
+        print(f"recorded in {folder} (pruning_report.json 'evaluation' and README.md)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .integrations.hub import push_folder
+
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        raise SystemExit(f"hf-prune push: {args.folder!r} has no config.json; pass a folder saved by save_pretrained")
+    info = push_folder(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message,
+                       revision=args.revision, create_pr=args.create_pr)
+    print(f"pushed {args.folder} to {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -265,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", help="regexes of modules to prune (default: all block linears)")
     p.add_argument("--ignore", nargs="+", help="regexes of modules never pruned")
     add_option_groups(p)
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype to load the model in (default bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     p.add_argument("--device", help="compute device for each block (default: cuda if available, else cpu)")
     p.add_argument("--device-map", help="accelerate device_map for loading, e.g. 'auto' to offload")
     p.add_argument("--sparse-format", help="save compressed: 'bitmask' or '2:4' (needs hf_prune to load)")
@@ -282,10 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
-    e.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    e.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     e.add_argument("--device-map", help="accelerate device_map, e.g. 'auto'")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy); runs "
+                   'them instead of perplexity and records the scores in the folder\'s report and card (needs '
+                   'pip install "hf_prune[eval]")')
+    e.add_argument("--limit", type=float, help="with --tasks: examples per task (an integer) or a fraction (< 1)")
+    e.add_argument("--include-path", help="with --tasks: folder of extra task YAML files (local tasks)")
     e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("push", help="upload a saved checkpoint folder to the Hugging Face Hub as one commit "
+                       "(refreshes its model card for the repo id first)")
+    h.add_argument("folder", help="checkpoint folder saved by save_pretrained / hf-prune prune")
+    h.add_argument("repo_id", help="Hub repo, e.g. me/llama-wanda-50 (created if needed)")
+    h.add_argument("--private", action="store_true", help="create the repo as private")
+    h.add_argument("--commit-message", help="commit message (default: 'Upload pruned model (hf_prune)')")
+    h.add_argument("--revision", help="branch to commit to (created if needed)")
+    h.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    h.set_defaults(func=cmd_push)
 
     i = sub.add_parser("inspect", help="show how a saved model was pruned (config + per-layer report)")
     i.add_argument("model")

@@ -89,3 +89,45 @@ def perplexity(
         model.train(was_training)
     nll = total_nll / total_tokens
     return PerplexityResult(math.exp(nll), nll, total_tokens, n_windows, seqlen, time.perf_counter() - start)
+
+
+LM_EVAL_INSTALL = 'pip install "hf_prune[eval]"'
+
+
+def lm_eval_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    limit: int | float | None = None,
+    include_path: str | Sequence[str] | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness tasks in-process on ``model`` (already loaded, e.g. pruned) and return
+    ``{task: {metric: value}}`` (lm_eval's metric keys, e.g. ``"acc,none"``, with their ``_stderr`` values).
+
+    Needs ``lm_eval`` 0.4.x (``pip install "hf_prune[eval]"``), imported only here. ``include_path``: folder(s)
+    of extra task YAML files (local tasks; lm_eval's own tasks stay available); ``limit``: examples per task (an
+    int) or a fraction. Nothing is cached or logged to disk by lm_eval.
+
+    Example:
+        >>> # lm_eval_scores(model, tokenizer, ["hellaswag"], limit=100)  # -> {"hellaswag": {"acc,none": ...}}
+        >>> LM_EVAL_INSTALL
+        'pip install "hf_prune[eval]"'
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise ImportError(f"lm-evaluation-harness is not installed ({exc}); run: {LM_EVAL_INSTALL}") from exc
+
+    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    manager = TaskManager(include_path=paths or None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                  task_manager=manager, log_samples=False, bootstrap_iters=0)
+    results = (out or {}).get("results", {})
+    return {task: {k: float(v) for k, v in metrics.items()
+                   if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, metrics in results.items()}

@@ -50,6 +50,9 @@ class Report:
     seqlen: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     kind: str = "oneshot"
+    #: results of evaluations run on the saved checkpoint (`hf_prune.card.record_evaluation`): ``perplexity``,
+    #: ``dense_perplexity`` (`hf_prune.evaluate.PerplexityResult.to_dict`), ``lm_eval`` ({task: {metric: value}})
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     ROWS: ClassVar[str] = ""
     ROW_TYPE: ClassVar[type] = object
