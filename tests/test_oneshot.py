@@ -15,7 +15,7 @@ from hf_prune.core.masks import is_nm_sparse, mask_from_scores
 from hf_prune.core.model import find_blocks, iter_prunable
 from hf_prune.oneshot.functional import wanda_scores
 
-METHODS = ["magnitude", "wanda", "sparsegpt", "ria"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "ria", "admm"]
 STRUCTURES = ["unstructured", "2:4"]
 
 
