@@ -138,6 +138,8 @@ def measure(model: torch.nn.Module, label: str, workdir: Path) -> list[dict]:
 def write_results(disk_rows: list[dict], command: str) -> dict:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.setdefault("device", f"cpu ({platform.processor() or platform.machine()}), disk sizes only")
+    data["machine"] = (f"{platform.processor() or platform.machine()}, CPU capability "
+                       f"{torch.backends.cpu.get_cpu_capability()}")
     data.setdefault("rows", [])
     if not data["rows"]:
         data["note"] = GPU_NOTE

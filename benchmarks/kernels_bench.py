@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"disk": []}
     data.update(
         device=torch.cuda.get_device_name(),
+        machine=f"{torch.cuda.get_device_name()}, host CPU capability {torch.backends.cpu.get_cpu_capability()}",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command="python benchmarks/kernels_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         rows=rows,

@@ -166,7 +166,7 @@ def _summarise(runner: _Runner, seconds: dict[str, list[float]]) -> dict[str, An
         "attn_implementation": getattr(getattr(runner.model, "config", None), "_attn_implementation", None),
         "params": sum(p.numel() for p in runner.model.parameters()),
         "torch": torch.__version__,
-        "machine": platform.machine(),
+        "machine": f"{platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
     })
     return out
 

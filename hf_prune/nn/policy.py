@@ -47,7 +47,7 @@ class PolicySummary:
     def message(self) -> str:
         """The load message: one line per policy in effect, with its cost."""
         n = sum(self.effective.values())
-        parts = [f"hf_prune: {n} compressed layers ({self.sparse_format}) loaded with policy={self.requested!r}"]
+        parts = [f"hf_prune: {n} compressed layers ({self.sparse_format}) run with policy={self.requested!r}"]
         for policy, count in sorted(self.effective.items()):
             parts.append(f"  {count} layer(s) {policy}: {_WHAT[policy]}")
         if self.requested == "kernel" and self.effective.get("speed"):
@@ -62,20 +62,20 @@ class PolicySummary:
 def set_policy(model: nn.Module, policy: str, *, verbose: bool = True) -> PolicySummary:
     """Apply ``policy`` (``"auto"``, ``"speed"``, ``"memory"`` or ``"kernel"``; see `hf_prune.nn.sparse_linear`)
     to every `SparseLinear` in ``model`` and return what took effect. With ``verbose`` the summary is logged once
-    (logger ``hf_prune.nn``, WARNING when a layer decompresses per call or a requested kernel fell back)."""
+    (logger ``hf_prune.nn``, at WARNING so that it shows by default, like transformers' own load messages)."""
     check_policy(policy)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     effective: dict[str, int] = {}
     held = dense = 0
     formats = set()
+    tuning: dict = {}  # CPU kernel timings, shared by layers of the same shape and density
     for layer in layers:
-        got = layer.apply_policy(policy)
+        got = layer.apply_policy(policy, tuning)
         effective[got] = effective.get(got, 0) + 1
         held += layer.held_nbytes()
         dense += layer.out_features * layer.in_features * layer.weight_values.element_size()
         formats.add(str(layer.format))
     summary = PolicySummary(policy, effective, held, dense, ", ".join(sorted(formats)) or "none")
     if verbose and layers:
-        noisy = "memory" in effective or (policy == "kernel" and "speed" in effective)
-        logger.log(logging.WARNING if noisy else logging.INFO, summary.message())
+        logger.warning(summary.message())
     return summary

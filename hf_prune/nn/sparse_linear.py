@@ -279,9 +279,11 @@ class SparseLinear(nn.Module):
                 destination[prefix + name] = t
 
     # ------------------------------------------------------------------------------- policies
-    def apply_policy(self, policy: str) -> str:
+    def apply_policy(self, policy: str, tuning: dict | None = None) -> str:
         """Hold the weight as ``policy`` says (module docstring) and return the policy in effect: ``"kernel"``
         falls back to ``"speed"`` for a layer where no kernel applies or none beats dense (`kernel_available`).
+        ``tuning``: a dict shared by the layers of one model, so that the CPU timing runs once per distinct
+        (shape, density, dtype) instead of once per layer.
 
         Example:
             >>> lin = torch.nn.Linear(8, 4); sl = SparseLinear.from_linear(lin, "bitmask")
@@ -294,7 +296,7 @@ class SparseLinear(nn.Module):
         device = self._storage_device()
         if policy == "auto":
             policy = "kernel" if device.type == "cuda" and kernels_available() else "speed"
-        if policy == "kernel" and not self._choose_kernels(device):
+        if policy == "kernel" and not self._choose_kernels(device, {} if tuning is None else tuning):
             policy = "speed"
         if policy == "memory":
             self._restore_compressed()
@@ -350,7 +352,7 @@ class SparseLinear(nn.Module):
             return self.weight_values.dtype in cpu_sparse.CSR_DTYPES
         return False
 
-    def _choose_kernels(self, device: torch.device) -> bool:
+    def _choose_kernels(self, device: torch.device, tuning: dict) -> bool:
         """Set up ``"kernel"`` storage; False when no kernel applies or (CPU) none beats dense on this layer."""
         if not self.kernel_available(device):
             return False
@@ -361,8 +363,12 @@ class SparseLinear(nn.Module):
         dense = self.dense_weight().detach()
         csr = cpu_sparse.to_csr(dense)
         d = self.dispatch
-        self._csr_decode = cpu_sparse.faster_than_dense(dense, csr, tokens=1)[0]
-        self._csr_prefill = cpu_sparse.faster_than_dense(dense, csr, tokens=d.cpu_prefill_tokens, reps=5)[0]
+        key = (tuple(dense.shape), round(csr.values().numel() / max(dense.numel(), 1), 2), dense.dtype,
+               d.cpu_prefill_tokens, torch.get_num_threads())
+        if key not in tuning:
+            tuning[key] = (cpu_sparse.faster_than_dense(dense, csr, tokens=1)[0],
+                           cpu_sparse.faster_than_dense(dense, csr, tokens=d.cpu_prefill_tokens, reps=5)[0])
+        self._csr_decode, self._csr_prefill = tuning[key]
         if not (self._csr_decode or self._csr_prefill):
             return False
         self.weight_csr = csr
