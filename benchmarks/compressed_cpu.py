@@ -17,7 +17,10 @@ Protocol:
 * latency: per checkpoint, the dense model and the three policies loaded in one process and timed in interleaved
   rounds (``benchmarks/speed.py``'s ``measure_interleaved``: every round times each model once, order rotated,
   ratios taken within a round): 1-token decode latency (bare decode loop with the KV cache after a 32-token
-  prompt) and 512-token prefill throughput.
+  prompt) and 512-token prefill throughput;
+* speed check (``--phase speedcheck``): the ``speed`` policy's promise (within 5% of dense) needs finer
+  resolution than the policy comparison, so the dense model and the ``speed`` load of every checkpoint are timed
+  together in one interleaved group with more rounds (``--check-rounds``) and longer decodes.
 """
 
 from __future__ import annotations
@@ -158,35 +161,71 @@ def speed_phase(rounds: int, decode_tokens: int) -> dict[str, Any]:
     return out
 
 
+def speedcheck_phase(rounds: int, decode_tokens: int) -> dict[str, Any]:
+    import torch
+    from speed import measure_interleaved
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune  # noqa: F401
+    from hf_prune.formats import HfPruneSparseConfig
+
+    models = {"dense": AutoModelForCausalLM.from_pretrained(CACHE / "dense", dtype=torch.float32).eval()}
+    for name in CHECKPOINTS:
+        models[name] = AutoModelForCausalLM.from_pretrained(
+            folder(name), dtype=torch.float32, quantization_config=HfPruneSparseConfig(policy="speed")).eval()
+    res = measure_interleaved(models, "dense", rounds=rounds, prefill_tokens=512, decode_tokens=decode_tokens,
+                              decode_prompt_tokens=32, show_progress=False)
+    for name in CHECKPOINTS:
+        print(f"speed check {name:18s} decode {1 / res[name]['decode_loop_tok_s_x']:.3f}x  prefill "
+              f"{1 / res[name]['prefill_tok_s_x']:.3f}x (time ratios against dense)", flush=True)
+    return res
+
+
 def table(results: dict[str, Any]) -> str:
     mem, spd = results["memory"], results["speed"]
     d = mem["dense"]["dense"]
     lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
              "dtype float32; latency ratios are medians of per-round ratios against dense in the same round.", "",
-             "| checkpoint | policy | disk MiB | load s | model RSS MiB | peak RSS MiB | weights held MiB | "
+             "| checkpoint | policy | disk MiB | load s | RSS after run MiB | peak RSS MiB | weights held MiB | "
              "decode ms/token | decode vs dense | prefill tok/s | prefill vs dense |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     dense_dec = [spd[n]["dense"] for n in spd]
     med_ms = sorted(1000 / r["decode_loop_tok_s"] for r in dense_dec)[len(dense_dec) // 2]
     med_pf = sorted(r["prefill_tok_s"] for r in dense_dec)[len(dense_dec) // 2]
-    lines.append(f"| dense | - | {d['disk_mb']:.0f} | {d['load_s']:.2f} | {d['model_rss_mb']:.0f} | "
+    lines.append(f"| dense | - | {d['disk_mb']:.0f} | {d['load_s']:.2f} | {d['rss_after_run_mb']:.0f} | "
                  f"{d['peak_rss_mb']:.0f} | - | {med_ms:.1f} | 1.00x | {med_pf:.0f} | 1.00x |")
     for name in CHECKPOINTS:
         for p in POLICIES:
             m, s = mem[name][p], spd[name][p]
             pol = p if set(m["layer_policies"]) == {p} else f"{p} ({', '.join(f'{k} {v}' for k, v in m['layer_policies'].items())} layers)"
             lines.append(
-                f"| {name} | {pol} | {m['disk_mb']:.0f} | {m['load_s']:.2f} | {m['model_rss_mb']:.0f} | "
+                f"| {name} | {pol} | {m['disk_mb']:.0f} | {m['load_s']:.2f} | {m['rss_after_run_mb']:.0f} | "
                 f"{m['peak_rss_mb']:.0f} | {m['weights_held_mb']:.0f} | {1000 / s['decode_loop_tok_s']:.1f} | "
                 f"{1 / s['decode_loop_tok_s_x']:.2f}x | {s['prefill_tok_s']:.0f} | {1 / s['prefill_tok_s_x']:.2f}x |")
     lines += ["", "`vs dense` columns are time ratios (latency / dense latency; prefill time / dense prefill time): "
-              "below 1.00x is faster than dense."]
+              "below 1.00x is faster than dense. RSS after run: the process after load, one 512-token prefill and "
+              "16 decode steps (the dense checkpoint's weights are memory-mapped and only count once touched, so "
+              "RSS right after its load says little); peak RSS: the process's maximum (load transients included)."]
+    chk = results.get("speedcheck")
+    if chk:
+        s = chk["results"]
+        lines += ["", f"Speed check (`{chk['command']}`, {chk['rounds']} interleaved rounds, {chk['decode_tokens']}-token "
+                  "decodes; dense and every `speed` load in one group):", "",
+                  "| checkpoint (policy speed) | decode ms/token | decode vs dense | prefill tok/s | prefill vs dense |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| dense | {1000 / s['dense']['decode_loop_tok_s']:.1f} | 1.00x | {s['dense']['prefill_tok_s']:.0f} | 1.00x |"]
+        for name in CHECKPOINTS:
+            r = s[name]
+            lines.append(f"| {name} | {1000 / r['decode_loop_tok_s']:.1f} | {1 / r['decode_loop_tok_s_x']:.3f}x | "
+                         f"{r['prefill_tok_s']:.0f} | {1 / r['prefill_tok_s_x']:.3f}x |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", choices=("all", "prepare", "memory", "speed"), default="all")
+    p.add_argument("--phase", choices=("all", "prepare", "memory", "speed", "speedcheck"), default="all")
+    p.add_argument("--check-rounds", type=int, default=11)
+    p.add_argument("--check-decode-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--measure-one", help=argparse.SUPPRESS)
@@ -204,13 +243,20 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     results_path = HERE / "results" / "compressed_cpu.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.update({"machine": machine(), "date": datetime.date.today().isoformat(),
-                    "command": command_line("benchmarks/compressed_cpu.py"), "dtype": "float32",
+    results.update({"machine": machine(), "date": datetime.date.today().isoformat(), "dtype": "float32",
                     "pruning": "magnitude", "checkpoints": {n: list(v) for n, v in CHECKPOINTS.items()}})
+    if args.phase in ("all", "memory", "speed"):
+        results.setdefault("commands", {})[args.phase] = command_line("benchmarks/compressed_cpu.py")
+        results["command"] = " ; ".join(results["commands"].values())
     if args.phase in ("all", "memory"):
         results["memory"] = memory_phase()
     if args.phase in ("all", "speed"):
         results["speed"] = speed_phase(args.rounds, args.decode_tokens)
+    if args.phase in ("all", "speedcheck"):
+        results["speedcheck"] = {"command": command_line("benchmarks/compressed_cpu.py"), "rounds": args.check_rounds,
+                                 "decode_tokens": args.check_decode_tokens,
+                                 "date": datetime.date.today().isoformat(),
+                                 "results": speedcheck_phase(args.check_rounds, args.check_decode_tokens)}
     from hf_prune.io import atomic_write_text
 
     atomic_write_text(results_path, json.dumps(results, indent=2))

@@ -13,8 +13,11 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
+import sys
 
 from torch import nn
 
@@ -59,6 +62,18 @@ class PolicySummary:
         return "\n".join(parts)
 
 
+def _release_freed_memory() -> None:
+    """Hand the buffers a policy change freed back to the OS. glibc keeps freed heap memory for reuse, so without
+    this a model whose layers were decompressed (or converted to CSR) keeps the resident size of every transient
+    copy; measured on SmolLM2 at 90% with ``kernel``: 744 MiB resident after load, 357 MiB after the trim."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another libc: nothing to trim
+            pass
+
+
 def set_policy(model: nn.Module, policy: str, *, verbose: bool = True) -> PolicySummary:
     """Apply ``policy`` (``"auto"``, ``"speed"``, ``"memory"`` or ``"kernel"``; see `hf_prune.nn.sparse_linear`)
     to every `SparseLinear` in ``model`` and return what took effect. With ``verbose`` the summary is logged once
@@ -75,6 +90,7 @@ def set_policy(model: nn.Module, policy: str, *, verbose: bool = True) -> Policy
         held += layer.held_nbytes()
         dense += layer.out_features * layer.in_features * layer.weight_values.element_size()
         formats.add(str(layer.format))
+    _release_freed_memory()
     summary = PolicySummary(policy, effective, held, dense, ", ".join(sorted(formats)) or "none")
     if verbose and layers:
         logger.warning(summary.message())

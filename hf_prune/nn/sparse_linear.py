@@ -180,6 +180,7 @@ class SparseLinear(nn.Module):
         self.dispatch = KernelDispatch()
         self.last_path = None
         self._compressed_dropped = False  # compressed buffers freed; rebuilt from `weight` when saving
+        self._speed = False  # "speed" with a held dense weight: forward is F.linear and nothing else
         self._nnz: int | None = None
         self._csr_decode = self._csr_prefill = False
         self._failed_paths: set[str] = set()
@@ -259,6 +260,7 @@ class SparseLinear(nn.Module):
 
     def _after_new_compressed(self) -> None:
         self._aux.clear()
+        self._speed = False
         self._compressed_dropped = False
         self.weight = self.weight_csr = None
         self.validate()
@@ -306,6 +308,7 @@ class SparseLinear(nn.Module):
             self.weight_csr = None
             self._drop_compressed()
         self.policy = policy
+        self._speed = policy == "speed" and self.weight is not None and self.weight_csr is None
         self._aux.clear()
         return policy
 
@@ -405,6 +408,7 @@ class SparseLinear(nn.Module):
         if all(prefix + n in state_dict for n in self.compressed_names):
             self._compressed_dropped = False
             self.weight = self.weight_csr = None
+            self._speed = False
             self._aux.clear()
             if self.policy != "memory":  # rebuild the run-time form of the new weights
                 self.apply_policy(self.policy)
@@ -509,10 +513,12 @@ class SparseLinear(nn.Module):
         return "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w is not None and self.weight_csr is None:  # "speed": the dense model's forward, nothing else
-            self.last_path = "decompressed"
-            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self._bias_for(x))
+        if self._speed:  # the dense model's forward and nothing else (plain attribute reads, no setattr hooks)
+            w = self.weight
+            self.__dict__["last_path"] = "decompressed"
+            if w.dtype == x.dtype:
+                return F.linear(x, w, self.bias)
+            return F.linear(x, w.to(x.dtype), self._bias_for(x))
         x2d = x.reshape(-1, self.in_features)
         path = self.choose_path(x2d)
         if path in self._failed_paths:
