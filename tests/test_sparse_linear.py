@@ -156,6 +156,21 @@ def test_cpu_kernel_policy_uses_csr_where_it_wins(monkeypatch):
     assert sl.apply_policy("kernel") == "speed" and sl.weight_csr is None
 
 
+def test_kernel_fits_the_format_per_device(monkeypatch):
+    """Which layers ``kernel`` can serve: CUDA has Triton kernels for N:M and for bitmask at >= 50% sparsity (only
+    with Triton installed); CPU has the CSR product for float32. Everything else falls back to ``speed``."""
+    import hf_prune.nn.sparse_linear as sl_mod
+
+    monkeypatch.setattr(sl_mod, "kernels_available", lambda: True)
+    assert sparse_linear_pair("2:4")[1].kernel_available("cuda")
+    assert sparse_linear_pair("bitmask", sparsity=0.7)[1].kernel_available("cuda")
+    assert not sparse_linear_pair("bitmask", sparsity=0.2)[1].kernel_available("cuda")
+    assert sparse_linear_pair("bitmask", sparsity=0.7)[1].kernel_available("cpu")
+    assert not sparse_linear_pair("bitmask", dtype=torch.bfloat16)[1].kernel_available("cpu")
+    monkeypatch.setattr(sl_mod, "kernels_available", lambda: False)  # no Triton: no CUDA kernel at all
+    assert not sparse_linear_pair("2:4")[1].kernel_available("cuda")
+
+
 def test_csr_linear_matches_the_dense_reference():
     from hf_prune.nn import cpu_sparse
 
