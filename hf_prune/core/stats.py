@@ -5,6 +5,8 @@
 read the same tensor (q/k/v, gate/up), routes tokens of fused MoE experts, and can stop the block early.
 `fold_input` / `input_hook` are the lifecycle both share with other families' accumulators (e.g. structured
 pruning's float64 moments): one accumulator per key, created from the first input it sees, fed every input.
+With several processes each one accumulates its own calibration batches and the statistics are summed over the
+processes through one method, ``all_reduce(sum_across)`` (`Reducible`; `hf_prune.core.distributed` calls it).
 
 Example:
     >>> import torch
@@ -19,14 +21,28 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .blocks import StopBlock
 from .model import PrunableLayer, read_param
+
+#: ``sum_across(tensors) -> sums``: element-wise sums of ``tensors`` over every process (identity in one process)
+SumAcross = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+
+
+class Reducible(Protocol):
+    """A statistic accumulated per process that the processes can combine into the statistic of all their data.
+
+    ``all_reduce(sum_across)`` replaces the object's state, in place, by the state it would have after seeing
+    every process's inputs (up to float summation order). It only combines through ``sum_across``, so it never
+    touches ``torch.distributed`` itself and runs unchanged in one process.
+    """
+
+    def all_reduce(self, sum_across: SumAcross) -> None: ...
 
 
 class InputStats:
@@ -65,6 +81,27 @@ class InputStats:
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.sum_sq, self.hessian) if t is not None)
+
+    def all_reduce(self, sum_across: SumAcross) -> None:
+        """Sum token count, ``sum_sq`` and the Hessian over the processes (`Reducible`); both statistics are
+        plain sums, so the result is the single-process one up to summation order.
+
+        Example:
+            >>> s = InputStats(2, torch.device("cpu"), norms=True, hessian=True)
+            >>> s.add(torch.ones(3, 2))
+            >>> s.all_reduce(lambda ts: [t * 2 for t in ts])   # as if two processes had seen the same inputs
+            >>> s.n_tokens, s.sum_sq.tolist(), s.full_hessian().tolist()
+            (6, [6.0, 6.0], [[6.0, 6.0], [6.0, 6.0]])
+        """
+        device = next((t.device for t in (self.sum_sq, self.hessian) if t is not None), torch.device("cpu"))
+        parts = [torch.tensor([self.n_tokens], dtype=torch.int64, device=device)]
+        parts += [t for t in (self.sum_sq, self.hessian) if t is not None]
+        summed = iter(sum_across(parts))
+        self.n_tokens = int(next(summed)[0])
+        if self.sum_sq is not None:
+            self.sum_sq = next(summed)
+        if self.hessian is not None:
+            self.hessian = next(summed)
 
 
 #: ``factory(in_features, device) -> accumulator`` (anything with ``add(x)``), as `fold_input` calls it.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import is_main_process, world
 from ..io.save import save_checkpoint
 from ..nn.packing import SparseFormat, is_nm_sparse, parse_format
 from ..nn.sparse_linear import SparseLinear
@@ -181,6 +182,10 @@ def save_sparse_pretrained(
         'save_sparse_pretrained'
     """
     register()
+    if not is_main_process():  # data-parallel pruning: every rank holds the same model; rank 0 writes it
+        logger.info("hf_prune: rank %d skips save_sparse_pretrained(%s); rank 0 writes it", world().rank, out_dir)
+        return {"format": str(parse_format(sparse_format)), "modules": {}, "compressed_bytes": 0,
+                "dense_bytes": 0, "skipped": "not the main process"}
     if save_kwargs.get("push_to_hub"):
         raise ValueError("save_sparse_pretrained writes locally; push the folder with push_to_hub afterwards")
     for k in ("state_dict", "sparse_format"):

@@ -9,6 +9,7 @@ Installed once when `hf_prune` is imported; `uninstall()` restores transformers'
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +17,11 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from ..core.distributed import is_main_process, world
 from ..errors import IncompletePruningError
 from .hub import HUB_KWARGS, push_folder, upload_folder
+
+logger = logging.getLogger("hf_prune")
 
 _ORIGINAL_SAVE = PreTrainedModel.save_pretrained
 _ORIGINAL_PUSH = PreTrainedModel.push_to_hub
@@ -26,6 +30,9 @@ _INSTALLED = False
 
 def _save_pretrained(self: PreTrainedModel, save_directory: str | os.PathLike, *args: Any,
                      sparse_format: str | None = None, **kwargs: Any) -> Any:
+    if not is_main_process():  # data-parallel pruning: every rank holds the same model; rank 0 writes it
+        logger.info("hf_prune: rank %d skips save_pretrained(%s); rank 0 writes it", world().rank, save_directory)
+        return None
     if getattr(self, "_hf_prune_incomplete", False):
         raise IncompletePruningError(
             "refusing to save: this model was left partially pruned by a failed hf_prune run; reload and prune again"

@@ -11,6 +11,15 @@
 
 Only one block (and the calibration activations) ever lives on the compute device, so a model that is
 offloaded to CPU or disk with accelerate's ``device_map`` is pruned with one block's worth of device memory.
+
+Several processes (``torchrun`` / ``accelerate launch``, `hf_prune.core.distributed`): every process holds the
+whole model and the same calibration tensor (checked) and runs only its share of the calibration batches
+(`shard_batches`). After each block's statistics pass the statistics are summed over the processes
+(`all_reduce_stats`), the block's layer groups are dealt out to the processes (largest first, to the least
+loaded), each process prunes its groups and broadcasts the new weights, so every process ends with the same
+pruned block and feeds its own batches on. The result equals the single-process run up to float summation
+order. Any failure on one process is raised on all of them (`failing_together`) instead of leaving the others
+waiting. Methods see none of this.
 """
 
 from __future__ import annotations
@@ -28,6 +37,17 @@ from torch import nn
 
 from ..config import PruningConfig
 from ..core.blocks import check_finite, is_hooked, on_device, record_block_inputs, run_block
+from ..core.distributed import (
+    all_reduce_stats,
+    broadcast_object,
+    broadcast_tensor,
+    check_not_sharded,
+    check_same,
+    failing_together,
+    fingerprint,
+    shard_batches,
+    world,
+)
 from ..core.model import PrunableLayer, find_blocks, iter_prunable
 from ..core.stats import InputStats, StatsCollector
 from ..errors import NumericalError
@@ -46,6 +66,36 @@ def _group_layers(layers: list[PrunableLayer]) -> dict[str, list[PrunableLayer]]
     return groups
 
 
+def assign_groups(costs: list[float], processes: int) -> list[int]:
+    """Which process prunes each layer group: largest cost first, to the least loaded process (ties: lowest
+    rank). Deterministic, so every process computes the same assignment.
+
+    Example:
+        >>> assign_groups([4.0, 1.0, 3.0, 2.0], 2)
+        [0, 0, 1, 1]
+    """
+    load = [0.0] * processes
+    owner = [0] * len(costs)
+    for g in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
+        rank = min(range(processes), key=lambda r: (load[r], r))
+        owner[g] = rank
+        load[rank] += costs[g]
+    return owner
+
+
+def calibration_digest(calib: torch.Tensor) -> str:
+    """A hash of a token-id tensor (shape and values), to check that every process built the same one.
+
+    Example:
+        >>> calibration_digest(torch.zeros(2, 3, dtype=torch.long)) == calibration_digest(torch.zeros(2, 3).long())
+        True
+    """
+    import hashlib
+
+    data = calib.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return f"{tuple(calib.shape)}:{hashlib.sha256(data).hexdigest()}"
+
+
 class SequentialPruner:
     """Runs a `PruningMethod` over a model block by block. Use through `hf_prune.prune`."""
 
@@ -57,6 +107,7 @@ class SequentialPruner:
         self.device = device
         self.show_progress = show_progress
         self.method: PruningMethod = get_method(config.method)(config)
+        check_not_sharded(model)
         self.prefix, self.blocks = find_blocks(model)
         self.skipped: list[str] = []
         self.layers = [
@@ -75,7 +126,7 @@ class SequentialPruner:
     def _progress(self, iterable: Iterable, desc: str, total: int) -> Iterable:
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, unit="block")
+        return tqdm(iterable, desc=desc, total=total, disable=not (self.show_progress and world().is_main), unit="block")
 
     def target_sparsity(self, layer: PrunableLayer, block_idx: int) -> float:
         override = self.config.layer_override(layer.report_name)
@@ -87,9 +138,11 @@ class SequentialPruner:
         calls: list[list[tuple[tuple, dict]]] = []
         if self.needs_calibration:
             assert calib is not None
-            hidden, calls = record_block_inputs(self.model, self.blocks, calib, self.config.batch_size)
-            hidden = [h.to(self.device) for h in hidden]
-            check_finite(hidden, "entering block 0 (embeddings)")
+            calib = self._own_batches(calib)
+            with failing_together("recording the inputs of the decoder blocks"):
+                hidden, calls = record_block_inputs(self.model, self.blocks, calib, self.config.batch_size)
+                hidden = [h.to(self.device) for h in hidden]
+                check_finite(hidden, "entering block 0 (embeddings)")
             if self.config.owl:
                 self._owl(hidden, calls)
         results: list[LayerRow] = []
@@ -106,25 +159,49 @@ class SequentialPruner:
                 self._backup_dir = None
         return results
 
+    def _own_batches(self, calib: torch.Tensor) -> torch.Tensor:
+        """This process's share of the calibration batches (all of them in a single process)."""
+        at = world()
+        if not at.active:
+            return calib
+        check_same(calibration_digest(calib), "the calibration token ids")
+        mine = shard_batches(calib, self.config.batch_size, at)
+        logger.info("hf_prune: process %d of %d runs %d of the %d calibration samples", at.rank, at.size,
+                    mine.shape[0], calib.shape[0])
+        return mine
+
+    def _collect(self, i: int, block: nn.Module, layers: list[PrunableLayer], hidden: list[torch.Tensor],
+                 calls: list[tuple[tuple, dict]], norms: bool, hessian: bool, early_stop: bool
+                 ) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+        """Statistics of block ``i``'s layer inputs over the calibration batches of every process, and this
+        process's block outputs (none with ``early_stop``)."""
+        collector = StatsCollector(layers, self.device, norms, hessian, early_stop=early_stop)
+        with failing_together(f"running block {i} ({self.prefix}.{i}) on its calibration batches"):
+            collector.attach()
+            try:
+                outputs = run_block(block, hidden, calls, self.device, collector.end_batch)
+            finally:
+                collector.detach()
+        if world().active:
+            check_same([fingerprint(layer.read_weight()) for layer in layers], f"the weights of block {i}")
+            all_reduce_stats(collector.stats, f"statistics of block {i}")
+        return collector.stats, outputs
+
     def _owl(self, hidden: list[torch.Tensor], calls: list) -> None:
         ratios = []
         h = [t.clone() for t in hidden]
         for i in self._progress(range(len(self.blocks)), "OWL: outlier ratios", len(self.blocks)):
             block, layers = self.blocks[i], self.layers[i]
             with on_device(block, self.device):
-                collector = StatsCollector(layers, self.device, norms=True, hessian=False)
-                collector.attach()
-                try:
-                    h = run_block(block, h, calls[i], self.device, collector.end_batch)
-                finally:
-                    collector.detach()
+                collected, h = self._collect(i, block, layers, h, calls[i], norms=True, hessian=False, early_stop=False)
                 scores = []
                 for layer in layers:
-                    stats = collector.stats[layer.stats_key]
+                    stats = collected[layer.stats_key]
                     w = layer.read_weight().to(self.device, torch.float32)
                     scores.append(wanda_scores(w, stats.sum_sq).flatten())
                 ratios.append(owl_outlier_ratio(scores, self.config.owl_threshold))
-        self.block_sparsity = owl_block_sparsities(ratios, float(self.config.sparsity), self.config.owl_lambda)
+        self.block_sparsity = broadcast_object(  # equal on every process already; rank 0's, to be sure
+            owl_block_sparsities(ratios, float(self.config.sparsity), self.config.owl_lambda))
         logger.info("OWL block sparsities: %s", [round(s, 3) for s in self.block_sparsity])
 
     def _prune_block(
@@ -135,14 +212,8 @@ class SequentialPruner:
         with on_device(block, self.device):
             stats: dict[str, InputStats] = {}
             if method.needs_calibration and layers:
-                collector = StatsCollector(layers, self.device, method.needs_norms, method.needs_hessian,
-                                            early_stop=not is_hooked(block))
-                collector.attach()
-                try:
-                    run_block(block, hidden, calls, self.device, collector.end_batch)
-                finally:
-                    collector.detach()
-                stats = collector.stats
+                stats, _ = self._collect(i, block, layers, hidden, calls, method.needs_norms, method.needs_hessian,
+                                         early_stop=not is_hooked(block))
             new_weights = self._compute(i, layers, stats)
             self._commit(layers, new_weights)
             for layer in layers:
@@ -154,14 +225,34 @@ class SequentialPruner:
             if hidden:
                 # The last block's outputs feed nothing here, so one batch suffices to check them for NaN/Inf.
                 last = i == len(self.blocks) - 1
-                hidden = run_block(block, hidden[:1] if last else hidden, calls[:1] if last else calls, self.device)
-                check_finite(hidden, f"leaving block {i} ({self.prefix}.{i}) after pruning")
+                with failing_together(f"running block {i} ({self.prefix}.{i}) after pruning"):
+                    hidden = run_block(block, hidden[:1] if last else hidden, calls[:1] if last else calls, self.device)
+                    check_finite(hidden, f"leaving block {i} ({self.prefix}.{i}) after pruning")
         return hidden
 
     def _compute(self, i: int, layers: list[PrunableLayer], stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+        """New float32 weights of every layer of block ``i``. With several processes each layer group is pruned by
+        one process (`assign_groups`) and its result broadcast to the others."""
+        groups = list(_group_layers(layers).values())
+        at = world()
+        if not at.active:
+            return self._compute_groups(i, groups, stats)
+        owners = assign_groups([sum(a * b * b for a, b in (layer.shape for layer in g)) for g in groups], at.size)
+        with failing_together(f"pruning block {i} ({self.prefix}.{i})"):
+            out = self._compute_groups(i, [g for g, o in zip(groups, owners) if o == at.rank], stats)
+        for group, owner in zip(groups, owners):
+            for layer in group:
+                mine = out.get(layer.name) if owner == at.rank else None
+                buf = mine if mine is not None else torch.empty(layer.shape, dtype=torch.float32, device=self.device)
+                out[layer.name] = broadcast_tensor(buf, owner)
+        return out
+
+    def _compute_groups(self, i: int, groups: list[list[PrunableLayer]], stats: dict[str, InputStats]
+                        ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         fallback = None
-        for key, group in _group_layers(layers).items():
+        for group in groups:
+            key = group[0].stats_key or group[0].name
             weights = [layer.read_weight().to(self.device, torch.float32) for layer in group]
             sparsities = [self.target_sparsity(layer, i) for layer in group]
             names = [layer.name for layer in group]

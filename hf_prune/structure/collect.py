@@ -16,6 +16,12 @@
   tensors are freed at once; no other parameter gets a gradient. The model must fit its device(s) for
   training-style forward+backward (a CPU model is moved to ``device`` for the duration).
 
+Several processes (``torchrun`` / ``accelerate launch``): each one runs its share of the calibration batches
+(`hf_prune.core.distributed.shard_batches`) and the statistics are summed over the processes before anything
+is scored: width moments and refit moments through their ``all_reduce`` (`ReducibleMoments`,
+`ReduciblePairedMoments`), depth statistics and Taylor gradient sums through the same sums, last-token states
+gathered in sample order. Every process then holds the statistics of the whole calibration set.
+
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,8 +44,17 @@ import torch
 from torch import nn
 
 from ..core.blocks import StopBlock, check_finite, on_device, record_block_inputs, run_block
+from ..core.distributed import (
+    all_gather_objects,
+    all_reduce_stats,
+    check_same,
+    failing_together,
+    shard_batches,
+    sum_across,
+    world,
+)
 from ..core.model import find_blocks, input_device
-from ..core.stats import input_hook
+from ..core.stats import SumAcross, input_hook
 from ..errors import NumericalError
 from .plan import BlockSpec
 from .reconstruct import PairedMoments
@@ -52,7 +67,45 @@ BlockDone = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
 def _progress(iterable: Iterable, desc: str, total: int, show: bool, unit: str = "block") -> Iterable:
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, disable=not show, unit=unit)
+    return tqdm(iterable, desc=desc, total=total, disable=not (show and world().is_main), unit=unit)
+
+
+class ReducibleMoments(RunningMoments):
+    """`RunningMoments` that several processes can combine (`hf_prune.core.stats.Reducible`): counts and sums
+    are added, and the squared deviations are merged around the common mean (Chan et al.'s parallel formula),
+    so the result is the single-process one up to float order.
+
+    Example:
+        >>> a = ReducibleMoments(1); a.add(torch.tensor([[1.0], [3.0]]))
+        >>> a.all_reduce(lambda ts: [t * 2 for t in ts])      # as if a second process had seen the same data
+        >>> a.n, a.mean.tolist(), a.var.tolist()
+        (4, [2.0], [1.0])
+    """
+
+    def all_reduce(self, sum_across: SumAcross) -> None:
+        n, total = sum_across([torch.tensor([float(self.n)], dtype=torch.float64, device=self.mean.device),
+                               self.mean * self.n])
+        count = int(n[0])
+        mean = total / max(count, 1)
+        (m2,) = sum_across([self.m2 + self.n * (self.mean - mean).square()])
+        self.n, self.mean, self.m2 = count, mean, m2
+
+
+class ReduciblePairedMoments(PairedMoments):
+    """`PairedMoments` (plain sums) that several processes can add up (`hf_prune.core.stats.Reducible`).
+
+    Example:
+        >>> m = ReduciblePairedMoments(2); m.add_pair(torch.ones(3, 2), torch.ones(3, 2))
+        >>> m.all_reduce(lambda ts: [t * 2 for t in ts])
+        >>> m.n, m.xd.tolist()
+        (6, [[6.0, 6.0], [6.0, 6.0]])
+    """
+
+    def all_reduce(self, sum_across: SumAcross) -> None:
+        n, self.xx, self.x, self.xd, self.d = sum_across(
+            [torch.tensor([float(self.n)], dtype=torch.float64, device=self.xx.device), self.xx, self.x, self.xd,
+             self.d])
+        self.n = int(n[0])
 
 
 def sweep_blocks(
@@ -69,24 +122,29 @@ def sweep_blocks(
 
     ``before(i, block)`` may register hooks and returns their handles (removed after the block ran);
     ``after(i, inputs, outputs)`` sees the block's per-batch input and output hidden states.
+
+    With several processes each runs its own calibration batches (`hf_prune.core.distributed.shard_batches`);
+    the callers sum what the hooks collected afterwards. A failure on one process is raised on all.
     """
     _, blocks = find_blocks(model)
-    hidden, calls = record_block_inputs(model, blocks, calibration, batch_size)
-    hidden = [h.to(device) for h in hidden]
-    check_finite(hidden, "entering block 0 (embeddings)")
-    for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
-        block = blocks[i]
-        with on_device(block, device):
-            handles = before(i, block) if before is not None else []
-            try:
-                out = run_block(block, hidden, calls[i], device)
-            finally:
-                for h in handles:
-                    h.remove()
-        check_finite(out, f"leaving block {i}")
-        if after is not None:
-            after(i, hidden, out)
-        hidden = out
+    calibration = shard_batches(calibration, batch_size)
+    with failing_together(desc):
+        hidden, calls = record_block_inputs(model, blocks, calibration, batch_size)
+        hidden = [h.to(device) for h in hidden]
+        check_finite(hidden, "entering block 0 (embeddings)")
+        for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
+            block = blocks[i]
+            with on_device(block, device):
+                handles = before(i, block) if before is not None else []
+                try:
+                    out = run_block(block, hidden, calls[i], device)
+                finally:
+                    for h in handles:
+                        h.remove()
+            check_finite(out, f"leaving block {i}")
+            if after is not None:
+                after(i, hidden, out)
+            hidden = out
 
 
 # ----------------------------------------------------------------------------------------- width stats
@@ -110,9 +168,10 @@ def collect_width_stats(
         spec = by_block.get(i)
         paths = [] if spec is None else [p for p in (spec.attention and spec.attention.o,
                                                      spec.mlp and spec.mlp.output) if p]
-        return [model.get_submodule(p).register_forward_pre_hook(input_hook(stats, p, RunningMoments)) for p in paths]
+        return [model.get_submodule(p).register_forward_pre_hook(input_hook(stats, p, ReducibleMoments)) for p in paths]
 
     sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
+    all_reduce_stats(stats, "structured input statistics")
     for path, s in stats.items():
         if not s.is_finite():
             raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
@@ -184,9 +243,11 @@ def sequential_refit(
     one), and the pruned stream's hidden states next to the dense ones on ``device``.
     """
     _, blocks = find_blocks(model)
-    dense, calls = record_block_inputs(model, blocks, calibration, batch_size)
-    dense = [h.to(device) for h in dense]
-    check_finite(dense, "entering block 0 (embeddings)")
+    calibration = shard_batches(calibration, batch_size)
+    with failing_together("recording the inputs of the decoder blocks"):
+        dense, calls = record_block_inputs(model, blocks, calibration, batch_size)
+        dense = [h.to(device) for h in dense]
+        check_finite(dense, "entering block 0 (embeddings)")
     pruned: list[torch.Tensor] | None = None  # None while no block has been pruned: the streams are equal
     for i in _progress(range(len(blocks)), desc, len(blocks), show_progress):
         block = blocks[i]
@@ -197,10 +258,11 @@ def sequential_refit(
                     module = model.get_submodule(job.path)
                     x_dense = _inputs_at(module, block, dense, calls[i], device)
                     x_pruned = _inputs_at(module, block, dense if pruned is None else pruned, calls[i], device)
-                    moments = PairedMoments(x_dense[0].shape[-1], device=device)
+                    moments = ReduciblePairedMoments(x_dense[0].shape[-1], device=device)
                     for xp, xd in zip(x_pruned, x_dense):
                         moments.add_pair(xp, xd)
                     del x_dense, x_pruned
+                    all_reduce_stats({job.path: moments}, f"refit moments of {job.path}")
                     weight, bias = solve(i, job, moments)  # refit_projection rejects NaN/Inf moments
                     del moments
                     base = getattr(module, "bias", None)
@@ -288,6 +350,19 @@ class _DepthAccumulator:
             self.count[i] += cos.numel()
         self.boundary(i + 1, outputs)
 
+    def all_reduce(self, sum_across: SumAcross) -> None:
+        """Sum the per-block sums and counts over the processes; every process then holds every process's
+        last-token states, in rank order (= sample order, as `shard_batches` deals contiguous batches)."""
+        if not world().active:
+            return
+        parts = (self.cos_sum, self.count, self.span_sum, self.span_count)
+        (summed,) = sum_across([torch.tensor([float(v) for p in parts for v in p], dtype=torch.float64)])
+        cos_sum, count, span_sum, span_count = summed.split([len(p) for p in parts])
+        self.cos_sum, self.span_sum = cos_sum.tolist(), span_sum.tolist()
+        self.count, self.span_count = [int(c) for c in count.tolist()], [int(c) for c in span_count.tolist()]
+        gathered = all_gather_objects(self.last)
+        self.last = [[t for rank in gathered for t in rank[b]] for b in range(self.n_blocks + 1)]
+
 
 def collect_depth_stats(
     model: nn.Module,
@@ -306,6 +381,7 @@ def collect_depth_stats(
     acc = _DepthAccumulator(len(blocks), all_token_span)
     sweep_blocks(model, calibration, batch_size, device, after=acc.after, desc="structured: block similarity",
                  show_progress=show_progress)
+    acc.all_reduce(sum_across)
     bi = [1.0 - s / max(c, 1) for s, c in zip(acc.cos_sum, acc.count)]
     states = torch.stack([torch.cat(per_batch, 0) for per_batch in acc.last], dim=1)
     span_all = None
@@ -333,6 +409,7 @@ def collect_taylor_grads(
     flags = {p: p.requires_grad for p in model.parameters()}
     wanted = {id(p): name for name, p in params.items()}
     handles = []
+    calibration = shard_batches(calibration, batch_size)
 
     def make_hook(name: str) -> Callable:
         def hook(p: torch.Tensor) -> None:
@@ -351,7 +428,7 @@ def collect_taylor_grads(
             p.requires_grad_(id(p) in wanted)
         for name, p in params.items():
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
-        with on_device(model, device), torch.enable_grad():
+        with failing_together("taylor: gradients"), on_device(model, device), torch.enable_grad():
             dev = input_device(model)
             batches = calibration.split(batch_size)
             for batch in _progress(batches, "taylor: gradients", len(batches), show_progress, unit="batch"):
@@ -369,6 +446,10 @@ def collect_taylor_grads(
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
+    if world().active:  # sums of per-batch gradients: add up every process's batches
+        check_same(sorted(grads), "the parameters that received a Taylor gradient")
+        names = sorted(grads)
+        grads = dict(zip(names, sum_across([grads[n] for n in names])))
     missing = [name for name in params if name not in grads]
     if missing:
         raise NumericalError(f"taylor: no gradient reached {missing[:3]} (is the parameter used by the forward?)")

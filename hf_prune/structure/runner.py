@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import broadcast_object, check_not_sharded
 from ..core.memory import PeakMemory
 from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
@@ -37,6 +38,7 @@ from .surgery import apply_plan
 
 def check_model(model: nn.Module) -> list[BlockSpec]:
     """Everything about the model that must hold before a structured run starts (raises, touches nothing)."""
+    check_not_sharded(model, "structured pruning")
     if getattr(model, "hf_device_map", None) and any(d in ("disk", "meta") for d in model.hf_device_map.values()):
         raise UnsupportedModelError(
             "structured pruning physically replaces weights and cannot write into accelerate's disk offload; "
@@ -81,6 +83,9 @@ def prune_structured(
     with PeakMemory() as mem:
         start = time.perf_counter()
         plan, info = method.plan(model, calibration, config, device, show_progress)
+        # Several processes: the statistics were summed over all of them, so the plans agree; every process cuts
+        # rank 0's plan all the same, so the models cannot drift apart (a no-op in one process).
+        plan, info = broadcast_object((plan, info))
         try:
             removed = apply_plan(model, plan)
         except (ConfigError, UnsupportedModelError):

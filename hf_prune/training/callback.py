@@ -14,6 +14,11 @@ callback only calls its interface; masks and their enforcement live in `state`. 
 
 Checkpoints: ``on_save`` writes ``hf_prune_masks.safetensors`` + ``hf_prune_state.json`` into the checkpoint
 folder (rank 0, atomically); a resumed run (``state.global_step > 0`` at ``on_train_begin``) reads them back.
+
+Processes: DDP keeps whole masks on every rank (rank 0's are broadcast). FSDP2 (``fully_shard``: parameters are
+DTensors sharded on dim 0) keeps each rank's rows of the masks and scores, ranks whole matrices exactly across
+the shards, and gathers whole tensors for checkpoints (`hf_prune.training.sharded`). FSDP1 and DeepSpeed ZeRO
+are refused at ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers import TrainerCallback
 
 from .._version import __version__
 from ..config import PruningConfig
+from ..core.distributed import is_dtensor, is_main_process
 from ..core.memory import lifetime_peak_rss_mb
 from ..errors import ConfigError, HfPruneError
 from ..registry import is_training_only
@@ -66,12 +72,15 @@ class PruningCallback(TrainerCallback):
             (default) or ``"from_weights"`` (masks = non-zero weights; schedule state restarts at that step).
         resume_from: checkpoint folder to read the pruning state from when resuming (default: the folder passed
             to ``trainer.train(resume_from_checkpoint=...)``, else ``output_dir/checkpoint-<step>``).
+        on_world_size_change: what a resumed run does when its checkpoint was written by another number of
+            processes: ``"error"`` (default) or ``"reshard"`` (the state is stored whole, so it is cut for the new
+            processes; the data order, and so the sparsity trajectory, then differs from an uninterrupted run).
         verbose: print the per-layer summary at the end of training.
     """
 
     def __init__(self, config: PruningConfig | Mapping[str, Any] | None = None, *, calibration: Any = None,
                  tokenizer: Any = None, on_missing_state: str = "error", resume_from: str | None = None,
-                 verbose: bool = True, **config_kwargs: Any) -> None:
+                 on_world_size_change: str = "error", verbose: bool = True, **config_kwargs: Any) -> None:
         if config is None:
             config = PruningConfig.from_dict(config_kwargs)
         elif isinstance(config, Mapping):
@@ -83,6 +92,9 @@ class PruningCallback(TrainerCallback):
             raise ConfigError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
         if on_missing_state not in ("error", "from_weights"):
             raise ConfigError(f"on_missing_state={on_missing_state!r}; allowed: 'error', 'from_weights'")
+        if on_world_size_change not in ("error", "reshard"):
+            raise ConfigError(f"on_world_size_change={on_world_size_change!r}; allowed: 'error', 'reshard'")
+        self.on_world_size_change = on_world_size_change
         self.config: PruningConfig = config
         self.method_class = training_method_class(config.method)
         self.calibration = calibration
@@ -187,13 +199,18 @@ class PruningCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self.masks is None or not state.is_world_process_zero:
+        if self.masks is None:
+            return control
+        # under FSDP2 every rank takes part in gathering the whole tensors; rank 0 writes them
+        tensors = self.state_tensors() if self.masks.sharded else None
+        if not state.is_world_process_zero:
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):
             logger.warning("hf_prune: checkpoint folder %s not found; pruning state not saved", folder)
             return control
-        self.save_state(folder, int(state.global_step))
+        step = int(state.global_step)
+        ckpt.save_state(folder, tensors if tensors is not None else self.state_tensors(), self.state_meta(step))
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -221,9 +238,14 @@ class PruningCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Masks and the method's tensors (``"<kind>/<parameter name>"``), whole (gathered from the shards under
+        FSDP2: a collective, every rank calls it)."""
         assert self.masks is not None and self.algorithm is not None
         out: dict[str, torch.Tensor] = {f"mask/{n}": m for n, m in self.masks.masks().items()}
         out.update(self.algorithm.state_tensors())
+        if self.masks.sharded:
+            out = {key: self.masks.gather(key.split("/", 1)[1], t) if key.split("/", 1)[-1] in self.masks.params
+                   else t for key, t in out.items()}
         return out
 
     def state_meta(self, step: int) -> dict[str, Any]:
@@ -231,12 +253,16 @@ class PruningCallback(TrainerCallback):
         return {
             "step": step, "method": self.method, "config": self.config.to_dict(), "end_step": self.end_step,
             "last_update_step": self.last_update_step, "history": self.history, "hf_prune_version": __version__,
-            **self.algorithm.state(),
+            "world_size": world_size(), **self.algorithm.state(),
         }
 
     def save_state(self, folder: str, step: int) -> None:
-        """Write masks, scores, rewind weights and schedule state into ``folder``."""
-        ckpt.save_state(folder, self.state_tensors(), self.state_meta(step))
+        """Write masks, scores, rewind weights and schedule state into ``folder`` (under FSDP2 every rank must
+        call it; rank 0 writes)."""
+        tensors = self.state_tensors()
+        if not is_main_process():
+            return
+        ckpt.save_state(folder, tensors, self.state_meta(step))
 
     def _resume_dir(self, args: Any, state: Any) -> str | None:
         # explicit argument, then the TrainingArguments field, then the running Trainer.train's argument (see
@@ -259,6 +285,17 @@ class PruningCallback(TrainerCallback):
                 return
             ckpt.load_state(folder or f"<no checkpoint folder found for step {state.global_step}>")
         tensors, meta = ckpt.load_state(folder)  # type: ignore[arg-type]
+        saved_world = meta.get("world_size")
+        if saved_world is not None and int(saved_world) != world_size():
+            if self.on_world_size_change == "error":
+                raise UnsupportedTrainingSetupError(
+                    f"resuming from {folder}: its pruning state was written by {saved_world} process(es), this run has "
+                    f"{world_size()}. The masks and scores are stored whole, so they can be cut for the new processes: "
+                    "pass PruningCallback(..., on_world_size_change='reshard') to continue (the data order, and so "
+                    "the sparsity trajectory, then differs from an uninterrupted run), or resume with "
+                    f"{saved_world} process(es)"
+                )
+            logger.warning("hf_prune: resuming state written by %s process(es) with %d", saved_world, world_size())
         saved = meta.get("config", {})
         for key in ("method", "sparsity", "structure"):
             if saved.get(key) != getattr(self.config, key):
@@ -336,15 +373,25 @@ def _trainer_resume_arg() -> str | None:
 
 
 def _check_supported(args: Any, model: Any) -> None:
+    """DDP and FSDP2 (DTensor parameters) are supported; FSDP1 (flattened parameters) and DeepSpeed are not."""
     if model is None:
         raise HfPruneError("PruningCallback needs the Trainer to pass the model to callbacks")
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise UnsupportedTrainingSetupError(
-            "PruningCallback does not support FSDP yet: parameters are sharded (flattened FlatParameter or DTensor), so "
-            "per-weight masks would need to be sharded the same way. Use DDP (plain `accelerate launch`), or prune "
-            "one-shot before FSDP fine-tuning and re-apply the masks after loading the result"
-        )
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         raise UnsupportedTrainingSetupError(
-            "PruningCallback does not support DeepSpeed (ZeRO partitions parameters and optimizer state); use DDP"
+            "PruningCallback does not support DeepSpeed: ZeRO partitions parameters and optimizer state into flat "
+            "buffers the masks cannot follow. Use FSDP2 (TrainingArguments(fsdp='full_shard', fsdp_config={'version': "
+            "2}), or torch's fully_shard), which shards whole parameters on dim 0, or DDP"
+        )
+    fsdp = getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    flat = any(type(p).__name__ == "FlatParameter" or getattr(p, "_fsdp_flattened", False)
+               or "_fsdp_wrapped_module" in n for n, p in model.named_parameters())
+    if flat or (fsdp and not any(is_dtensor(p) for p in model.parameters())):
+        why = ("this model has FSDP1 flattened parameters, which per-weight masks cannot follow" if flat else
+               "FSDP is on, but no parameter is a DTensor: FSDP1 (its parameters are not DTensors), or a model FSDP "
+               "did not shard (accelerate applies FSDP on GPU-class devices only: on CPU the Trainer runs DDP "
+               "instead, so drop fsdp= there)")
+        raise UnsupportedTrainingSetupError(
+            f"PruningCallback supports FSDP2 only, whose DTensor parameters are sharded on dim 0 and masked shard by "
+            f"shard; {why}. Use FSDP2 (fsdp_config={{'version': 2}}, transformers' default, or torch's fully_shard), "
+            "or DDP"
         )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharded import local
+
 
 def rewound(current: torch.Tensor, early: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Survivors take their early value, pruned weights are zero."""
@@ -24,7 +26,7 @@ def rewound(current: torch.Tensor, early: torch.Tensor, keep: torch.Tensor) -> t
 
 
 class RewindSnapshot:
-    """Copies of the prunable parameters at the rewind step."""
+    """Copies of the prunable parameters at the rewind step (this process's rows under FSDP2)."""
 
     def __init__(self) -> None:
         self.step: int | None = None
@@ -32,7 +34,7 @@ class RewindSnapshot:
 
     def take(self, params: dict, step: int) -> None:
         self.step = step
-        self.tensors = {n: e.param.data.detach().clone() for n, e in params.items()}
+        self.tensors = {n: local(e.param.data).detach().clone() for n, e in params.items()}
 
     @property
     def taken(self) -> bool:
@@ -41,4 +43,5 @@ class RewindSnapshot:
     @torch.no_grad()
     def rewind_(self, params: dict) -> None:
         for name, entry in params.items():
-            entry.param.data.copy_(rewound(entry.param.data, self.tensors[name], entry.mask))
+            values = local(entry.param.data)
+            values.copy_(rewound(values, self.tensors[name], entry.mask))

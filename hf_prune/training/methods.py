@@ -101,7 +101,7 @@ class TrainingMethod:
         new = self.new_masks(step)
         if new is None:
             return False
-        new = MaskState.broadcast(new)  # every rank installs rank 0's masks
+        new = self.masks.broadcast(new)  # DDP: every rank installs rank 0's masks (FSDP2: each its own rows)
         self.before_install(new)
         changed = self.masks.set_masks(new)
         self.after_install(step, changed, optimizer)
@@ -160,7 +160,7 @@ class ConstantMask(TrainingMethod):
                 f"PruningCallback(method={cfg.method!r}) needs calibration= (text, dataset or token ids) to compute "
                 "the starting mask, or a model already pruned with hf_prune.prune"
             )
-        self.masks.set_masks(MaskState.broadcast(self.masks.masks_from_weights()))
+        self.masks.set_masks(self.masks.broadcast(self.masks.masks_from_weights()))
         self.target = float(cfg.sparsity)  # type: ignore[arg-type]
         return True
 
@@ -247,8 +247,9 @@ class MovementPruning(TrainingOnlyMethod):
     def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load_state(meta, tensors)
         for n, entry in self.masks.params.items():
-            self.scores.scores[n] = tensors[f"score/{n}"].to(entry.param.device, torch.float32)
-            self.scores.frozen[n] = tensors[f"frozen/{n}"].to(entry.param.device, entry.param.dtype)
+            self.scores.scores[n] = self.masks.local_part(n, tensors[f"score/{n}"]).to(entry.values.device, torch.float32)
+            self.scores.frozen[n] = self.masks.local_part(n, tensors[f"frozen/{n}"]).to(entry.values.device,
+                                                                                       entry.values.dtype)
 
 
 @register_method("soft_movement", options=SoftMovementOptions)
@@ -333,7 +334,8 @@ class LotteryTicketPruning(TrainingOnlyMethod):
         self.lottery_round = int(meta.get("lottery_round", 0))
         if meta.get("rewind_step") is not None:
             self.rewind.step = int(meta["rewind_step"])
-            self.rewind.tensors = {n: tensors[f"rewind/{n}"].to(e.param.device, e.param.dtype)
+            self.rewind.tensors = {n: self.masks.local_part(n, tensors[f"rewind/{n}"]).to(e.values.device,
+                                                                                         e.values.dtype)
                                    for n, e in self.masks.params.items()}
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharded import local
+
 
 def score_step(scores: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, lr: float = 1.0,
                l1: float = 0.0) -> torch.Tensor:
@@ -42,15 +44,16 @@ def soft_threshold(progress: float, final_threshold: float) -> float:
 
 
 class MovementScores:
-    """Scores ``S`` (float32) and frozen values of masked weights, one tensor each per parameter."""
+    """Scores ``S`` (float32) and frozen values of masked weights, one tensor each per parameter (over this
+    process's rows when FSDP2 shards the parameter, like its mask)."""
 
     def __init__(self, params: dict) -> None:
-        self.scores = {n: torch.zeros_like(e.param, dtype=torch.float32) for n, e in params.items()}
-        self.frozen = {n: torch.zeros_like(e.param) for n, e in params.items()}
+        self.scores = {n: torch.zeros_like(local(e.param.data), dtype=torch.float32) for n, e in params.items()}
+        self.frozen = {n: torch.zeros_like(local(e.param.data)) for n, e in params.items()}
 
     def dense_weight(self, entry) -> torch.Tensor:
         """``W``: the live weight where kept, the frozen value where masked."""
-        return torch.where(entry.mask, entry.param.data, self.frozen[entry.name])
+        return torch.where(entry.mask, local(entry.param.data), self.frozen[entry.name])
 
     @torch.no_grad()
     def step(self, params: dict, lr: float, l1: float = 0.0) -> None:
@@ -58,7 +61,7 @@ class MovementScores:
         for name, entry in params.items():
             if entry.param.grad is None:
                 continue
-            score_step(self.scores[name], entry.param.grad, self.dense_weight(entry), lr, l1)
+            score_step(self.scores[name], local(entry.param.grad), self.dense_weight(entry), lr, l1)
 
     @torch.no_grad()
     def on_mask_change(self, entry, new_mask: torch.Tensor) -> None:
@@ -67,6 +70,7 @@ class MovementScores:
         newly_masked = old & ~new_mask
         regrown = ~old & new_mask
         frozen = self.frozen[entry.name]
-        frozen[newly_masked] = entry.param.data[newly_masked]
-        entry.param.data[regrown] = frozen[regrown]
+        values = local(entry.param.data)
+        frozen[newly_masked] = values[newly_masked]
+        values[regrown] = frozen[regrown]
         frozen[regrown] = 0

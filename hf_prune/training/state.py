@@ -11,6 +11,13 @@ each layer/expert. Enforcement, every optimizer step:
 * `mask_optimizer_state_` zeroes optimizer moments (AdamW ``exp_avg``/``exp_avg_sq``, SGD momentum) of
   masked entries whenever a mask changes, so momentum cannot resurrect a pruned weight.
 
+FSDP2 (``fully_shard``): parameters are DTensors sharded on dim 0. Each process then keeps the masks of its own
+rows only (`hf_prune.training.sharded`), enforces them on its local shards of the weights, gradients and
+optimizer state, and ranks a whole matrix exactly with `sharded.lowest_k`; gradient hooks are not used (FSDP2
+writes the sharded ``.grad`` after its reduce-scatter, past any hook), masking happens before
+``optimizer.step()``. Checkpoints hold whole tensors (`gather`, `local_part`). Only plain linear layers can be
+sharded this way (a GPT-2 ``Conv1D`` is sharded along its input dimension, fused experts by expert).
+
 Example:
     >>> import torch
     >>> from hf_prune.training.state import gradual_nm_mask
@@ -28,9 +35,11 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..core.masks import check_nm_shape, nm_mask, unstructured_mask
+from ..core.distributed import is_dtensor
+from ..core.masks import check_nm_shape, n_pruned, nm_mask, unstructured_mask
 from ..core.model import PrunableLayer, find_blocks, iter_prunable
 from ..errors import UnsupportedModelError
+from .sharded import RowShard, gather_rows, global_sum, local, local_rows, lowest_k, row_shards
 
 
 def world_size() -> int:
@@ -78,12 +87,19 @@ def layer_mask(
 
 @dataclass
 class MaskedParam:
-    """A prunable parameter, its layers (one, or one per fused expert) and its keep-mask."""
+    """A prunable parameter, its layers (one, or one per fused expert) and its keep-mask (over this process's
+    rows when FSDP2 shards the parameter: ``shard`` says which)."""
 
     name: str
     param: nn.Parameter
     layers: list[PrunableLayer] = field(default_factory=list)
     mask: torch.Tensor | None = None
+    shard: RowShard | None = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The parameter's values held by this process (all of ``param.data`` unless sharded), writable in place."""
+        return local(self.param.data)
 
     def views(self, tensor: torch.Tensor) -> Iterator[tuple[PrunableLayer, torch.Tensor]]:
         for layer in self.layers:
@@ -120,9 +136,44 @@ class MaskState:
                 f"ignore={config.ignore}; loosen the patterns (targets=None selects every linear layer of the decoder "
                 "blocks)"
             )
+        self.sharded = self._find_shards()
         for entry in self.params.values():
-            entry.mask = torch.ones_like(entry.param, dtype=torch.bool)
-        self.active = False  # any weight masked? (enforcement is skipped while nothing is)
+            entry.mask = torch.ones_like(entry.values, dtype=torch.bool)
+        self.active = False  # any weight masked here? (enforcement is skipped while nothing is)
+
+    def _find_shards(self) -> bool:
+        """Record where FSDP2 put each parameter's rows; False when nothing is sharded."""
+        dtensors = {n: e for n, e in self.params.items() if is_dtensor(e.param)}
+        if not dtensors:
+            return False
+        if len(dtensors) != len(self.params):
+            plain = next(n for n in self.params if n not in dtensors)
+            raise UnsupportedModelError(
+                f"PruningCallback: some prunable parameters are sharded DTensors and others ({plain}) are not; shard "
+                "every decoder block with fully_shard (or none)"
+            )
+        odd = [layer for e in dtensors.values() for layer in e.layers if layer.kind != "linear"]
+        if odd:
+            what = ("a GPT-2 Conv1D, which FSDP2 shards along its input dimension" if odd[0].kind == "conv1d"
+                    else "a fused MoE expert tensor, which FSDP2 shards by expert")
+            raise UnsupportedModelError(
+                f"PruningCallback under FSDP2 supports plain linear layers only; {odd[0].name} is {what}. Exclude "
+                "such layers with ignore=[...], or train with DDP"
+            )
+        for name, shard in row_shards({n: e.param for n, e in dtensors.items()}).items():
+            self.params[name].shard = shard
+        return True
+
+    # ---------------------------------------------------------------- whole tensors (checkpoints)
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of parameter ``name`` from every process's rows (collective under FSDP2)."""
+        shard = self.params[name].shard
+        return tensor if shard is None else gather_rows(tensor, shard)
+
+    def local_part(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a whole tensor laid out like parameter ``name`` (``tensor`` itself unsharded)."""
+        shard = self.params[name].shard
+        return tensor if shard is None or tuple(tensor.shape) != shard.shape else local_rows(tensor, shard)
 
     # ---------------------------------------------------------------- masks
     def masks(self) -> dict[str, torch.Tensor]:
@@ -130,8 +181,11 @@ class MaskState:
 
     def compute(self, score_fn: Callable[[MaskedParam, PrunableLayer, torch.Tensor], torch.Tensor],
                 target: float) -> dict[str, torch.Tensor]:
-        """New masks from per-layer scores: ``score_fn(entry, layer, weight_view) -> [out, in] scores``."""
+        """New masks from per-layer scores: ``score_fn(entry, layer, weight_view) -> [out, in] scores`` (under
+        FSDP2 the view and the scores cover this process's rows; the masks are those of the whole matrices)."""
         final = float(self.config.sparsity)  # type: ignore[arg-type]
+        if self.sharded:
+            return self._compute_sharded(score_fn, target, final)
         out: dict[str, torch.Tensor] = {}
         for name, entry in self.params.items():
             new = torch.empty_like(entry.mask)  # type: ignore[arg-type]
@@ -141,13 +195,48 @@ class MaskState:
             out[name] = new
         return out
 
+    def _compute_sharded(self, score_fn: Callable[[MaskedParam, PrunableLayer, torch.Tensor], torch.Tensor],
+                         target: float, final: float) -> dict[str, torch.Tensor]:
+        """`compute` over row shards: per-row rankings and N:M groups locally, whole-matrix rankings (and the
+        gradual N:M cuts, ranked over the whole matrix) through `lowest_k`, all matrices in one bisection."""
+        nm, group = self.config.nm, self.config.magnitude_group
+        out: dict[str, torch.Tensor] = {}
+        ranked: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # name, candidate scores, candidates here
+        for name, entry in self.params.items():
+            scores = score_fn(entry, entry.layers[0], entry.values).float()
+            if nm is None and group == "layer":
+                ranked.append((name, scores, torch.tensor(scores.numel())))
+            elif nm is None:  # rows are whole on every process
+                out[name] = unstructured_mask(scores, target, group)
+            else:
+                fraction = target / final if final > 0 else 1.0
+                keep_nm = nm_mask(scores, *nm) if scores.numel() else torch.ones_like(scores, dtype=torch.bool)
+                if fraction >= 1.0 - 1e-9:
+                    out[name] = keep_nm
+                elif fraction <= 0:
+                    out[name] = torch.ones_like(keep_nm)
+                else:
+                    cand = torch.where(keep_nm, torch.full_like(scores, float("inf")), scores)
+                    ranked.append((name, cand, (~keep_nm).sum()))
+        if ranked:
+            counts = global_sum([int(c) for _, _, c in ranked])
+            if nm is None:
+                ks = [n_pruned(c, target) if target > 0 else 0 for c in counts]
+            else:
+                fraction = target / final
+                ks = [int(fraction * c) for c in counts]
+            for (name, _, _), pruned in zip(ranked, lowest_k([c for _, c, _ in ranked], ks)):
+                out[name] = ~pruned
+        return out
+
     def set_masks(self, masks: dict[str, torch.Tensor]) -> list[str]:
         """Install ``masks``; return the names whose mask changed."""
         changed = []
         for name, entry in self.params.items():
-            new = masks[name].to(device=entry.param.device, dtype=torch.bool)
-            if new.shape != entry.param.shape:
-                raise ValueError(f"mask for {name} has shape {tuple(new.shape)}, parameter {tuple(entry.param.shape)}")
+            values = entry.values
+            new = self.local_part(name, masks[name]).to(device=values.device, dtype=torch.bool)
+            if new.shape != values.shape:
+                raise ValueError(f"mask for {name} has shape {tuple(new.shape)}, parameter {tuple(values.shape)}")
             if not torch.equal(new, entry.mask):
                 changed.append(name)
             entry.mask = new
@@ -156,7 +245,7 @@ class MaskState:
 
     def masks_from_weights(self) -> dict[str, torch.Tensor]:
         """Masks that keep exactly the non-zero weights (a model pruned beforehand, e.g. by `hf_prune.prune`)."""
-        return {name: e.param.data != 0 for name, e in self.params.items()}
+        return {name: e.values != 0 for name, e in self.params.items()}
 
     # ---------------------------------------------------------------- enforcement
     @torch.no_grad()
@@ -165,7 +254,7 @@ class MaskState:
         if not self.active:
             return
         for entry in self.params.values():
-            entry.param.data.mul_(entry.mask)
+            entry.values.mul_(entry.mask)
 
     def register_grad_hooks(self) -> None:
         """Mask each gradient in place once autograd has accumulated it into ``.grad`` (before gradient clipping,
@@ -173,6 +262,8 @@ class MaskState:
         ``g * mask`` cost 12% of a SmolLM2 training step, this costs about 3%. Not for movement pruning, whose
         scores need the dense gradient."""
         self.remove_grad_hooks()
+        if self.sharded:  # FSDP2 sets the sharded .grad after its reduce-scatter: masked before the step instead
+            return
         self._hooks = [e.param.register_post_accumulate_grad_hook(lambda p, e=e: self._mask_grad(p, e))
                        for e in self.params.values()]
 
@@ -197,7 +288,7 @@ class MaskState:
             return
         for entry in self.params.values():
             if entry.param.grad is not None:
-                entry.param.grad.mul_(entry.mask)
+                local(entry.param.grad).mul_(entry.mask)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: object | None, names: list[str] | None = None, reset: bool = False) -> None:
@@ -211,14 +302,14 @@ class MaskState:
             for value in state.get(entry.param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == entry.param.shape:
                     if reset:
-                        value.zero_()
+                        local(value).zero_()
                     else:
-                        value.mul_(entry.mask)
+                        local(value).mul_(entry.mask)
 
-    @staticmethod
-    def broadcast(masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
-        """Rank ``src``'s masks on every rank (unchanged without an initialised multi-process group)."""
-        if world_size() < 2:
+    def broadcast(self, masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
+        """Rank ``src``'s masks on every rank (unchanged without an initialised multi-process group, and under
+        FSDP2, where each process holds the masks of its own rows, computed from a global ranking)."""
+        if world_size() < 2 or self.sharded:
             return masks
         out = {}
         for name, mask in masks.items():
@@ -228,18 +319,22 @@ class MaskState:
         return out
 
     # ---------------------------------------------------------------- accounting
+    def _counts(self, values: list[int]) -> list[int]:
+        """Per-process counts summed over the processes under FSDP2 (collective), else as they are."""
+        return global_sum(values) if self.sharded else values
+
     def layer_stats(self) -> list[tuple[str, list[int], int, int]]:
-        """``(name, shape, params, non-zero weights)`` per parameter."""
-        return [(n, list(e.param.shape), e.param.numel(), int(torch.count_nonzero(e.param.data)))
-                for n, e in self.params.items()]
+        """``(name, shape, params, non-zero weights)`` per parameter (whole parameters, also under FSDP2)."""
+        nonzero = self._counts([int(torch.count_nonzero(e.values)) for e in self.params.values()])
+        return [(n, list(e.param.shape), e.param.numel(), nz) for (n, e), nz in zip(self.params.items(), nonzero)]
 
     def sparsity(self) -> float:
         """Achieved sparsity: fraction of exact zeros over all targeted weights."""
         total = sum(e.param.numel() for e in self.params.values())
-        nonzero = sum(int(torch.count_nonzero(e.param.data)) for e in self.params.values())
+        nonzero = sum(self._counts([int(torch.count_nonzero(e.values)) for e in self.params.values()]))
         return 1.0 - nonzero / max(total, 1)
 
     def mask_sparsity(self) -> float:
-        total = sum(e.mask.numel() for e in self.params.values())  # type: ignore[union-attr]
-        kept = sum(int(e.mask.sum()) for e in self.params.values())  # type: ignore[union-attr]
+        total = sum(e.param.numel() for e in self.params.values())
+        kept = sum(self._counts([int(e.mask.sum()) for e in self.params.values()]))  # type: ignore[union-attr]
         return 1.0 - kept / max(total, 1)
