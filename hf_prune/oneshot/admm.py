@@ -57,7 +57,6 @@ Example (the update reconstructs the layer's output better than masking alone):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,7 +68,7 @@ from ..core.stats import InputStats
 from ..errors import ConfigError, NumericalError
 from ..registry import get_method, register_method
 from .base import PruningMethod, ScoreMethod
-from .functional import sparsegpt_prune
+from .functional import damped_hessian, layer_problem, sparsegpt_prune
 from .options import RankGroupOptions, SparseGPTOptions
 from .ria import RIAOptions
 from .sparsegpt import group_hessian, stack_group
@@ -96,31 +95,6 @@ def cubic_sparsity(step: int, steps: int, target: float) -> float:
     if steps <= 0 or step >= steps - 1:
         return float(target)
     return float(target) * (1.0 - (1.0 - (step + 1) / steps) ** 3)
-
-
-def damped_hessian(
-    hessian: torch.Tensor, dampening: float = 0.01, max_retries: int = 3, name: str = "layer"
-) -> tuple[torch.Tensor, float]:
-    """``H + damp * mean(diag H) * I``, checked positive definite by a Cholesky factorisation; on failure retried
-    with 10x the dampening at most ``max_retries`` times (with a warning), then `NumericalError`.
-    Returns ``(H_d, dampening_used)``."""
-    mean_diag = torch.diagonal(hessian).mean()
-    damp = dampening
-    for attempt in range(max_retries + 1):
-        h = hessian.clone()
-        h.diagonal().add_(damp * mean_diag)
-        _, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0 and bool(torch.isfinite(h).all()):
-            if attempt:
-                warnings.warn(f"{name}: Cholesky failed with dampening={dampening}; succeeded with dampening={damp:g}",
-                              stacklevel=2)
-            return h, damp
-        damp *= 10
-    raise NumericalError(
-        f"{name}: the damped Hessian is not positive definite even with dampening={damp / 10:g} (started at "
-        f"{dampening}, {max_retries} retries). The calibration inputs of this layer are degenerate: use more or more "
-        "varied calibration samples, raise PruningConfig.dampening, or exclude the layer with ignore=[...]"
-    )
 
 
 def masked_least_squares(
@@ -247,21 +221,12 @@ def admm_prune(
         raise ValueError(f"prune_iterations={prune_iterations} exceeds iterations={iterations}")
     if not rho > 0:
         raise ValueError(f"rho={rho!r} must be > 0")
-    W0 = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
+    W0, H, segments, sparsities = layer_problem(weight, hessian, sparsity, row_segments)
     rows, cols = W0.shape
-    segments = list(row_segments) if row_segments else [(0, rows)]
-    sparsities = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else list(sparsity)
-    if len(sparsities) != len(segments):
-        raise ValueError("one sparsity per row segment is required")
     if nm is not None:
         check_nm_shape(cols, nm[1], name)
     if mask is not None and tuple(mask.shape) != (rows, cols):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, the weight {(rows, cols)}")
-
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W0[:, dead] = 0.0
     Hd, damp = damped_hessian(H, dampening, max_retries, name)
     del H
     scale = torch.diagonal(Hd).sqrt()

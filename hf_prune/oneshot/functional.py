@@ -15,12 +15,15 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from ..core.masks import mask_from_scores
 from ..errors import NumericalError
+
+T = TypeVar("T")
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -46,30 +49,62 @@ def finalize_hessian(hessian_sum: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return hessian_sum * (2.0 / max(n_tokens, 1))
 
 
-def damped_inverse_cholesky(
-    hessian: torch.Tensor, dampening: float = 0.01, max_retries: int = 3, name: str = "layer"
-) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+def layer_problem(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | Sequence[float],
+    row_segments: Sequence[tuple[int, int]] | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], list[float]]:
+    """The float32 working copies of a layer-wise reconstruction problem (SparseGPT, ADMM): ``(W, H, segments,
+    sparsities)``, one sparsity per row segment, and inputs that never fired (zero Hessian diagonal) made inert:
+    their weight column zeroed, their diagonal set to 1.
 
-    On failure retries with 10x more dampening, at most ``max_retries`` times (a warning says so), then
-    raises `NumericalError`. Returns ``(U, dampening_used)``.
+    Example:
+        >>> W, H, seg, sp = layer_problem(torch.ones(2, 3), torch.diag(torch.tensor([1.0, 0.0, 2.0])), 0.5, None)
+        >>> W[:, 1].tolist(), float(H[1, 1]), seg, sp
+        ([0.0, 0.0], 1.0, [(0, 2)], [0.5])
+    """
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float32).clone()
+    segments = list(row_segments) if row_segments else [(0, W.shape[0])]
+    sparsities = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else list(sparsity)
+    if len(sparsities) != len(segments):
+        raise ValueError("one sparsity per row segment is required")
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, segments, sparsities
+
+
+def with_dampening(
+    hessian: torch.Tensor,
+    factorise: Callable[[torch.Tensor], T | None],
+    dampening: float = 0.01,
+    max_retries: int = 3,
+    name: str = "layer",
+) -> tuple[T, float]:
+    """``factorise(H + damp * mean(diag H) * I)``, which returns its result or ``None`` when the damped matrix is
+    not usable; on ``None`` retried with 10x more dampening, at most ``max_retries`` times (a warning says so), then
+    `NumericalError`. Returns ``(result, dampening_used)``. The one dampening loop of SparseGPT and ADMM.
+
+    Example:
+        >>> h = torch.eye(3); h[0, 0] = -0.01
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     _, damp = with_dampening(h, lambda a: a if int(torch.linalg.cholesky_ex(a)[1]) == 0 else None)
+        >>> damp
+        0.1
     """
     mean_diag = torch.diagonal(hessian).mean()
     damp = dampening
     for attempt in range(max_retries + 1):
         h = hessian.clone()
         h.diagonal().add_(damp * mean_diag)
-        factor, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info2) == 0 and bool(torch.isfinite(upper).all()):
-                if attempt:
-                    warnings.warn(
-                        f"{name}: Cholesky failed with dampening={dampening}; succeeded with dampening={damp:g}",
-                        stacklevel=2,
-                    )
-                return upper, damp
+        result = factorise(h)
+        if result is not None:
+            if attempt:
+                warnings.warn(f"{name}: Cholesky failed with dampening={dampening}; succeeded with dampening={damp:g}",
+                              stacklevel=2)
+            return result, damp
         damp *= 10
     raise NumericalError(
         f"{name}: Cholesky factorisation of the damped Hessian failed even with dampening={damp / 10:g} "
@@ -77,6 +112,35 @@ def damped_inverse_cholesky(
         "use more or more varied calibration samples, raise PruningConfig.dampening, or exclude the layer "
         "with ignore=[...]"
     )
+
+
+def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        return None
+    upper, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    return upper if int(info2) == 0 and bool(torch.isfinite(upper).all()) else None
+
+
+def _positive_definite(h: torch.Tensor) -> torch.Tensor | None:
+    _, info = torch.linalg.cholesky_ex(h)
+    return h if int(info) == 0 and bool(torch.isfinite(h).all()) else None
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, dampening: float = 0.01, max_retries: int = 3, name: str = "layer"
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (`with_dampening`: retried with more
+    dampening on failure). Returns ``(U, dampening_used)``."""
+    return with_dampening(hessian, _upper_inverse_factor, dampening, max_retries, name)
+
+
+def damped_hessian(
+    hessian: torch.Tensor, dampening: float = 0.01, max_retries: int = 3, name: str = "layer"
+) -> tuple[torch.Tensor, float]:
+    """``H + damp * mean(diag H) * I``, checked positive definite by a Cholesky factorisation (`with_dampening`:
+    retried with more dampening on failure). Returns ``(H_d, dampening_used)``."""
+    return with_dampening(hessian, _positive_definite, dampening, max_retries, name)
 
 
 def sparsegpt_prune(
@@ -102,17 +166,8 @@ def sparsegpt_prune(
 
     Returns ``(new_weight, keep_mask, dampening_used)``.
     """
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
+    W, H, segments, sparsities = layer_problem(weight, hessian, sparsity, row_segments)
     rows, cols = W.shape
-    segments = list(row_segments) if row_segments else [(0, rows)]
-    sparsities = [float(sparsity)] * len(segments) if isinstance(sparsity, (int, float)) else list(sparsity)
-    if len(sparsities) != len(segments):
-        raise ValueError("one sparsity per row segment is required")
-
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     U, damp = damped_inverse_cholesky(H, dampening, max_retries, name)
     del H
 
