@@ -7,15 +7,12 @@ between processes or cannot be split, a sharded model, a failure on one rank) an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, calib_ids
+from tiny_models import build, calib_ids, run_two_processes
 
 from hf_prune import CalibrationError, PruningConfig, UnsupportedModelError
 from hf_prune.core.distributed import (
@@ -146,13 +143,7 @@ SCRIPT = textwrap.dedent("""
 def two_processes(tmp_path_factory) -> Path:
     """One torchrun launch with 2 gloo processes running every case; the folder with their outputs."""
     out = tmp_path_factory.mktemp("dist")
-    script = out / "prune_dist.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), str(TESTS)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_processes(SCRIPT, out, str(TESTS))
     return out
 
 

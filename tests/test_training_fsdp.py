@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import VOCAB, build
+from tiny_models import VOCAB, build, run_two_processes
 
 from hf_prune import PruningCallback, PruningConfig
 from hf_prune.core.masks import unstructured_mask
@@ -179,13 +177,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    script = out / "train_fsdp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), str(TESTS)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_processes(SCRIPT, out, str(TESTS))
     return out
 
 

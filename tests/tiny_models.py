@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers as tf
@@ -87,3 +91,17 @@ def tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([SAMPLE_TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run_two_processes(script: str, out: Path, *args: str, timeout: int = 170) -> None:
+    """Write ``script`` into ``out`` and run it under ``torchrun --nproc_per_node 2`` (gloo, one thread per process)
+    with ``out`` and ``args`` as its arguments; fail with the tail of its output unless it exits 0."""
+    path = out / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, *TORCHRUN_2, str(path), str(out), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
