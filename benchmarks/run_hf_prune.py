@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--structure", default="unstructured")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--owl", action="store_true")
+    p.add_argument("--options", default="{}", help="JSON dict of extra PruningConfig options (method options, "
+                   "layer_sparsity, owl_lambda, ...)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True)
     p.add_argument("--result", required=True)
@@ -41,7 +43,7 @@ def main() -> None:
     config = hf_prune.PruningConfig(
         method=args.method, sparsity=None if args.structure != "unstructured" else args.sparsity,
         structure=args.structure, owl=args.owl, num_calibration_samples=int(calib.shape[0]),
-        seqlen=int(calib.shape[1]), batch_size=args.batch_size,
+        seqlen=int(calib.shape[1]), batch_size=args.batch_size, **json.loads(args.options),
     )
     start = time.perf_counter()
     report = model.prune(config, calibration=calib, show_progress=False, verbose=False)
@@ -54,6 +56,7 @@ def main() -> None:
         "peak_rss_mb_during_prune": report.peak_rss_mb,
         "achieved_sparsity": report.achieved_sparsity,
         "block_sparsity": report.block_sparsity,
+        "owl_choice": getattr(report, "owl_choice", None),
         "torch_threads": torch.get_num_threads(),
     }
     with open(args.result, "w") as fh:

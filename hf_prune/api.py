@@ -167,6 +167,7 @@ def prune(
         num_calibration_samples=0 if calib is None else int(calib.shape[0]),
         seqlen=0 if calib is None else int(calib.shape[1]),
         block_sparsity=pruner.block_sparsity if cfg.owl else None,
+        owl_choice=pruner.owl_choice if cfg.owl else None,
         skipped=pruner.skipped,
         config=cfg.to_dict(),
     )

@@ -285,7 +285,9 @@ def add_option_groups(parser: argparse.ArgumentParser) -> None:
             help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")
             flag = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-            if isinstance(default, bool):
+            if f.metadata.get("parse"):
+                kwargs["type"] = f.metadata["parse"]
+            elif isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -74,13 +75,29 @@ Check = Callable[[Any], "str | None"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           check: Check | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+           check: Check | None = None, default_factory: Any = dataclasses.MISSING,
+           parse: Callable[[str], Any] | None = None) -> Any:
     """A `MethodOptions` field: its default, its ``help`` line (the CLI's and the docs'), and optionally the
-    allowed ``choices`` or a ``check(value) -> error text | None``. Validated in ``__post_init__``."""
-    meta = {"help": help, "choices": choices, "check": check}
+    allowed ``choices`` or a ``check(value) -> error text | None``. Validated in ``__post_init__``. ``parse``
+    converts the CLI's text where the default's type does not say how (e.g. `number_or_auto`)."""
+    meta = {"help": help, "choices": choices, "check": check, "parse": parse}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def number_or_auto(text: str) -> float | str:
+    """CLI parser of options that take a number or ``"auto"``.
+
+    >>> number_or_auto("auto"), number_or_auto("0.1")
+    ('auto', 0.1)
+    """
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def positive_int(value: Any) -> str | None:
@@ -149,6 +166,11 @@ def _owners(name: str) -> list[str]:
         if opts is not None and name in option_fields(opts):
             out.append(method)
     return out
+
+
+#: defaults of earlier releases, still accepted silently where an option does not apply (saved configs carry
+#: every option of their method)
+_OLD_DEFAULTS: dict[str, Any] = {"owl_lambda": 0.08, "owl_threshold": 5.0}
 
 
 def _foreign_default(name: str) -> Any:
@@ -425,7 +447,7 @@ class PruningConfig:
                 default = _foreign_default(key)
             except AttributeError:
                 continue  # unknown everywhere: the constructor refuses it with a hint
-            if data[key] == default:
+            if data[key] == default or (key in _OLD_DEFAULTS and data[key] == _OLD_DEFAULTS[key]):
                 del data[key]
             else:
                 warnings.warn(f"pruning config: option {key}={data[key]!r} does not apply to method={method!r} "

@@ -135,6 +135,7 @@ class PruningReport(Report):
     layers: list[LayerRow] = field(default_factory=list)
     total_params: int = 0
     block_sparsity: list[float] | None = None
+    owl_choice: dict | None = None  # OWL: the hyper-parameters used (and with 'auto', the search's losses)
     skipped: list[str] = field(default_factory=list)
     history: list[list[float]] | None = None  # training: [step, target, mask sparsity] at every mask update
 
@@ -177,9 +178,25 @@ class PruningReport(Report):
             f"({1 - self.total_nonzero / max(self.total_params, 1):.2%} zeros overall)"
         )
         lines.append(self.cost_line())
+        if self.owl_choice:
+            lines.append(owl_line(self.owl_choice, self.block_sparsity))
         if self.skipped:
             lines.append(f"not pruned (unsupported): {'; '.join(self.skipped)}")
         return "\n".join(lines)
+
+
+def owl_line(choice: dict, block_sparsity: list[float] | None) -> str:
+    """One line on what OWL chose, e.g. ``OWL: owl threshold=5.0 lambda=-0.04 (search loss 4.77, uniform
+    4.83, 20 candidates); block sparsity 0.56-0.64``."""
+    params = " ".join(f"{k}={v}" for k, v in choice.items() if k not in ("kind", "search_loss", "uniform_loss",
+                                                                           "candidates"))
+    text = f"OWL: {choice.get('kind', 'owl')}{' ' + params if params else ''}"
+    if choice.get("search_loss") is not None:
+        text += (f" (search loss {choice['search_loss']:.4f}, uniform {choice['uniform_loss']:.4f}, "
+                 f"{choice['candidates']} candidates)")
+    if block_sparsity:
+        text += f"; block sparsity {min(block_sparsity):.3f}-{max(block_sparsity):.3f}"
+    return text
 
 
 @dataclass

@@ -18,8 +18,6 @@ from hf_prune.core.masks import (
 from hf_prune.errors import NumericalError
 from hf_prune.oneshot.functional import (
     damped_inverse_cholesky,
-    owl_block_sparsities,
-    owl_outlier_ratio,
     sparsegpt_prune,
     wanda_scores,
 )
@@ -184,18 +182,6 @@ def test_cholesky_retry_then_error() -> None:
     assert damp > 0.01 and any("succeeded with dampening" in str(w.message) for w in caught)
     with pytest.raises(NumericalError, match="dampening"):
         damped_inverse_cholesky(-torch.eye(4), 0.01, 2, "toy")
-
-
-def test_owl_sparsities_mean_and_order() -> None:
-    ratios = [0.01, 0.05, 0.02, 0.08]
-    s = owl_block_sparsities(ratios, 0.7, 0.08)
-    assert abs(sum(s) / len(s) - 0.7) < 1e-9
-    assert max(s) - min(s) == pytest.approx(0.16)
-    order = sorted(range(4), key=lambda i: ratios[i])
-    assert [s[i] for i in order] == sorted(s, reverse=True)  # more outliers -> lower sparsity
-    assert owl_block_sparsities([0.1, 0.1], 0.5, 0.08) == [0.5, 0.5]
-    scores = [torch.tensor([1.0, 1.0, 1.0, 100.0])]
-    assert owl_outlier_ratio(scores, 2.0) == pytest.approx(0.25)
 
 
 def test_input_stats_symmetric_hessian_equals_xtx() -> None:

@@ -127,7 +127,7 @@ def test_owl_gives_nonuniform_block_sparsity() -> None:
         for p in model.model.layers[1].parameters():
             if p.dim() == 2:
                 p.mul_(torch.exp(1.5 * torch.randn_like(p)))
-    report = model.prune(_cfg("wanda", "unstructured", owl=True, owl_lambda=0.1), calibration=calib_ids(),
+    report = model.prune(_cfg("wanda", "unstructured", owl=True, owl_lambda=0.1, owl_threshold=5.0), calibration=calib_ids(),
                          show_progress=False, verbose=False)
     assert report.block_sparsity is not None
     assert report.block_sparsity[1] < report.block_sparsity[0]

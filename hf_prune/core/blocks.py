@@ -147,3 +147,54 @@ def check_finite(tensors: Iterable[torch.Tensor], where: str) -> None:
                 f"NaN/Inf activations {where}. The model produces non-finite values on the calibration data "
                 "(often fp16 overflow): load it in bfloat16 or float32, or check the calibration text"
             )
+
+
+def loss_from_last_hidden(
+    model: nn.Module, blocks: nn.ModuleList, last_hidden: list[torch.Tensor], input_ids: list[torch.Tensor]
+) -> float:
+    """The model's mean next-token loss when its last decoder block outputs ``last_hidden`` (one tensor per batch
+    of ``input_ids``): every block is replaced by a stub (block 0's returns the given states, the others pass them
+    on), so only embeddings, the final norm and the head run. Works for any model whose forward takes ``labels``.
+
+    Example (with the real blocks' outputs this is the ordinary loss):
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from hf_prune.core.model import find_blocks
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+        >>> _, blocks = find_blocks(model); ids = torch.randint(0, 100, (2, 8))
+        >>> hidden, calls = record_block_inputs(model, blocks, ids, batch_size=2)
+        >>> for i, blk in enumerate(blocks): hidden = run_block(blk, hidden, calls[i], torch.device("cpu"))
+        >>> abs(loss_from_last_hidden(model, blocks, hidden, [ids]) - model(ids, labels=ids).loss.item()) < 1e-4
+        True
+    """
+    saved = [blk.__dict__.get("forward") for blk in blocks]
+    current: list[torch.Tensor] = []
+
+    def stub(*args: Any, **kwargs: Any) -> torch.Tensor:
+        h = args[0] if args else kwargs["hidden_states"]
+        return current[0].to(h.device, h.dtype)
+
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    device = input_device(model)
+    total, count = 0.0, 0
+    try:
+        for i, blk in enumerate(blocks):
+            blk.forward = stub if i == 0 else passthrough
+        with torch.no_grad():
+            for h, ids in zip(last_hidden, input_ids):
+                current[:] = [h]
+                ids = ids.to(device)
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+                n = ids.numel() - ids.shape[0]
+                total += float(out.loss) * n
+                count += n
+    finally:
+        for blk, fwd in zip(blocks, saved):
+            if fwd is None:
+                blk.__dict__.pop("forward", None)
+            else:
+                blk.forward = fwd
+    return total / max(count, 1)

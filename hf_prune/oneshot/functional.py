@@ -209,25 +209,3 @@ def sparsegpt_prune(
             W[:, i2:] -= Err1t.t() @ U[i1:i2, i2:]
     W[pruned] = 0.0
     return W, ~pruned, damp
-
-
-def owl_block_sparsities(outlier_ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
-    """OWL (Yin et al., 2024): blocks with more outliers keep more weights.
-
-    Densities are the min-max normalised outlier ratios scaled to ``[0, 2*lam]``, shifted so that their
-    mean is ``1 - sparsity``; a block's sparsity is ``1 - density``. Uniform if all ratios are equal.
-    """
-    ratios = torch.tensor(list(outlier_ratios), dtype=torch.float64)
-    spread = ratios.max() - ratios.min()
-    if len(ratios) == 0 or float(spread) == 0.0:
-        return [float(sparsity)] * len(ratios)
-    density = (ratios - ratios.min()) / spread * (2 * lam)
-    density = density - density.mean() + (1 - sparsity)
-    return [float(min(max(1 - d, 0.0), 0.999)) for d in density]
-
-
-def owl_outlier_ratio(scores: Sequence[torch.Tensor], threshold: float) -> float:
-    """OWL's layer-wise outlier distribution of one block: the fraction of all its Wanda scores that exceed
-    ``threshold`` x the mean score (mean taken over every prunable matrix of the block together)."""
-    flat = torch.cat([s.flatten().float() for s in scores])
-    return float((flat > threshold * flat.mean()).float().mean())

@@ -18,6 +18,7 @@ from ..config import (
     check_fraction,
     check_regex,
     non_negative_int,
+    number_or_auto,
     option,
     positive,
     positive_int,
@@ -35,6 +36,15 @@ class RankGroupOptions(MethodOptions):
                                   "classic baseline) or 'row' (per output row, like Wanda)", choices=MAGNITUDE_GROUPS)
 
 
+def _number_or_auto(value: Any) -> str | None:
+    ok = value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    return None if ok else "'auto' or a number"
+
+
+def _positive_or_auto(value: Any) -> str | None:
+    return None if value == "auto" or positive(value) is None else "'auto' or a number > 0"
+
+
 def _sparsity_dict(value: Any) -> str | None:
     return None if isinstance(value, dict) else "a dict {regex: sparsity}"
 
@@ -47,25 +57,33 @@ class OneShotOptions(MethodOptions):
         help="per-layer overrides {regex: sparsity}; the first regex matching a module's full name wins "
              "(unstructured only)", default_factory=dict, check=_sparsity_dict)
     owl: bool = option(False, "OWL outlier-weighted non-uniform per-block sparsity (unstructured only)", check=boolean)
-    owl_lambda: float = option(0.08, "OWL: largest deviation of a block's sparsity from the target, in [0, 1)")
-    owl_threshold: float = option(5.0, "OWL: a score is an outlier above this many times its layer's mean",
-                                  check=positive)
+    owl_lambda: float | str = option(
+        "auto", "OWL: largest deviation of a block's sparsity from the target, in (-1, 1) (negative: blocks with "
+        "more outliers get *more* sparsity), or 'auto': chosen with the threshold by a search on the calibration "
+        "loss that includes uniform sparsity, so it is never worse than uniform there (paper: 0.08)",
+        check=_number_or_auto, parse=number_or_auto)
+    owl_threshold: float | str = option(
+        "auto", "OWL: a score is an outlier above this many times its block's mean score, or 'auto' (searched over "
+        "3, 5, 10; paper: 5)", check=_positive_or_auto, parse=number_or_auto)
+    owl_search_samples: int = option(8, "OWL search: calibration samples whose next-token loss ranks the "
+                                     "candidate allocations", check=positive_int)
 
     def check_config(self, config: PruningConfig) -> None:
         for pattern, value in self.layer_sparsity.items():
             check_regex("layer_sparsity", pattern)
             check_fraction(f"layer_sparsity[{pattern!r}]", value)
-        if not (isinstance(self.owl_lambda, (int, float)) and 0 <= self.owl_lambda < 1):
-            raise ConfigError(f"owl_lambda={self.owl_lambda!r} must be in [0, 1) (paper default 0.08)")
+        if self.owl_lambda != "auto" and not -1 < self.owl_lambda < 1:
+            raise ConfigError(f"owl_lambda={self.owl_lambda!r} must be 'auto' or in (-1, 1) (paper: 0.08)")
         if config.nm is not None:
             if self.owl:
                 raise ConfigError("owl=True needs structure='unstructured' (N:M fixes every layer's sparsity)")
             if self.layer_sparsity:
                 raise ConfigError("layer_sparsity overrides need structure='unstructured' (N:M fixes sparsity)")
         sparsity = float(config.sparsity)  # type: ignore[arg-type]
-        if self.owl and not (0 <= sparsity - self.owl_lambda and sparsity + self.owl_lambda < 1):
+        if self.owl and self.owl_lambda != "auto" and not (0 <= sparsity - abs(self.owl_lambda)
+                                                           and sparsity + abs(self.owl_lambda) < 1):
             raise ConfigError(f"owl_lambda={self.owl_lambda} around sparsity={sparsity} leaves [0, 1); "
-                              "lower owl_lambda")
+                              "lower |owl_lambda| or use owl_lambda='auto'")
 
 
 @dataclass

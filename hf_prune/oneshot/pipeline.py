@@ -25,6 +25,7 @@ waiting. Methods see none of this.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import PruningConfig
-from ..core.blocks import check_finite, is_hooked, on_device, record_block_inputs, run_block
+from ..core.blocks import (
+    check_finite,
+    is_hooked,
+    loss_from_last_hidden,
+    on_device,
+    record_block_inputs,
+    run_block,
+)
 from ..core.distributed import (
     all_reduce_stats,
     broadcast_object,
@@ -53,8 +61,9 @@ from ..core.stats import InputStats, StatsCollector
 from ..errors import NumericalError
 from ..registry import get_method
 from ..report import LayerRow
-from .base import PruningMethod
-from .functional import owl_block_sparsities, owl_outlier_ratio, wanda_scores
+from . import owl
+from .base import PruningMethod, ScoreMethod
+from .functional import wanda_scores
 
 logger = logging.getLogger("hf_prune")
 
@@ -118,6 +127,7 @@ class SequentialPruner:
         self._backup_dir: str | None = None
         self.committed = 0
         self.block_sparsity: list[float] = [float(config.sparsity)] * len(self.blocks)  # type: ignore[arg-type]
+        self.owl_choice: dict | None = None  # what OWL chose (hyper-parameters, search losses)
 
     @property
     def needs_calibration(self) -> bool:
@@ -138,13 +148,13 @@ class SequentialPruner:
         calls: list[list[tuple[tuple, dict]]] = []
         if self.needs_calibration:
             assert calib is not None
-            calib = self._own_batches(calib)
+            everything, calib = calib, self._own_batches(calib)
             with failing_together("recording the inputs of the decoder blocks"):
                 hidden, calls = record_block_inputs(self.model, self.blocks, calib, self.config.batch_size)
                 hidden = [h.to(self.device) for h in hidden]
                 check_finite(hidden, "entering block 0 (embeddings)")
             if self.config.owl:
-                self._owl(hidden, calls)
+                self._owl(hidden, calls, everything)
         results: list[LayerRow] = []
         try:
             bar = self._progress(range(len(self.blocks)), f"{self.config.method}: pruning", len(self.blocks))
@@ -187,8 +197,14 @@ class SequentialPruner:
             all_reduce_stats(collector.stats, f"statistics of block {i}")
         return collector.stats, outputs
 
-    def _owl(self, hidden: list[torch.Tensor], calls: list) -> None:
-        ratios = []
+    def _owl(self, hidden: list[torch.Tensor], calls: list, calib: torch.Tensor) -> None:
+        """OWL's per-block sparsities (`hf_prune.oneshot.owl`): one dense sweep for the outlier ratios (and, with
+        ``'auto'`` hyper-parameters, the Wanda statistics of the search), then the search if any is ``'auto'``."""
+        cfg = self.config
+        auto = cfg.owl_lambda == "auto" or cfg.owl_threshold == "auto"
+        thresholds = owl.SEARCH_THRESHOLDS if cfg.owl_threshold == "auto" else (float(cfg.owl_threshold),)
+        ratios: dict[float, list[float]] = {m: [] for m in thresholds}
+        norms: list[dict[str, InputStats]] = []
         h = [t.clone() for t in hidden]
         for i in self._progress(range(len(self.blocks)), "OWL: outlier ratios", len(self.blocks)):
             block, layers = self.blocks[i], self.layers[i]
@@ -199,10 +215,84 @@ class SequentialPruner:
                     stats = collected[layer.stats_key]
                     w = layer.read_weight().to(self.device, torch.float32)
                     scores.append(wanda_scores(w, stats.sum_sq).flatten())
-                ratios.append(owl_outlier_ratio(scores, self.config.owl_threshold))
-        self.block_sparsity = broadcast_object(  # equal on every process already; rank 0's, to be sure
-            owl_block_sparsities(ratios, float(self.config.sparsity), self.config.owl_lambda))
-        logger.info("OWL block sparsities: %s", [round(s, 3) for s in self.block_sparsity])
+                for m in thresholds:
+                    ratios[m].append(owl.owl_outlier_ratio(scores, m))
+                if auto:
+                    norms.append({layer.name: collected[layer.stats_key] for layer in layers})
+            del scores
+        del h
+        sparsity = float(cfg.sparsity)  # type: ignore[arg-type]
+        if not auto:
+            choice = {"kind": "owl", "threshold": thresholds[0], "lambda": float(cfg.owl_lambda)}
+            block_sparsity = owl.owl_block_sparsities(ratios[thresholds[0]], sparsity, float(cfg.owl_lambda))
+        else:
+            cands = owl.candidates(ratios, sparsity)
+            if cfg.owl_lambda != "auto":  # only the threshold is searched
+                cands = [c for c in cands if c.label["kind"] == "uniform"
+                         or c.label.get("lambda") == float(cfg.owl_lambda)]
+            choice, block_sparsity = None, None
+            if world().is_main:
+                best = self._owl_search(cands, calib, norms)
+                choice = {**best.label, "proxy": self._owl_proxy()[0], "search_loss": best.loss,
+                          "uniform_loss": next(c.loss for c in cands if c.label["kind"] == "uniform"),
+                          "candidates": len(cands)}
+                block_sparsity = best.block_sparsity
+            choice, block_sparsity = broadcast_object((choice, block_sparsity))
+        self.block_sparsity = broadcast_object(block_sparsity)  # equal on every process already; rank 0's, to be sure
+        self.owl_choice = choice
+        logger.info("OWL %s, block sparsities: %s", choice, [round(s, 3) for s in self.block_sparsity])
+
+    def _owl_proxy(self) -> tuple[str, ScoreMethod | None]:
+        """The criterion the OWL search prunes its candidates with: the method itself if it only ranks weights
+        (magnitude, Wanda, RIA), else Wanda (SparseGPT, ADMM: their masks are close to Wanda's, their weight update
+        too slow to repeat per candidate)."""
+        if isinstance(self.method, ScoreMethod):
+            return self.config.method, self.method
+        return "wanda", None
+
+    def _owl_search(self, cands: list[owl.Candidate], calib: torch.Tensor, norms: list[dict[str, InputStats]]
+                    ) -> owl.Candidate:
+        """Runs every candidate allocation on the first ``owl_search_samples`` calibration samples (of all
+        processes' data: the choice does not depend on how it is sharded) with Wanda masks from the dense statistics
+        (weights restored after each block) and sets each one's next-token loss; returns the best (uniform on
+        ties)."""
+        search = calib[: int(self.config.owl_search_samples)]
+        hidden, calls = record_block_inputs(self.model, self.blocks, search, self.config.batch_size)
+        ids = list(search.split(self.config.batch_size))
+        n_batches = len(ids)
+        _, proxy = self._owl_proxy()
+        states = [[t.to(self.device) for t in hidden] for _ in cands]
+        bar = self._progress(range(len(self.blocks)), f"OWL: searching {len(cands)} allocations", len(self.blocks))
+        for i in bar:
+            block, layers = self.blocks[i], self.layers[i]
+            with on_device(block, self.device):
+                originals = [layer.read_weight().detach().clone() for layer in layers]
+                try:
+                    orders = [self._proxy_order(w.to(self.device, torch.float32), norms[i][layer.name], proxy)
+                              for layer, w in zip(layers, originals)]
+                    for c, cand in enumerate(cands):
+                        for layer, w, order in zip(layers, originals, orders):
+                            override = self.config.layer_override(layer.report_name)
+                            target = cand.block_sparsity[i] if override is None else override
+                            keep = owl.keep_by_rank(order, target).view(w.shape)
+                            layer.write_weight(w * keep.to(w.dtype))
+                        states[c] = run_block(block, states[c], calls[i][:n_batches], self.device)
+                finally:
+                    for layer, w in zip(layers, originals):
+                        layer.write_weight(w)
+                del originals
+        for cand, state in zip(cands, states):
+            cand.loss = loss_from_last_hidden(self.model, self.blocks, state, ids)
+        return min(cands, key=lambda c: (c.loss if math.isfinite(c.loss) else math.inf, c.label["kind"] != "uniform"))
+
+    @staticmethod
+    def _proxy_order(weight: torch.Tensor, stats: InputStats, proxy: ScoreMethod | None) -> torch.Tensor:
+        """Ascending score order of one matrix for `owl.keep_by_rank`: per row, or over the whole matrix (one row)
+        where the proxy compares per layer."""
+        if proxy is None:
+            return wanda_scores(weight, stats.sum_sq).argsort(dim=1)
+        scores = proxy.scores(weight, stats)
+        return scores.flatten().argsort().unsqueeze(0) if proxy.compare_group() == "layer" else scores.argsort(dim=1)
 
     def _prune_block(
         self, i: int, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], results: list[LayerRow]
