@@ -426,9 +426,14 @@ def _result_line(report: dict | None, pruning: dict) -> str:
         return (f"**Result:** {report['params_before']:,} → {report['params_after']:,} parameters; "
                 f"{report.get('achieved_fraction', 0):.2%} of the decoder-block parameters removed "
                 f"(target {report.get('target_fraction', 0):.1%}).")
-    return (f"**Result:** {report.get('achieved_sparsity', 0):.2%} of the weights in {len(report.get('layers', []))} "
+    text = (f"**Result:** {report.get('achieved_sparsity', 0):.2%} of the weights in {len(report.get('layers', []))} "
             f"pruned layers are zero (target {report.get('target_sparsity', 0):.1%}); "
             f"{report.get('total_nonzero', 0):,} of {report.get('total_params', 0):,} model parameters are non-zero.")
+    if report.get("owl_choice"):
+        from .report import owl_line
+
+        text += f" {owl_line(report['owl_choice'], report.get('block_sparsity'))}."
+    return text
 
 
 def _table(report: dict) -> str:

@@ -143,3 +143,12 @@ def test_search_proxy_is_the_method_where_it_only_ranks(method: str, proxy: str)
                          verbose=False, show_progress=False)
     assert report.owl_choice["proxy"] == proxy
     assert report.owl_choice["search_loss"] <= report.owl_choice["uniform_loss"]
+
+
+def test_model_card_says_what_owl_chose(tmp_path) -> None:
+    model = build("llama")
+    model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True), calibration=calib_ids(),
+                verbose=False, show_progress=False)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "OWL:" in card and "search loss" in card and "block sparsity" in card

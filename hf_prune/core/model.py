@@ -186,6 +186,11 @@ def _expert_layout(module: nn.Module) -> tuple[str, str] | None:
     return "gate_up_proj", "down_proj"
 
 
+def is_adapter_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft tuner layer wrapping a base layer (duck-typed: peft is optional)."""
+    return hasattr(module, "adapter_layer_names") and callable(getattr(module, "get_base_layer", None))
+
+
 def _matches(patterns: list[str] | None, name: str) -> bool:
     return any(re.search(p, name) for p in patterns or [])
 
@@ -193,9 +198,26 @@ def _matches(patterns: list[str] | None, name: str) -> bool:
 def iter_prunable(
     block: nn.Module, prefix: str, targets: list[str] | None, ignore: list[str], skipped: list[str] | None = None
 ) -> Iterator[PrunableLayer]:
-    """Yield the prunable layers of one block (full names ``prefix.sub.name``)."""
+    """Yield the prunable layers of one block (full names ``prefix.sub.name``).
+
+    Adapter wrappers (peft's tuner layers: a ``base_layer`` plus ``adapter_layer_names``, e.g. LoRA's) yield their
+    base layer under the wrapper's name, and their adapter weights (``lora_A``, ``lora_B``, ...) are never yielded:
+    pruning a `peft.PeftModel` prunes and masks the frozen base weights only.
+    """
+    inside_adapter: tuple[str, ...] = ()
     for sub_name, module in block.named_modules():
         full = f"{prefix}.{sub_name}" if sub_name else prefix
+        if inside_adapter and sub_name.startswith(inside_adapter):
+            continue
+        if is_adapter_wrapper(module):
+            inside_adapter += (f"{sub_name}.",)
+            base = module.get_base_layer()
+            if not ((isinstance(base, nn.Linear) or is_conv1d(base)) and not isinstance(base, nn.Embedding)):
+                continue
+            if _matches(ignore, full) or (targets is not None and not _matches(targets, full)):
+                continue
+            yield PrunableLayer(name=full, module=base, kind="conv1d" if is_conv1d(base) else "linear")
+            continue
         if (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, nn.Embedding):
             if _matches(ignore, full) or (targets is not None and not _matches(targets, full)):
                 continue

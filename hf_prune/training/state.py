@@ -264,8 +264,9 @@ class MaskState:
         self.remove_grad_hooks()
         if self.sharded:  # FSDP2 sets the sharded .grad after its reduce-scatter: masked before the step instead
             return
+        # frozen parameters (the base layers under a LoRA adapter) get no gradient: nothing to mask
         self._hooks = [e.param.register_post_accumulate_grad_hook(lambda p, e=e: self._mask_grad(p, e))
-                       for e in self.params.values()]
+                       for e in self.params.values() if e.param.requires_grad]
 
     @torch.no_grad()
     def _mask_grad(self, param: torch.Tensor, entry: MaskedParam) -> None:
