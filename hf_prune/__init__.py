@@ -37,8 +37,35 @@ from .report import PruningReport  # noqa: E402
 from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
 from .training import methods as _training_methods  # noqa: E402,F401
+from .training.recover import recover  # noqa: E402
 
 _transformers_integration.install()
+
+
+def _register_peft_method() -> None:
+    """Register masked LoRA (`hf_prune.peft`) with peft when peft is installed. peft is not imported when it is
+    absent, and a peft whose internals changed costs a warning, never ``import hf_prune``."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return
+    try:
+        importlib.import_module("hf_prune.peft")
+    except Exception as exc:  # any failure inside peft must leave the rest of hf_prune usable
+        import warnings
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            peft_version = version("peft")
+        except PackageNotFoundError:
+            peft_version = "(unknown version)"
+        warnings.warn(f"hf_prune: masked LoRA (hf_prune.peft) is unavailable with peft {peft_version}: "
+                      f"{type(exc).__name__}: {exc}. Pruning is not affected; `import hf_prune.peft` shows the "
+                      "full error (tested with peft 0.21).", RuntimeWarning, stacklevel=2)
+
+
+_register_peft_method()
 
 __all__ = [
     "auto_dtype",
@@ -53,6 +80,7 @@ __all__ = [
     "UnsupportedModelError",
     "available_methods",
     "perplexity",
+    "recover",
     "prune",
     "register_method",
     "validate",

@@ -140,6 +140,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    """``hf-prune recover DIR --output OUT``: PERP recovery of a pruned checkpoint (`hf_prune.recover`)."""
+    from .evaluate import perplexity
+    from .training.recover import recover
+
+    if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise SystemExit(f"hf-prune recover: --output {args.output!r} exists and is not empty; pass --overwrite")
+    model, tokenizer = _load(args.model, args.dtype, None)
+    before = None
+    if args.eval:
+        before = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen,
+                            max_windows=args.eval_windows)
+        print(f"perplexity before recovery: {before.ppl:.3f}")
+    report = recover(model, _text_source(args.data, "calibration"), tokenizer, train=args.train, steps=args.steps,
+                     learning_rate=args.lr, lora_r=args.lora_r, batch_size=args.batch_size, seqlen=args.seqlen,
+                     seed=args.seed)
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    from .io import atomic_write_text
+
+    result: dict[str, Any] = {"recovery": report.to_dict()}
+    if args.eval:
+        after = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen,
+                           max_windows=args.eval_windows)
+        print(f"perplexity after recovery: {after.ppl:.3f} (before {before.ppl:.3f})")  # type: ignore[union-attr]
+        result.update(before=before.to_dict(), after=after.to_dict())  # type: ignore[union-attr]
+    atomic_write_text(os.path.join(args.output, "recovery.json"), json.dumps(result, indent=2))
+    print(f"saved recovered model to {args.output} (recovery.json next to it)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
 
@@ -333,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64, help="max evaluation windows (default 64)")
     p.set_defaults(func=cmd_prune)
+
+    r = sub.add_parser("recover", help="PERP recovery of a pruned model: retrain norms and biases (optionally a "
+                       "masked LoRA adapter) for a few hundred steps; the zeros stay exactly")
+    r.add_argument("model", help="pruned model folder (from hf-prune prune)")
+    r.add_argument("-o", "--output", required=True, help="folder for the recovered model")
+    r.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
+    r.add_argument("--data", help=f"training text file or dataset (default '{EMBEDDED_TEXT}', first 80%%)")
+    r.add_argument("--train", default="norms", choices=("norms", "lora", "all"),
+                   help="what trains: norms and biases, plus a masked LoRA adapter, or everything with a constant "
+                        "mask (default norms)")
+    r.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    r.add_argument("--lr", type=float, help="learning rate (default: 1e-3 norms, 2e-4 lora, 2e-5 all)")
+    r.add_argument("--lora-r", type=int, default=16, help="rank of the masked LoRA adapter (default 16)")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--seqlen", type=int, default=512)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    r.add_argument("--eval", action="store_true", help="held-out perplexity before and after")
+    r.add_argument("--eval-text", help=f"evaluation text file (default '{EMBEDDED_TEXT}', last 20%%)")
+    r.add_argument("--eval-seqlen", type=int, default=512)
+    r.add_argument("--eval-windows", type=int, default=64)
+    r.set_defaults(func=cmd_recover)
 
     e = sub.add_parser("eval", help="perplexity with the standard protocol")
     e.add_argument("model", help="model folder, Hub id, or 'smollm2'")

@@ -1,0 +1,233 @@
+"""PERP recovery after one-shot pruning (Zimmer et al., 2023, "PERP: Rethinking the Prune-Retrain Paradigm in the
+Era of LLMs"): retrain only a tiny set of parameters for a few hundred steps and keep the zeros exactly.
+
+What trains (``train=``):
+
+* ``"norms"``: the normalisation weights and every bias (PERP's "biases + LN"); the pruned matrices stay frozen,
+  so their zeros cannot move. Typically ~0.01-0.1% of the parameters.
+* ``"lora"``: the same plus a masked LoRA adapter (`hf_prune.peft.MaskedLoraConfig`, ``lora_r``, on every
+  pruned linear layer); its update is ``(B A) * M`` with ``M`` the base's non-zero pattern, so the merged model
+  keeps the zeros exactly. The adapter is merged at the end: the result is a plain transformers model.
+* ``"all"``: full fine-tuning with the one-shot zeros as a constant mask (`PruningCallback`), the reference
+  PERP compares against.
+
+It runs the real `transformers.Trainer`. Example (tiny model, a few steps)::
+
+    >>> import torch, hf_prune
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    >>> _ = model.prune(hf_prune.PruningConfig(method="magnitude", sparsity=0.5), verbose=False, show_progress=False)
+    >>> report = hf_prune.recover(model, torch.randint(0, 100, (8, 16)), steps=2, batch_size=4, show_progress=False)
+    >>> report.zeros_kept, report.trainable_fraction < 0.01
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.calibration import build_calibration
+from ..core.memory import PeakMemory
+from ..errors import ConfigError
+
+TRAIN_MODES = ("norms", "lora", "all")
+#: default learning rates per mode (PERP trains biases/norms and LoRA with larger rates than full fine-tuning)
+DEFAULT_LR = {"norms": 1e-3, "lora": 2e-4, "all": 2e-5}
+
+
+@dataclass
+class RecoveryReport:
+    """What `recover` trained and what it kept."""
+
+    train: str
+    steps: int
+    learning_rate: float
+    trainable_params: int
+    total_params: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    peak_rss_mb: float
+    zeros_before: int
+    zeros_after: int
+    lora_r: int | None = None
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    @property
+    def zeros_kept(self) -> bool:
+        return self.zeros_after >= self.zeros_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "trainable_fraction": self.trainable_fraction, "zeros_kept": self.zeros_kept}
+
+    def __str__(self) -> str:
+        return (f"hf_prune recover ({self.train}{f', LoRA r={self.lora_r}' if self.lora_r else ''}): {self.steps} "
+                f"steps at lr {self.learning_rate:g}, {self.trainable_params:,} of {self.total_params:,} parameters "
+                f"trained ({self.trainable_fraction:.3%}); loss {self.first_loss:.3f} -> {self.last_loss:.3f}; "
+                f"zeros {self.zeros_before:,} -> {self.zeros_after:,}; {self.seconds:.1f} s, peak RSS "
+                f"{self.peak_rss_mb:.0f} MB")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Normalisation layers of any transformers architecture (LayerNorm, RMSNorm variants), by class name."""
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def _zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p == 0) for n, p in model.named_parameters() if p.dim() >= 2 and bool((p == 0).any())}
+
+
+def mark_norms_and_biases_trainable(model: nn.Module) -> int:
+    """Freeze everything but normalisation weights and biases; return how many parameters train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    count = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm(module) or name == "bias":
+                p.requires_grad_(True)
+                count += p.numel()
+    return count
+
+
+def recover(
+    model: nn.Module,
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    train: str = "norms",
+    steps: int = 200,
+    learning_rate: float | None = None,
+    lora_r: int = 16,
+    batch_size: int = 8,
+    seqlen: int = 512,
+    seed: int = 0,
+    output_dir: str | None = None,
+    show_progress: bool = True,
+) -> RecoveryReport:
+    """Retrain a pruned model in place for ``steps`` optimizer steps on ``data`` and keep its zeros (see module).
+
+    Args:
+        model: a transformers causal LM pruned by hf_prune (or any model with zeros to keep).
+        data: text, a file, a list of strings (with ``tokenizer``), a dataset or a LongTensor ``[samples, seqlen]``
+            (the calibration formats); ``steps * batch_size`` windows of ``seqlen`` tokens are drawn from it.
+        train: ``"norms"``, ``"lora"`` or ``"all"``.
+        learning_rate: default per mode (`DEFAULT_LR`).
+        lora_r: rank of the masked LoRA adapter (``train="lora"``).
+
+    Returns the `RecoveryReport`. With ``train="lora"`` the adapter is merged into ``model``'s weights (masked,
+    so the zeros stay).
+    """
+    if train not in TRAIN_MODES:
+        raise ConfigError(f"train={train!r} is not one of {TRAIN_MODES}: 'norms' (norms and biases only), 'lora' "
+                          "(plus a masked LoRA adapter) or 'all' (full fine-tuning with a constant mask)")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("lora_r", lora_r)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+    lr = DEFAULT_LR[train] if learning_rate is None else learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"learning_rate={learning_rate!r} must be a positive number")
+    ids = build_calibration(data, tokenizer, steps * batch_size, seqlen, seed)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise ConfigError(f"data: token id {int(ids.max())} is outside the model's vocabulary ({vocab}); was it "
+                          "tokenized with another tokenizer?")
+    before = _zero_pattern(model)
+    if not before:
+        import warnings
+
+        warnings.warn("recover: the model has no zero weights; it is not pruned, so there is nothing to keep "
+                      "(training goes on)", stacklevel=2)
+    zeros_before = sum(int(m.sum()) for m in before.values())
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from .callback import PruningCallback
+
+    target: nn.Module = model
+    callbacks: list = []
+    total = sum(p.numel() for p in model.parameters())
+    if train == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        cfg = getattr(getattr(model, "config", None), "pruning_config", None)
+        if not isinstance(cfg, dict):
+            raise ConfigError("train='all' keeps the zeros of a model pruned by hf_prune (its config.pruning_config "
+                              "is missing); prune it with hf_prune first, or use train='norms' or 'lora', which "
+                              "keep any zeros")
+        from ..config import PruningConfig
+
+        # a one-shot method on an already pruned model and no calibration: its zeros are the constant mask
+        structure = str(cfg.get("structure") or "unstructured")
+        mask_cfg = (PruningConfig(method="wanda", structure=structure) if re.fullmatch(r"\d+:\d+", structure) else
+                    PruningConfig(method="wanda", sparsity=min(max(zeros_before / max(total, 1), 0.0), 0.99)))
+        callbacks.append(PruningCallback(mask_cfg, verbose=False))
+    else:
+        mark_norms_and_biases_trainable(model)
+        if train == "lora":
+            target = _masked_lora(model, lora_r)
+    trainable = sum(p.numel() for p in target.parameters() if p.requires_grad)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    with tempfile.TemporaryDirectory(prefix="hf_prune-recover-") as tmp:
+        args = TrainingArguments(
+            output_dir=output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+            logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
+            disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            bf16=next(model.parameters()).dtype == torch.bfloat16,
+        )
+        trainer = Trainer(model=target, args=args, train_dataset=dataset, callbacks=callbacks)
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if train == "lora":
+        merged = target.merge_and_unload()
+        assert merged is model or merged is getattr(model, "base_model", merged)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    after = _zero_pattern(model)
+    lost = [n for n, m in before.items() if n not in after or not bool(after[n][m].all())]
+    if lost:
+        from ..errors import NumericalError
+
+        raise NumericalError(f"recover lost zeros in {len(lost)} weights (first: {lost[0]}); this is a bug, please "
+                             "report it with the model class and train mode")
+    report = RecoveryReport(
+        train=train, steps=steps, learning_rate=float(lr), trainable_params=trainable, total_params=total,
+        first_loss=float(losses[0]) if losses else math.nan, last_loss=float(losses[-1]) if losses else math.nan,
+        seconds=seconds, peak_rss_mb=mem.peak_rss_mb, zeros_before=zeros_before,
+        zeros_after=sum(int(m.sum()) for m in after.values()), lora_r=lora_r if train == "lora" else None,
+    )
+    if show_progress:
+        print(report)
+    return report
+
+
+def _masked_lora(model: nn.Module, r: int) -> nn.Module:
+    try:
+        import peft
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("train='lora' needs peft: pip install 'hf_prune[peft]' (or pip install peft)") from exc
+    from ..peft import MaskedLoraConfig
+
+    norms = [n for n, p in model.named_parameters() if p.requires_grad]
+    pm = peft.get_peft_model(model, MaskedLoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    named = dict(pm.base_model.model.named_parameters())
+    for n in norms:  # get_peft_model freezes the base: norms and biases train along with the adapter
+        named[n].requires_grad_(True)
+    return pm
