@@ -104,3 +104,20 @@ def test_cli_recover(tmp_path, capsys) -> None:
     original = AutoModelForCausalLM.from_pretrained(pruned)
     w, w0 = reloaded.model.layers[0].mlp.down_proj.weight, original.model.layers[0].mlp.down_proj.weight
     assert torch.equal(w == 0, w0 == 0)
+
+
+@pytest.mark.parametrize("arch, structure", [("llama", "2:4"), ("gpt2", "unstructured")])
+def test_lora_mode_merges_with_exact_zeros(arch: str, structure: str) -> None:
+    pytest.importorskip("peft")
+    model = _pruned(arch, structure)
+    zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2 and bool((p == 0).any())}
+    report = hf_prune.recover(model, calib_ids(n=16, seqlen=16, seed=1), train="lora", lora_r=4, steps=3,
+                              batch_size=4, seqlen=16, learning_rate=1e-2, show_progress=False)
+    assert report.lora_r == 4 and report.zeros_kept
+    assert not any("lora" in n for n, _ in model.named_parameters()), "the adapter was not merged"
+    params = dict(model.named_parameters())
+    changed = 0
+    for n, z in zeros.items():
+        assert torch.equal(params[n] == 0, z), f"{n}: zeros changed"
+        changed += 1
+    assert changed and report.trainable_fraction < 0.2

@@ -225,9 +225,8 @@ def _masked_lora(model: nn.Module, r: int) -> nn.Module:
         raise ImportError("train='lora' needs peft: pip install 'hf_prune[peft]' (or pip install peft)") from exc
     from ..peft import MaskedLoraConfig
 
-    norms = [n for n, p in model.named_parameters() if p.requires_grad]
+    norms = [p for p in model.parameters() if p.requires_grad]  # the same tensors inside the wrapped model
     pm = peft.get_peft_model(model, MaskedLoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    named = dict(pm.base_model.model.named_parameters())
-    for n in norms:  # get_peft_model freezes the base: norms and biases train along with the adapter
-        named[n].requires_grad_(True)
+    for p in norms:  # get_peft_model freezes the base: norms and biases train along with the adapter
+        p.requires_grad_(True)
     return pm
