@@ -114,6 +114,8 @@ def recover(
     batch_size: int = 8,
     seqlen: int = 512,
     seed: int = 0,
+    gradient_accumulation_steps: int = 1,
+    bf16: bool | None = None,
     output_dir: str | None = None,
     show_progress: bool = True,
 ) -> RecoveryReport:
@@ -126,6 +128,8 @@ def recover(
         train: ``"norms"``, ``"lora"`` or ``"all"``.
         learning_rate: default per mode (`DEFAULT_LR`).
         lora_r: rank of the masked LoRA adapter (``train="lora"``).
+        gradient_accumulation_steps: batches per optimizer step (``steps * batch_size * this`` windows are drawn).
+        bf16: bf16 mixed precision (default: when the model's weights are bf16).
 
     Returns the `RecoveryReport`. With ``train="lora"`` the adapter is merged into ``model``'s weights (masked,
     so the zeros stay).
@@ -133,13 +137,14 @@ def recover(
     if train not in TRAIN_MODES:
         raise ConfigError(f"train={train!r} is not one of {TRAIN_MODES}: 'norms' (norms and biases only), 'lora' "
                           "(plus a masked LoRA adapter) or 'all' (full fine-tuning with a constant mask)")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("lora_r", lora_r)):
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seqlen", seqlen), ("lora_r", lora_r),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ConfigError(f"{name}={value!r} must be a positive integer")
     lr = DEFAULT_LR[train] if learning_rate is None else learning_rate
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"learning_rate={learning_rate!r} must be a positive number")
-    ids = build_calibration(data, tokenizer, steps * batch_size, seqlen, seed)
+    ids = build_calibration(data, tokenizer, steps * batch_size * gradient_accumulation_steps, seqlen, seed)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
         raise ConfigError(f"data: token id {int(ids.max())} is outside the model's vocabulary ({vocab}); was it "
@@ -187,7 +192,8 @@ def recover(
             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
             logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
             disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            bf16=next(model.parameters()).dtype == torch.bfloat16,
+            bf16=next(model.parameters()).dtype == torch.bfloat16 if bf16 is None else bf16,
+            gradient_accumulation_steps=gradient_accumulation_steps,
         )
         trainer = Trainer(model=target, args=args, train_dataset=dataset, callbacks=callbacks)
         with PeakMemory() as mem:
