@@ -121,3 +121,29 @@ def test_lora_mode_merges_with_exact_zeros(arch: str, structure: str) -> None:
         assert torch.equal(params[n] == 0, z), f"{n}: zeros changed"
         changed += 1
     assert changed and report.trainable_fraction < 0.2
+
+
+@pytest.mark.parametrize("train", ["norms", "lora"])
+def test_failure_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch, train: str) -> None:
+    if train == "lora":
+        pytest.importorskip("peft")
+    from transformers import Trainer
+
+    model = _pruned("llama")
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = [type(m) for m in model.modules()]
+
+    def boom(self, *args, **kwargs):
+        for p in self.model.parameters():  # simulate a partial step, then a crash
+            if p.requires_grad:
+                with torch.no_grad():
+                    p.add_(1.0)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Trainer, "train", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        hf_prune.recover(model, calib_ids(), train=train, steps=1, batch_size=2, seqlen=16, show_progress=False)
+    assert [type(m) for m in model.modules()] == modules, "the adapter was left in the model"
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), state[n]), f"{n} changed"
+        assert p.requires_grad

@@ -166,8 +166,6 @@ def recover(
     callbacks: list = []
     total = sum(p.numel() for p in model.parameters())
     if train == "all":
-        for p in model.parameters():
-            p.requires_grad_(True)
         cfg = getattr(getattr(model, "config", None), "pruning_config", None)
         if not isinstance(cfg, dict):
             raise ConfigError("train='all' keeps the zeros of a model pruned by hf_prune (its config.pruning_config "
@@ -180,32 +178,52 @@ def recover(
         mask_cfg = (PruningConfig(method="wanda", structure=structure) if re.fullmatch(r"\d+:\d+", structure) else
                     PruningConfig(method="wanda", sparsity=min(max(zeros_before / max(total, 1), 0.0), 0.99)))
         callbacks.append(PruningCallback(mask_cfg, verbose=False))
-    else:
-        mark_norms_and_biases_trainable(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        if train == "all":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            mark_norms_and_biases_trainable(model)
+            backup = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+            if train == "lora":
+                target = _masked_lora(model, lora_r)
+        trainable = sum(p.numel() for p in target.parameters() if p.requires_grad)
+        dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+        with tempfile.TemporaryDirectory(prefix="hf_prune-recover-") as tmp:
+            args = TrainingArguments(
+                output_dir=output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+                learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+                logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
+                disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                bf16=next(model.parameters()).dtype == torch.bfloat16 if bf16 is None else bf16,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+            )
+            trainer = Trainer(model=target, args=args, train_dataset=dataset, callbacks=callbacks)
+            if not show_progress:  # with tqdm disabled the Trainer prints every log dict instead
+                from transformers import PrinterCallback
+
+                trainer.remove_callback(PrinterCallback)
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                trainer.train()
+                seconds = time.perf_counter() - start
         if train == "lora":
-            target = _masked_lora(model, lora_r)
-    trainable = sum(p.numel() for p in target.parameters() if p.requires_grad)
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    with tempfile.TemporaryDirectory(prefix="hf_prune-recover-") as tmp:
-        args = TrainingArguments(
-            output_dir=output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-            logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
-            disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            bf16=next(model.parameters()).dtype == torch.bfloat16 if bf16 is None else bf16,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-        )
-        trainer = Trainer(model=target, args=args, train_dataset=dataset, callbacks=callbacks)
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - start
+            target.merge_and_unload()  # masked: the zeros stay; the model's modules are plain again
+    except BaseException:
+        # norms/lora: put back the few trained tensors and remove the adapter, so a failure leaves the model as it
+        # was; train="all" leaves the partially trained weights (its zeros are kept by the constant mask)
+        if train == "lora" and target is not model:
+            target.unload()
+        with torch.no_grad():
+            for p, value in backup:
+                p.copy_(value)
+        raise
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if train == "lora":
-        merged = target.merge_and_unload()
-        assert merged is model or merged is getattr(model, "base_model", merged)
-    for p in model.parameters():
-        p.requires_grad_(True)
     after = _zero_pattern(model)
     lost = [n for n, m in before.items() if n not in after or not bool(after[n][m].all())]
     if lost:
