@@ -147,3 +147,26 @@ def test_failure_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch, tra
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), state[n]), f"{n} changed"
         assert p.requires_grad
+
+
+def test_bf16_model_trains_in_float32_and_stays_bf16() -> None:
+    model = _pruned("llama").to(torch.bfloat16)
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+    # each step (3e-3) is below half a bf16 ulp at 1.0 (3.9e-3): pure bf16 Adam would not move them at all;
+    # accumulated in float32 over 8 steps they move by more than one ulp
+    hf_prune.recover(model, calib_ids(n=32, seqlen=16, seed=1), steps=8, batch_size=4, seqlen=16,
+                     learning_rate=3e-3, show_progress=False)
+    moved = [n for n, p in model.named_parameters() if n in norms and not torch.equal(p.detach(), norms[n])]
+    assert len(moved) == len(norms), f"only {len(moved)} of {len(norms)} norm weights moved in bf16"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_all_mode_keeps_the_pruning_record() -> None:
+    model = _pruned("llama", "2:4")
+    record = dict(model.config.pruning_config)
+    report = model._hf_prune_report
+    hf_prune.recover(model, calib_ids(n=16, seqlen=16, seed=1), train="all", steps=2, batch_size=4, seqlen=16,
+                     show_progress=False)
+    assert model.config.pruning_config == record and model._hf_prune_report is report
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters()
+                   if getattr(p, "_post_accumulate_grad_hooks", None)), "gradient hooks left behind"

@@ -86,7 +86,15 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p == 0) for n, p in model.named_parameters() if p.dim() >= 2 and bool((p == 0).any())}
+    """Zero masks (on the CPU) of the matrices that hold zeros, embeddings and output head excluded (their zeros
+    are not pruning's, and a tied head changes with the embeddings)."""
+    skip = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            skip.add(id(module.weight))
+    return {n: (p == 0).cpu() for n, p in model.named_parameters()
+            if p.dim() >= 2 and id(p) not in skip and bool((p == 0).any())}
 
 
 def mark_norms_and_biases_trainable(model: nn.Module) -> int:
@@ -179,7 +187,10 @@ def recover(
                     PruningConfig(method="wanda", sparsity=min(max(zeros_before / max(total, 1), 0.0), 0.99)))
         callbacks.append(PruningCallback(mask_cfg, verbose=False))
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    record = (getattr(getattr(model, "config", None), "pruning_config", None), getattr(model, "_hf_prune_report", None))
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+    upcast: list[tuple[nn.Parameter, torch.dtype]] = []
     try:
         if train == "all":
             for p in model.parameters():
@@ -187,8 +198,15 @@ def recover(
         else:
             mark_norms_and_biases_trainable(model)
             backup = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
-            if train == "lora":
-                target = _masked_lora(model, lora_r)
+        if half:
+            # no fp32 master weights in a bf16/fp16 model: Adam's small steps would round away (a norm weight near
+            # 1.0 does not move by 1e-3 in bf16). The trained parameters run in float32 under autocast.
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    upcast.append((p, p.dtype))
+                    p.data = p.data.float()
+        if train == "lora":
+            target = _masked_lora(model, lora_r)
         trainable = sum(p.numel() for p in target.parameters() if p.requires_grad)
         dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
         with tempfile.TemporaryDirectory(prefix="hf_prune-recover-") as tmp:
@@ -197,7 +215,8 @@ def recover(
                 learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
                 logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
                 disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                bf16=next(model.parameters()).dtype == torch.bfloat16 if bf16 is None else bf16,
+                bf16=(half and not any(d == torch.float16 for _, d in upcast)) if bf16 is None else bf16,
+                fp16=bf16 is None and any(d == torch.float16 for _, d in upcast) and torch.cuda.is_available(),
                 gradient_accumulation_steps=gradient_accumulation_steps,
             )
             trainer = Trainer(model=target, args=args, train_dataset=dataset, callbacks=callbacks)
@@ -221,8 +240,17 @@ def recover(
                 p.copy_(value)
         raise
     finally:
+        for cb in callbacks:
+            if getattr(cb, "masks", None) is not None:
+                cb.masks.remove_grad_hooks()
+        for p, dtype in upcast:
+            p.data = p.data.to(dtype)
         for p, flag in flags:
             p.requires_grad_(flag)
+        if train == "all" and record[0] is not None:  # the callback attached its stand-in config: put back the run's
+            model.config.pruning_config = record[0]
+            if record[1] is not None:
+                model._hf_prune_report = record[1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     after = _zero_pattern(model)
     lost = [n for n, m in before.items() if n not in after or not bool(after[n][m].all())]
