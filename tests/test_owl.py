@@ -13,7 +13,7 @@ from hf_prune.errors import ConfigError
 from hf_prune.oneshot.owl import (
     candidates,
     depth_ramp,
-    keep_by_rank,
+    keep_mask,
     owl_block_sparsities,
     owl_outlier_ratio,
 )
@@ -45,11 +45,41 @@ def test_depth_ramp_and_candidates() -> None:
     assert len({tuple(c.block_sparsity) for c in cands}) == len(cands)  # no duplicates
 
 
-def test_keep_by_rank_prunes_lowest_per_row() -> None:
+def test_keep_mask_prunes_lowest_per_row() -> None:
     scores = torch.tensor([[3.0, 1.0, 2.0, 4.0], [0.5, 0.1, 0.9, 0.2]])
-    keep = keep_by_rank(scores.argsort(dim=1), 0.5)
+    keep = keep_mask(scores, 0.5)
     assert keep.tolist() == [[True, False, False, True], [True, False, True, False]]
-    assert keep_by_rank(scores.argsort(dim=1), 0.0).all()
+    assert keep_mask(scores, 0.0).all()
+    assert keep_mask(scores.reshape(1, -1), 0.25).sum() == 6  # whole-matrix comparison
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+def test_search_handles_every_block_output_kind(arch: str) -> None:
+    model = build(arch)
+    report = model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True), calibration=calib_ids(),
+                         verbose=False, show_progress=False)
+    assert "search_failed" not in report.owl_choice and report.owl_choice["search_loss"] is not None
+
+
+def test_fixed_lambda_outside_the_grid_is_searched_over_thresholds() -> None:
+    model = build("llama")
+    report = model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True, owl_lambda=0.1),
+                         calibration=calib_ids(), verbose=False, show_progress=False)
+    assert report.owl_choice["candidates"] > 1  # uniform + OWL at lambda 0.1 for each threshold
+
+
+def test_search_failure_falls_back_to_uniform_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_prune.oneshot import pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the forward does not take labels")
+
+    monkeypatch.setattr(pipeline, "loss_from_last_hidden", boom)
+    model = build("llama")
+    with pytest.warns(UserWarning, match="search failed"):
+        report = model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True),
+                             calibration=calib_ids(), verbose=False, show_progress=False)
+    assert report.owl_choice["kind"] == "uniform" and report.block_sparsity == [0.5] * len(report.block_sparsity)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma3", "gpt_neox", "qwen3_moe"])
@@ -92,17 +122,26 @@ def test_fixed_owl_hyperparameters_are_the_paper_formula() -> None:
 
 
 def test_owl_search_restores_weights_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_prune.oneshot import owl as owl_module
+
+    class Stop(BaseException):  # not an Exception: the search's uniform fallback must not swallow it
+        pass
+
     model = build("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from hf_prune.oneshot import pipeline
+    real, calls = owl_module.keep_mask, []
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
+    def boom(scores, sparsity):
+        calls.append(1)
+        if len(calls) > 3:  # after some weights of block 0 were masked
+            raise Stop("boom")
+        return real(scores, sparsity)
 
-    monkeypatch.setattr(pipeline, "loss_from_last_hidden", boom)
-    with pytest.raises(RuntimeError, match="boom"):
+    monkeypatch.setattr(owl_module, "keep_mask", boom)
+    with pytest.raises(Stop, match="boom"):
         model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True), calibration=calib_ids(),
                     verbose=False, show_progress=False)
+    assert len(calls) > 3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

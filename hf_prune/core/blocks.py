@@ -149,12 +149,24 @@ def check_finite(tensors: Iterable[torch.Tensor], where: str) -> None:
             )
 
 
+def returns_tuple(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], device: torch.device) -> bool:
+    """Whether ``block`` returns a tuple (older decoder layers: ``(hidden, ...)``, read as ``outputs[0]`` by their
+    model) rather than the hidden states themselves; runs it once on the first sample."""
+    args, kwargs = call
+    with torch.no_grad():
+        out = block(hidden[:1].to(device), *move_to(args, device), **move_to(kwargs, device))
+    return isinstance(out, (tuple, list))
+
+
 def loss_from_last_hidden(
-    model: nn.Module, blocks: nn.ModuleList, last_hidden: list[torch.Tensor], input_ids: list[torch.Tensor]
+    model: nn.Module, blocks: nn.ModuleList, last_hidden: list[torch.Tensor], input_ids: list[torch.Tensor],
+    tuple_output: bool = False,
 ) -> float:
     """The model's mean next-token loss when its last decoder block outputs ``last_hidden`` (one tensor per batch
     of ``input_ids``): every block is replaced by a stub (block 0's returns the given states, the others pass them
-    on), so only embeddings, the final norm and the head run. Works for any model whose forward takes ``labels``.
+    on), so only embeddings, the final norm and the head run, one sample at a time (the logits of a large vocabulary
+    are the biggest tensor). ``tuple_output``: the blocks return tuples (`returns_tuple`), so the stubs do too.
+    Works for any model whose forward takes ``labels``.
 
     Example (with the real blocks' outputs this is the ordinary loss):
         >>> import torch
@@ -171,12 +183,14 @@ def loss_from_last_hidden(
     saved = [blk.__dict__.get("forward") for blk in blocks]
     current: list[torch.Tensor] = []
 
-    def stub(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def stub(*args: Any, **kwargs: Any) -> Any:
         h = args[0] if args else kwargs["hidden_states"]
-        return current[0].to(h.device, h.dtype)
+        out = current[0].to(h.device, h.dtype)
+        return (out,) if tuple_output else out
 
-    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if tuple_output else h
 
     device = input_device(model)
     total, count = 0.0, 0
@@ -184,13 +198,14 @@ def loss_from_last_hidden(
         for i, blk in enumerate(blocks):
             blk.forward = stub if i == 0 else passthrough
         with torch.no_grad():
-            for h, ids in zip(last_hidden, input_ids):
-                current[:] = [h]
-                ids = ids.to(device)
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
-                n = ids.numel() - ids.shape[0]
-                total += float(out.loss) * n
-                count += n
+            for batch_h, batch_ids in zip(last_hidden, input_ids):
+                for h, ids in zip(batch_h.split(1), batch_ids.split(1)):
+                    current[:] = [h]
+                    ids = ids.to(device)
+                    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+                    n = ids.numel() - ids.shape[0]
+                    total += float(out.loss) * n
+                    count += n
     finally:
         for blk, fwd in zip(blocks, saved):
             if fwd is None:

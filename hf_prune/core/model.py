@@ -213,6 +213,9 @@ def iter_prunable(
             inside_adapter += (f"{sub_name}.",)
             base = module.get_base_layer()
             if not ((isinstance(base, nn.Linear) or is_conv1d(base)) and not isinstance(base, nn.Embedding)):
+                if skipped is not None and any(p.dim() >= 2 for p in base.parameters(recurse=False)):
+                    skipped.append(f"{full} (its weights are wrapped by an adapter on parameters, e.g. LoRA "
+                                   "target_parameters on fused experts: prune before adding the adapter)")
                 continue
             if _matches(ignore, full) or (targets is not None and not _matches(targets, full)):
                 continue

@@ -79,18 +79,19 @@ class Candidate:
     loss: float | None = field(default=None)
 
 
-def candidates(ratios: dict[float, list[float]], sparsity: float) -> list[Candidate]:
+def candidates(ratios: dict[float, list[float]], sparsity: float, lambdas: Sequence[float] = SEARCH_LAMBDAS,
+               ramps: Sequence[float] = SEARCH_RAMPS) -> list[Candidate]:
     """The search's allocations for a target ``sparsity``: uniform first, then OWL for every threshold in
-    ``ratios`` and every `SEARCH_LAMBDAS` value, then the depth ramps. Allocations that had to be clamped to
+    ``ratios`` and every value of ``lambdas``, then the depth ramps of ``ramps``. Allocations that had to be clamped to
     ``[0, 0.999]`` (their mean would miss the target) and duplicates are dropped."""
     n = len(next(iter(ratios.values()))) if ratios else 0
     out = [Candidate({"kind": "uniform"}, [float(sparsity)] * n)]
     for threshold, block_ratios in ratios.items():
-        for lam in SEARCH_LAMBDAS:
+        for lam in lambdas:
             if sparsity - abs(lam) >= 0 and sparsity + abs(lam) < 1:
                 out.append(Candidate({"kind": "owl", "threshold": threshold, "lambda": lam},
                                      owl_block_sparsities(block_ratios, sparsity, lam)))
-    for spread in SEARCH_RAMPS:
+    for spread in ramps:
         if sparsity - spread >= 0 and sparsity + spread < 1:
             out.append(Candidate({"kind": "depth_ramp", "spread": spread}, depth_ramp(n, sparsity, spread)))
     seen, unique = set(), []
@@ -103,16 +104,16 @@ def candidates(ratios: dict[float, list[float]], sparsity: float) -> list[Candid
     return unique
 
 
-def keep_by_rank(order: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per-row keep-mask from ``order = scores.argsort(dim=1)`` (ascending): the ``round(sparsity * cols)`` lowest
-    of each row are pruned. One argsort serves every candidate sparsity.
+def keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask pruning the ``round(sparsity * cols)`` lowest scores of each row (ties at the threshold are pruned
+    too; pass a ``[1, n]`` view to compare a whole matrix). No sort is stored: one ``kthvalue`` per call.
 
-    >>> keep_by_rank(torch.tensor([[2, 0, 1]]), 2 / 3)   # columns 2 and 0 score lowest
-    tensor([[False,  True, False]])
+    >>> keep_mask(torch.tensor([[3.0, 1.0, 2.0, 4.0], [0.5, 0.1, 0.9, 0.2]]), 0.5)
+    tensor([[ True, False, False,  True],
+            [ True, False,  True, False]])
     """
-    cols = order.shape[1]
-    k = int(round(float(sparsity) * cols))
-    keep = torch.ones(order.shape, dtype=torch.bool, device=order.device)
-    if k:
-        keep.scatter_(1, order[:, :k], False)
-    return keep
+    k = int(round(float(sparsity) * scores.shape[1]))
+    if k <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+    return scores > threshold

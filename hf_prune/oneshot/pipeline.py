@@ -43,6 +43,7 @@ from ..core.blocks import (
     loss_from_last_hidden,
     on_device,
     record_block_inputs,
+    returns_tuple,
     run_block,
 )
 from ..core.distributed import (
@@ -226,21 +227,38 @@ class SequentialPruner:
             choice = {"kind": "owl", "threshold": thresholds[0], "lambda": float(cfg.owl_lambda)}
             block_sparsity = owl.owl_block_sparsities(ratios[thresholds[0]], sparsity, float(cfg.owl_lambda))
         else:
-            cands = owl.candidates(ratios, sparsity)
-            if cfg.owl_lambda != "auto":  # only the threshold is searched
-                cands = [c for c in cands if c.label["kind"] == "uniform"
-                         or c.label.get("lambda") == float(cfg.owl_lambda)]
+            if cfg.owl_lambda == "auto":
+                cands = owl.candidates(ratios, sparsity)
+            else:  # only the threshold is searched, at the given lambda
+                cands = owl.candidates(ratios, sparsity, lambdas=(float(cfg.owl_lambda),), ramps=())
             choice, block_sparsity = None, None
-            if world().is_main:
-                best = self._owl_search(cands, calib, norms)
-                choice = {**best.label, "proxy": self._owl_proxy()[0], "search_loss": best.loss,
-                          "uniform_loss": next(c.loss for c in cands if c.label["kind"] == "uniform"),
-                          "candidates": len(cands)}
-                block_sparsity = best.block_sparsity
+            # the search runs on the main process (its choice is broadcast); every process waits inside
+            # failing_together, so an error there is raised everywhere instead of leaving the others waiting
+            with failing_together("the OWL search"):
+                if world().is_main:
+                    choice, block_sparsity = self._owl_choose(cands, calib, norms)
             choice, block_sparsity = broadcast_object((choice, block_sparsity))
         self.block_sparsity = broadcast_object(block_sparsity)  # equal on every process already; rank 0's, to be sure
         self.owl_choice = choice
         logger.info("OWL %s, block sparsities: %s", choice, [round(s, 3) for s in self.block_sparsity])
+
+    def _owl_choose(self, cands: list[owl.Candidate], calib: torch.Tensor, norms: list[dict[str, InputStats]]
+                    ) -> tuple[dict, list[float]]:
+        """The search's winner as ``(choice, block sparsities)``; uniform (with a warning) if the search fails."""
+        if len(cands) == 1:  # nothing to compare (one block, or every allocation equal)
+            return {**cands[0].label, "candidates": 1}, cands[0].block_sparsity
+        try:
+            best = self._owl_search(cands, calib, norms)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            warnings.warn(f"OWL: the allocation search failed ({type(exc).__name__}: {exc}); using uniform "
+                          "sparsity. Pass owl_lambda and owl_threshold as numbers for the paper's fixed formula.",
+                          stacklevel=3)
+            uniform = cands[0]
+            return {**uniform.label, "search_failed": f"{type(exc).__name__}: {exc}"}, uniform.block_sparsity
+        uniform_loss = next(c.loss for c in cands if c.label["kind"] == "uniform")
+        finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
+        return ({**best.label, "proxy": self._owl_proxy()[0], "search_loss": finite(best.loss),
+                 "uniform_loss": finite(uniform_loss), "candidates": len(cands)}, best.block_sparsity)
 
     def _owl_proxy(self) -> tuple[str, ScoreMethod | None]:
         """The criterion the OWL search prunes its candidates with: the method itself if it only ranks weights
@@ -262,19 +280,22 @@ class SequentialPruner:
         n_batches = len(ids)
         _, proxy = self._owl_proxy()
         states = [[t.to(self.device) for t in hidden] for _ in cands]
+        tuple_output = False
         bar = self._progress(range(len(self.blocks)), f"OWL: searching {len(cands)} allocations", len(self.blocks))
         for i in bar:
             block, layers = self.blocks[i], self.layers[i]
             with on_device(block, self.device):
+                if i == 0:
+                    tuple_output = returns_tuple(block, states[0][0], calls[0][0], self.device)
                 originals = [layer.read_weight().detach().clone() for layer in layers]
                 try:
-                    orders = [self._proxy_order(w.to(self.device, torch.float32), norms[i][layer.name], proxy)
-                              for layer, w in zip(layers, originals)]
                     for c, cand in enumerate(cands):
-                        for layer, w, order in zip(layers, originals, orders):
+                        for layer, w in zip(layers, originals):
                             override = self.config.layer_override(layer.report_name)
                             target = cand.block_sparsity[i] if override is None else override
-                            keep = owl.keep_by_rank(order, target).view(w.shape)
+                            scores = self._proxy_scores(w.to(self.device, torch.float32), norms[i][layer.name], proxy)
+                            keep = owl.keep_mask(scores, target).view(w.shape)
+                            del scores
                             layer.write_weight(w * keep.to(w.dtype))
                         states[c] = run_block(block, states[c], calls[i][:n_batches], self.device)
                 finally:
@@ -282,17 +303,16 @@ class SequentialPruner:
                         layer.write_weight(w)
                 del originals
         for cand, state in zip(cands, states):
-            cand.loss = loss_from_last_hidden(self.model, self.blocks, state, ids)
+            cand.loss = loss_from_last_hidden(self.model, self.blocks, state, ids, tuple_output=tuple_output)
         return min(cands, key=lambda c: (c.loss if math.isfinite(c.loss) else math.inf, c.label["kind"] != "uniform"))
 
     @staticmethod
-    def _proxy_order(weight: torch.Tensor, stats: InputStats, proxy: ScoreMethod | None) -> torch.Tensor:
-        """Ascending score order of one matrix for `owl.keep_by_rank`: per row, or over the whole matrix (one row)
-        where the proxy compares per layer."""
+    def _proxy_scores(weight: torch.Tensor, stats: InputStats, proxy: ScoreMethod | None) -> torch.Tensor:
+        """The proxy's scores of one matrix, ``[rows, cols]``, or ``[1, rows * cols]`` where it compares per layer."""
         if proxy is None:
-            return wanda_scores(weight, stats.sum_sq).argsort(dim=1)
+            return wanda_scores(weight, stats.sum_sq)
         scores = proxy.scores(weight, stats)
-        return scores.flatten().argsort().unsqueeze(0) if proxy.compare_group() == "layer" else scores.argsort(dim=1)
+        return scores.reshape(1, -1) if proxy.compare_group() == "layer" else scores
 
     def _prune_block(
         self, i: int, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], results: list[LayerRow]
