@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,6 +59,22 @@ def is_hooked(block: nn.Module) -> bool:
     return any(getattr(m, "_hf_hook", None) is not None for m in block.modules())
 
 
+@contextmanager
+def stubbed_blocks(blocks: nn.ModuleList, stubs: list[Callable]) -> Iterator[None]:
+    """Replace each block's ``forward`` by its stub for the duration; the originals come back even on errors."""
+    saved = [blk.__dict__.get("forward") for blk in blocks]
+    try:
+        for blk, stub in zip(blocks, stubs):
+            blk.forward = stub
+        yield
+    finally:
+        for blk, fwd in zip(blocks, saved):
+            if fwd is None:
+                blk.__dict__.pop("forward", None)
+            else:
+                blk.forward = fwd
+
+
 def record_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
@@ -66,8 +82,6 @@ def record_block_inputs(
     block's ``(extra_args, kwargs)`` per batch."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
-    saved = [blk.__dict__.get("forward") for blk in blocks]
-
     def make_stub(idx: int) -> Callable:
         def stub(*args: Any, **kwargs: Any) -> torch.Tensor:
             h = args[0] if args else kwargs.pop("hidden_states")
@@ -83,22 +97,13 @@ def record_block_inputs(
         return stub
 
     device = input_device(model)
-    try:
-        for i, blk in enumerate(blocks):
-            blk.forward = make_stub(i)
-        with torch.no_grad():
-            for batch in calib.split(batch_size):
-                batch = batch.to(device)
-                try:
-                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-                except _Recorded:
-                    pass
-    finally:
-        for blk, fwd in zip(blocks, saved):
-            if fwd is None:
-                blk.__dict__.pop("forward", None)
-            else:
-                blk.forward = fwd
+    with stubbed_blocks(blocks, [make_stub(i) for i in range(len(blocks))]), torch.no_grad():
+        for batch in calib.split(batch_size):
+            batch = batch.to(device)
+            try:
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            except _Recorded:
+                pass
     if any(len(c) != len(hidden) for c in calls):
         raise NumericalError(
             "could not record the inputs of every decoder block (the model's forward skipped some blocks); "
@@ -180,7 +185,6 @@ def loss_from_last_hidden(
         >>> abs(loss_from_last_hidden(model, blocks, hidden, [ids]) - model(ids, labels=ids).loss.item()) < 1e-4
         True
     """
-    saved = [blk.__dict__.get("forward") for blk in blocks]
     current: list[torch.Tensor] = []
 
     def stub(*args: Any, **kwargs: Any) -> Any:
@@ -194,22 +198,13 @@ def loss_from_last_hidden(
 
     device = input_device(model)
     total, count = 0.0, 0
-    try:
-        for i, blk in enumerate(blocks):
-            blk.forward = stub if i == 0 else passthrough
-        with torch.no_grad():
-            for batch_h, batch_ids in zip(last_hidden, input_ids):
-                for h, ids in zip(batch_h.split(1), batch_ids.split(1)):
-                    current[:] = [h]
-                    ids = ids.to(device)
-                    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
-                    n = ids.numel() - ids.shape[0]
-                    total += float(out.loss) * n
-                    count += n
-    finally:
-        for blk, fwd in zip(blocks, saved):
-            if fwd is None:
-                blk.__dict__.pop("forward", None)
-            else:
-                blk.forward = fwd
+    with stubbed_blocks(blocks, [stub] + [passthrough] * (len(blocks) - 1)), torch.no_grad():
+        for batch_h, batch_ids in zip(last_hidden, input_ids):
+            for h, ids in zip(batch_h.split(1), batch_ids.split(1)):
+                current[:] = [h]
+                ids = ids.to(device)
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+                n = ids.numel() - ids.shape[0]
+                total += float(out.loss) * n
+                count += n
     return total / max(count, 1)
