@@ -112,6 +112,22 @@ def test_auto_owl_search_never_worse_than_uniform(arch: str) -> None:
     assert report.to_dict()["owl_choice"]["kind"] in ("uniform", "owl", "depth_ramp")
 
 
+def test_min_gain_keeps_uniform_unless_the_gain_is_large_enough() -> None:
+    calib = calib_ids(n=8, seqlen=16)
+    choices = {}
+    for gain in (0.0, 0.99):
+        report = build("llama").prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True, batch_size=4,
+                                                             owl_min_gain=gain),
+                                      calibration=calib, verbose=False, show_progress=False)
+        choices[gain] = (report.owl_choice, report.block_sparsity)
+    free, _ = choices[0.0]
+    strict, blocks = choices[0.99]
+    assert free["search_loss"] <= free["uniform_loss"] and "kept_uniform" not in free
+    assert free["kind"] != "uniform"  # on this model and data a non-uniform allocation wins by a hair (~0.1%) ...
+    assert strict["kind"] == "uniform" and blocks == [pytest.approx(0.5)] * len(blocks)  # ... which 99% rejects
+    assert "owl_min_gain=0.99" in strict["kept_uniform"] and strict["search_loss"] == strict["uniform_loss"]
+
+
 def test_fixed_owl_hyperparameters_are_the_paper_formula() -> None:
     model = build("llama")
     report = model.prune(hf_prune.PruningConfig(method="wanda", sparsity=0.5, owl=True, owl_lambda=0.1,
@@ -153,6 +169,7 @@ def test_owl_search_restores_weights_on_error(monkeypatch: pytest.MonkeyPatch) -
         ({"owl_threshold": 0}, "owl_threshold"),
         ({"owl_threshold": "x"}, "owl_threshold"),
         ({"owl_search_samples": 0}, "owl_search_samples"),
+        ({"owl_min_gain": 1.0}, "owl_min_gain"),
         ({"owl_lambda": -0.6, "sparsity": 0.5}, "owl_lambda"),
     ],
 )

@@ -255,10 +255,17 @@ class SequentialPruner:
                           stacklevel=3)
             uniform = cands[0]
             return {**uniform.label, "search_failed": f"{type(exc).__name__}: {exc}"}, uniform.block_sparsity
-        uniform_loss = next(c.loss for c in cands if c.label["kind"] == "uniform")
+        uniform = next(c for c in cands if c.label["kind"] == "uniform")
         finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
+        extra: dict = {}
+        min_gain = float(self.config.owl_min_gain)
+        if best is not uniform and math.isfinite(uniform.loss) and uniform.loss - best.loss < min_gain * abs(uniform.loss):
+            # too small a gain to trust: the proxy has no weight update and few samples
+            extra = {"kept_uniform": f"best {best.label} gained {(uniform.loss - best.loss) / abs(uniform.loss):.2%} "
+                                     f"< owl_min_gain={min_gain:g}"}
+            best = uniform
         return ({**best.label, "proxy": self._owl_proxy()[0], "search_loss": finite(best.loss),
-                 "uniform_loss": finite(uniform_loss), "candidates": len(cands)}, best.block_sparsity)
+                 "uniform_loss": finite(uniform.loss), "candidates": len(cands), **extra}, best.block_sparsity)
 
     def _owl_proxy(self) -> tuple[str, ScoreMethod | None]:
         """The criterion the OWL search prunes its candidates with: the method itself if it only ranks weights
