@@ -36,6 +36,7 @@ from .registry import available_methods, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
 from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
+from .training import loraprune as _loraprune  # noqa: E402,F401
 from .training import methods as _training_methods  # noqa: E402,F401
 from .training.recover import recover  # noqa: E402
 

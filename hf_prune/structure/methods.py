@@ -70,7 +70,7 @@ from .collect import (
 )
 from .finercut import greedy_sublayers
 from .options import AngularOptions, FinerCutOptions, TaylorOptions, WidthOptions
-from .plan import AttentionSpec, BlockSpec, LayerPlan, MlpSpec, StructuredPlan
+from .plan import BlockSpec, LayerPlan, StructuredPlan
 from .reconstruct import PairedMoments, refit_projection
 from .scores import (
     best_span,
@@ -83,6 +83,7 @@ from .scores import (
     unit_terms,
     wanda_sp_scores,
 )
+from .units import attention_group_terms, mlp_group_terms
 
 
 @functools.lru_cache(maxsize=1)
@@ -203,7 +204,7 @@ class _WidthMethod(StructuredMethod):
             info["reconstruct"] = self._reconstruct(model, specs, layers, calibration, config, device, show_progress)
         elif self.compensates and option(config, "bias_compensation"):
             self._compensate(model, specs, layers, stats)
-        # per-block widths are in the report's rows (runner._rows), not repeated here
+        # per-block widths are in the report's rows (runner.block_rows), not repeated here
         info.update({"method": self.name, "block_params": total, "sparsity": info["removed_params"] / total})
         return StructuredPlan(layers=layers), info
 
@@ -321,12 +322,6 @@ class WandaSp(_ActivationWidthMethod):
 
 
 # ------------------------------------------------------------------------------------------ taylor
-def _rows(start: int, units: int, size: int, stride: int | None = None) -> torch.Tensor:
-    """``[units, size]`` row indices: unit u owns ``start + u*stride .. + size`` (stride defaults to size)."""
-    stride = size if stride is None else stride
-    return start + torch.arange(units).view(-1, 1) * stride + torch.arange(size).view(1, -1)
-
-
 def _taylor_params(model: nn.Module, specs: list[BlockSpec]) -> dict[str, nn.Parameter]:
     paths: list[str] = []
     for spec in specs:
@@ -389,9 +384,9 @@ class Taylor(_WidthMethod):
         for spec in specs:
             mlp_s = head_s = group_s = None
             if spec.mlp is not None:
-                mlp_s = taylor_importance(*_mlp_terms(t, spec.mlp), variant)
+                mlp_s = taylor_importance(*mlp_group_terms(t, spec.mlp), variant)
             if spec.attention is not None:
-                (hs, ha), (ks, ka) = _attention_terms(t, spec.attention)
+                (hs, ha), (ks, ka) = attention_group_terms(t, spec.attention)
                 head_s = taylor_importance(hs, ha, variant)
                 q = spec.attention.num_heads // spec.attention.num_kv_heads
                 gs = hs.view(-1, q).sum(1) + ks
@@ -400,38 +395,6 @@ class Taylor(_WidthMethod):
             out[spec.index] = (mlp_s, head_s, group_s)
         del grads
         return out, {}
-
-
-def _mlp_terms(t: _TaylorTerms, m: MlpSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    n = m.intermediate
-    rows = torch.arange(n).view(-1, 1)
-    parts = [t.terms(p, rows, 0) for p in m.inputs]
-    if m.fused_gate_up:
-        parts.append(t.terms(m.fused_gate_up, torch.cat([rows, rows + n], 1), 0))
-    parts.append(t.terms(m.output, rows, 1))
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)  # type: ignore[return-value]
-
-
-def _attention_terms(t: _TaylorTerms, a: AttentionSpec) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    h, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
-    o = t.terms(a.o, _rows(0, h, d), 1)
-    if a.qkv is None:
-        q = t.terms(a.q, _rows(0, h, d), 0)  # type: ignore[arg-type]
-        k = t.terms(a.k, _rows(0, kv, d), 0)  # type: ignore[arg-type]
-        v = t.terms(a.v, _rows(0, kv, d), 0)  # type: ignore[arg-type]
-    elif a.qkv_layout == "interleaved":
-        if kv != h:
-            raise ConfigError(f"{a.module}: interleaved qkv with grouped kv heads is not supported by taylor")
-        q = t.terms(a.qkv, _rows(0, h, d, 3 * d), 0)
-        k = t.terms(a.qkv, _rows(d, h, d, 3 * d), 0)
-        v = t.terms(a.qkv, _rows(2 * d, h, d, 3 * d), 0)
-    else:
-        q = t.terms(a.qkv, _rows(0, h, d), 0)
-        k = t.terms(a.qkv, _rows(h * d, kv, d), 0)
-        v = t.terms(a.qkv, _rows((h + kv) * d, kv, d), 0)
-    head = (q[0] + o[0], q[1] + o[1])
-    kvg = (k[0] + v[0], k[1] + v[1])
-    return head, kvg
 
 
 # ------------------------------------------------------------------------------------------ depth

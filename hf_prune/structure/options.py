@@ -20,8 +20,8 @@ TAYLOR_VARIANTS = ("element", "vector")
 
 
 @dataclass
-class WidthOptions(DampeningOptions):
-    """Width pruning (flap, wanda-sp, taylor): MLP channels and attention heads."""
+class WidthUnitOptions(MethodOptions):
+    """Which width units go and how they are spread over the blocks (width methods, LoRAPrune)."""
 
     width_units: str = option("both", "what width methods remove: 'both' (MLP channels and heads), 'mlp' or "
                               "'heads'", choices=WIDTH_UNITS)
@@ -29,10 +29,16 @@ class WidthOptions(DampeningOptions):
                              "different amounts); 'uniform': every layer loses the same fraction", choices=ALLOCATIONS)
     gqa_mode: str = option("query", "'query': the same number of query heads leaves every kv group (GQA stays "
                            "uniform); 'group': whole kv groups go", choices=GQA_MODES)
-    bias_compensation: bool = option(True, "FLAP bias compensation: the mean contribution of removed channels "
-                                     "moves into the output projection's bias (flap, wanda-sp)", check=boolean)
     round_to: int = option(1, "keep a multiple of this many MLP channels per layer (e.g. 8 or 32 for faster "
                            "kernels; 1 = no rounding)", check=positive_int)
+
+
+@dataclass
+class WidthOptions(DampeningOptions, WidthUnitOptions):
+    """Width pruning (flap, wanda-sp, taylor): MLP channels and attention heads."""
+
+    bias_compensation: bool = option(True, "FLAP bias compensation: the mean contribution of removed channels "
+                                     "moves into the output projection's bias (flap, wanda-sp)", check=boolean)
     reconstruct: bool = option(False, "refit the output projections by least squares, block by block, on the "
                                "pruned model's own inputs against the dense output (about 4x the scoring pass)",
                                check=boolean)

@@ -48,7 +48,7 @@ def check_model(model: nn.Module) -> list[BlockSpec]:
     return block_specs(model)
 
 
-def _rows(specs: list[BlockSpec], plan: StructuredPlan, before: list[int], removed: dict[int, int]) -> list[BlockRow]:
+def block_rows(specs: list[BlockSpec], plan: StructuredPlan, before: list[int], removed: dict[int, int]) -> list[BlockRow]:
     rows = []
     for spec in specs:
         i = spec.index
@@ -98,7 +98,7 @@ def prune_structured(
         method=config.method,
         structure=config.structure,
         target_fraction=float(config.sparsity),
-        blocks=_rows(specs, plan, before, removed),
+        blocks=block_rows(specs, plan, before, removed),
         params_before=params_before,
         params_after=num_params(model),
         decoder_params_before=sum(before),

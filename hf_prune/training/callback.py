@@ -63,7 +63,8 @@ class PruningCallback(TrainerCallback):
     Args:
         config: a `PruningConfig` (or a dict of its fields; keyword arguments override fields). Methods:
             ``gmp`` (gradual magnitude), ``movement`` (hard), ``soft_movement``, ``lottery`` (iterative
-            magnitude with rewinding), or a one-shot method (``magnitude``, ``wanda``, ``sparsegpt``) whose mask
+            magnitude with rewinding), ``loraprune`` (heads and MLP channels of a LoRA-wrapped `peft.PeftModel`,
+            removed physically at the end), or a one-shot method (``magnitude``, ``wanda``, ``sparsegpt``) whose mask
             is computed once at the start of training and then kept constant.
         calibration, tokenizer: for one-shot methods that need calibration data (as for `hf_prune.prune`). If
             the model was already pruned by `hf_prune.prune` (``model.config.pruning_config`` is set) and no
@@ -154,6 +155,7 @@ class PruningCallback(TrainerCallback):
         self.end_step = cfg.end_step if cfg.end_step is not None else int(state.max_steps)
         self.algorithm = self.method_class(cfg, self.masks, self.end_step)
         self.algorithm.check(int(state.max_steps))
+        self.algorithm.attach(model)
         self.last_update_step, self.history = None, []
         if state.global_step > 0:
             self._resume(args, state, model)
@@ -191,7 +193,9 @@ class PruningCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masks is None or self.algorithm is None or logs is None:
             return control
-        extra = {LOG_TARGET: round(self.target, 6), LOG_ACHIEVED: round(self.masks.sparsity(), 6),
+        achieved = self.algorithm.achieved()
+        extra = {LOG_TARGET: round(self.target, 6),
+                 LOG_ACHIEVED: round(self.masks.sparsity() if achieved is None else achieved, 6),
                  **self.algorithm.log_values()}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -218,9 +222,13 @@ class PruningCallback(TrainerCallback):
             return control
         self.masks.remove_grad_hooks()
         self.masks.apply_()
-        self.report = self._report(model, args)
+        assert self.algorithm is not None
+        self.report = self.algorithm.end(model) or self._report(model, args)
         if getattr(model, "config", None) is not None:
             attach_report(model, self.config, self.report)  # save_pretrained writes config + pruning_report.json
+            base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            if base is not model:  # a PeftModel: its merged / unloaded model saves the report
+                base._hf_prune_report = self.report
         if self.verbose and state.is_world_process_zero:
             print(self.summary())
         return control
@@ -233,8 +241,10 @@ class PruningCallback(TrainerCallback):
             self._record(step)
 
     def _record(self, step: int) -> None:
-        assert self.masks is not None
-        self.history.append([step, round(self.target, 6), round(self.masks.mask_sparsity(), 6)])
+        assert self.masks is not None and self.algorithm is not None
+        achieved = self.algorithm.achieved()
+        self.history.append([step, round(self.target, 6),
+                             round(self.masks.mask_sparsity() if achieved is None else achieved, 6)])
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@
 
 ``needs_dense_grad`` says whether masked gradients must stay dense through backward (movement scores).
 
-The registered classes (``gmp``, ``movement``, ``soft_movement``, ``lottery``) are `TrainingOnlyMethod`s:
+The registered classes (``gmp``, ``movement``, ``soft_movement``, ``lottery``; ``loraprune`` in
+`hf_prune.training.loraprune`) are `TrainingOnlyMethod`s:
 built from a config alone, as `hf_prune.prune` builds one-shot methods, they raise `ConfigError` before the
 model is touched. One-shot methods (``magnitude``, ``wanda``, ``sparsegpt``) run in training as `ConstantMask`.
 
@@ -88,9 +89,22 @@ class TrainingMethod:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (end_step defaults to the Trainer's max_steps={max_steps})") from None
 
+    def attach(self, model: Any) -> None:
+        """The run's model, before `begin` (fresh run) or `load_state` (resumed): methods that need more than the
+        weight masks (hooks, adapters) set up here; raise `ConfigError` before anything is changed."""
+
     def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
         """A fresh (not resumed) run starts; return ``True`` if the starting masks were set here."""
         return False
+
+    def end(self, model: Any) -> Any:
+        """Training ended (weights masked a last time). A method that changes the model's shape returns its
+        report (`hf_prune.report.Report`); ``None``: the callback reports the weight masks."""
+        return None
+
+    def achieved(self) -> float | None:
+        """What the method has pruned so far, for logs and history, if not the weight masks' sparsity."""
+        return None
 
     def before_optimizer_step(self) -> None:
         """The gradients are final (all-reduced, clipped) and not masked yet."""

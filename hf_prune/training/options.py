@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import (
+    MethodOptions,
     PruningConfig,
     check_fraction,
     non_negative,
@@ -21,7 +22,13 @@ from ..config import (
 )
 from ..errors import ConfigError
 from ..oneshot.options import RankGroupOptions
+from ..structure.options import WidthUnitOptions
 from .schedules import SCHEDULES, check_schedule
+
+
+def _unit_interval(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    return None if ok else "a number in [0, 1)"
 
 
 def _optional_step(value: Any) -> str | None:
@@ -29,7 +36,7 @@ def _optional_step(value: Any) -> str | None:
 
 
 @dataclass
-class ScheduleOptions(RankGroupOptions):
+class Schedule(MethodOptions):
     """When masks are updated and how the target sparsity grows (every training method)."""
 
     schedule: str = option("cubic", "how the target sparsity grows: 'constant', 'linear' or 'cubic' (Zhu & Gupta)",
@@ -47,6 +54,25 @@ class ScheduleOptions(RankGroupOptions):
         if self.initial_sparsity > float(config.sparsity):  # type: ignore[arg-type]
             raise ConfigError(f"initial_sparsity={self.initial_sparsity} is above the final sparsity="
                               f"{config.sparsity}; the schedule only ever increases sparsity")
+
+
+@dataclass
+class ScheduleOptions(Schedule, RankGroupOptions):
+    """The schedule of the weight-level training methods, and how magnitude ranks weights."""
+
+
+@dataclass
+class LoraPruneOptions(Schedule, WidthUnitOptions):
+    """LoRAPrune: heads and MLP channels ranked by LoRA-estimated importance during LoRA training."""
+
+    loraprune_beta: float = option(0.9, "LoRAPrune: moving average of the group importance, I <- beta * I + "
+                                   "(1 - beta) * I_step", check=_unit_interval)
+
+    def check_config(self, config: PruningConfig) -> None:
+        super().check_config(config)
+        if config.structure != "unstructured":
+            raise ConfigError(f"method='loraprune' removes heads and MLP channels (structured); structure="
+                              f"{config.structure!r} does not apply, leave it 'unstructured'")
 
 
 @dataclass

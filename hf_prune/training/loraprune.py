@@ -1,0 +1,381 @@
+"""LoRAPrune (Zhang et al., 2023): heads and MLP channels removed during LoRA training, ranked by importance
+estimated from the LoRA gradients alone, then cut out physically at the end of training.
+
+Use it on a `peft.PeftModel` with plain LoRA adapters::
+
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
+    Trainer(model=pm, args=args, train_dataset=ds,
+            callbacks=[PruningCallback(PruningConfig(method="loraprune", sparsity=0.2,
+                                                     start_step=20, end_step=160, update_every=10))]).train()
+    merged = pm.merge_and_unload()          # a physically smaller model; save_pretrained / from_pretrained as
+                                            # after hf_prune's other width methods
+
+What happens, per optimizer step (`PruningCallback` drives it):
+
+* importance: every LoRA layer's ``I = |G_hat ⊙ (W + s B A)|`` (`hf_prune.training.lora_importance`) is summed over
+  the same dependency groups as the Taylor width method (`hf_prune.structure.units`: an MLP channel is its
+  gate/up rows and down column; a query head its q rows and o columns; a kv group adds its k and v rows), and
+  folded into a moving average ``I <- beta I + (1 - beta) I_step`` (``loraprune_beta=0.9``). Projections without
+  a LoRA adapter add nothing (LoRA on every projection, ``target_modules="all-linear"``, is what the paper does);
+* masks: on update steps (``update_every``) the schedule (``schedule="cubic"`` from ``start_step``, the warm-up,
+  to ``end_step``; the steps after ``end_step`` are the cool-down) gives the fraction of decoder-block parameters
+  to remove, and `hf_prune.structure.allocate.allocate_width` picks the lowest-importance units (already removed
+  units stay removed). Removed units are masked at their group's output: a forward pre-hook on the output
+  projection (``o_proj``, ``down_proj``, ...) zeroes their input channels, for the base weight and the LoRA
+  path alike;
+* end of training: if the schedule had not reached ``sparsity`` (``end_step`` after ``max_steps``), the rest is
+  removed at once, with a warning. The masked units are then cut out of the base model through the structured
+  plan/surgery path (`hf_prune.structure.surgery.apply_plan`, config rewritten for reload), and the LoRA matrices
+  are cut along with their layers (`hf_prune.peft.slicing`), so the `PeftModel` keeps training, saving and
+  merging with stock peft. The callback's report is a `hf_prune.report.StructuredReport`.
+
+Checkpoints hold the moving averages and the kept units; resume and 2-process DDP work as for the other training
+methods (the importance comes from the all-reduced gradients; rank 0's masks are broadcast). FSDP2 is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PruningConfig
+from ..core.distributed import broadcast_object, is_dtensor
+from ..core.memory import lifetime_peak_rss_mb
+from ..core.model import find_blocks
+from ..errors import ConfigError, UnsupportedModelError
+from ..registry import register_method
+from ..report import StructuredReport
+from ..structure.allocate import WidthScores, allocate_width
+from ..structure.arch import block_specs, num_params
+from ..structure.methods import unit_costs
+from ..structure.plan import BlockSpec, LayerPlan, StructuredPlan
+from ..structure.runner import block_rows
+from ..structure.scores import head_channels, unit_terms
+from ..structure.surgery import apply_plan, resolve_plan
+from ..structure.units import attention_group_terms, mlp_group_terms, projection_cuts
+from .lora_importance import lora_importance
+from .methods import TrainingOnlyMethod
+from .options import LoraPruneOptions
+from .state import MaskState
+
+logger = logging.getLogger("hf_prune")
+
+LOG_REMOVED = "prune/removed_fraction"
+
+
+def _peft_slicing() -> Any:
+    try:
+        from ..peft import slicing
+    except ImportError:
+        raise ConfigError("method='loraprune' trains with peft LoRA adapters: pip install 'peft>=0.21'") from None
+    return slicing
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a `peft.PeftModel` (``model`` itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+class _LoraTerms:
+    """`hf_prune.structure.units.GroupTerms` over LoRA-estimated importances; each layer's ``[out, in]``
+    importance is computed once per step and dropped with `clear`."""
+
+    def __init__(self, wrappers: dict[str, Any]) -> None:
+        self.wrappers = wrappers
+        self.cache: dict[str, torch.Tensor | None] = {}
+
+    def importance(self, path: str) -> torch.Tensor | None:
+        if path not in self.cache:
+            self.cache[path] = self._compute(path)
+        return self.cache[path]
+
+    def _compute(self, path: str) -> torch.Tensor | None:
+        w = self.wrappers.get(path)
+        if w is None:
+            return None
+        base = w.get_base_layer()
+        weight = base.weight.detach()
+        if getattr(w, "fan_in_fan_out", False) or type(base).__name__ == "Conv1D":
+            weight = weight.t()
+        total = None
+        for name in w.active_adapters:
+            if name not in w.lora_A:
+                continue
+            a, b = w.lora_A[name].weight, w.lora_B[name].weight
+            if a.grad is None or b.grad is None:
+                continue
+            imp = lora_importance(weight, a, b, a.grad, b.grad, float(w.scaling[name]))
+            total = imp if total is None else total + imp
+        return total
+
+    def terms(self, path: str, index: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        imp = self.importance(path)
+        if imp is None:
+            zeros = torch.zeros(index.shape[0])
+            return zeros, zeros
+        signed, absolute = unit_terms(imp, index, dim)
+        return signed.cpu(), absolute.cpu()
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+@register_method("loraprune", options=LoraPruneOptions)
+class LoraPrune(TrainingOnlyMethod):
+    """LoRAPrune: structured pruning (heads, MLP channels) guided by LoRA gradients during LoRA training."""
+
+    def __init__(self, config: PruningConfig, masks: MaskState | None = None, end_step: int | None = None) -> None:
+        super().__init__(config, masks, end_step)
+        self.beta = float(config.loraprune_beta)
+        self.model: nn.Module | None = None  # the transformers model inside the PeftModel
+        self.wrappers: dict[str, Any] = {}
+        self.specs: list[BlockSpec] = []
+        self.costs: dict[int, Any] = {}
+        self.block_params: list[int] = []
+        self.ema: dict[int, dict[str, torch.Tensor]] = {}
+        self.plans: dict[int, LayerPlan] = {}
+        self.gates: dict[str, torch.Tensor] = {}
+        self.hooks: list[Any] = []
+        self.steps_seen = 0
+        self.removed_fraction = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, model: nn.Module) -> None:
+        slicing = _peft_slicing()
+        base = base_model_of(model)
+        wrappers = slicing.lora_wrappers(base)
+        if not wrappers:
+            raise ConfigError(
+                "method='loraprune' ranks heads and MLP channels by the gradients of LoRA adapters, and this model "
+                f"({type(model).__name__}) has none; wrap it first: peft.get_peft_model(model, "
+                "peft.LoraConfig(r=8, target_modules='all-linear')), and pass the PeftModel to the Trainer"
+            )
+        slicing.check_sliceable(wrappers)
+        if any(is_dtensor(p) for p in base.parameters()):
+            raise UnsupportedModelError("method='loraprune' does not support FSDP2-sharded models; train with DDP "
+                                        "or on one process")
+        with slicing.base_layers_in_place(base, wrappers):
+            specs = block_specs(base)
+            self.costs = {s.index: unit_costs(base, s) for s in specs}
+            _, blocks = find_blocks(base)
+            self.block_params = [num_params(b) for b in blocks]
+        self._check_coverage(specs, wrappers)
+        self.model, self.wrappers, self.specs = base, wrappers, specs
+        for spec in specs:
+            for path in self._outputs(spec):
+                module = base.get_submodule(path)
+                self.hooks.append(module.register_forward_pre_hook(self._gate_hook(path)))
+
+    def _check_coverage(self, specs: list[BlockSpec], wrappers: dict[str, Any]) -> None:
+        units = self.config.width_units
+        mlp_paths = {p for s in specs if s.mlp is not None
+                     for p in (*s.mlp.inputs, s.mlp.output, s.mlp.fused_gate_up) if p}
+        head_paths = {p for s in specs if s.attention is not None
+                      for p in (s.attention.q, s.attention.k, s.attention.v, s.attention.qkv, s.attention.o) if p}
+        wanted = {"mlp": [("MLP channels", mlp_paths)], "heads": [("attention heads", head_paths)],
+                  "both": [("MLP channels", mlp_paths), ("attention heads", head_paths)]}[units]
+        missing = [what for what, paths in wanted if not paths & set(wrappers)]
+        if missing:
+            raise ConfigError(
+                f"method='loraprune' with width_units={units!r}: no LoRA adapter sits on a projection of the "
+                f"{' or '.join(missing)} (LoRA on {sorted(wrappers)[:4]}...), so their importance cannot be estimated. "
+                "Put LoRA on the attention and MLP projections (target_modules='all-linear'), or set width_units to "
+                "what the adapters cover"
+            )
+        outside = sorted(set(wrappers) - mlp_paths - head_paths)
+        if outside:
+            logger.warning("hf_prune: loraprune: LoRA adapters outside the prunable heads and MLP channels (%s%s) "
+                           "train but do not guide pruning", ", ".join(outside[:3]), "..." if len(outside) > 3 else "")
+
+    @staticmethod
+    def _outputs(spec: BlockSpec) -> list[str]:
+        out = []
+        if spec.attention is not None:
+            out.append(spec.attention.o)
+        if spec.mlp is not None:
+            out.append(spec.mlp.output)
+        return out
+
+    def _gate_hook(self, path: str) -> Any:
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            gate = self.gates.get(path)
+            if gate is None or not args:
+                return None
+            x = args[0]
+            return (x * gate.to(device=x.device, dtype=x.dtype), *args[1:])
+
+        return hook
+
+    def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
+        return False  # nothing is masked at the start
+
+    # ------------------------------------------------------------------ importance
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        terms = _LoraTerms(self.wrappers)
+        for spec in self.specs:
+            now: dict[str, torch.Tensor] = {}
+            if spec.mlp is not None:
+                now["mlp"] = mlp_group_terms(terms, spec.mlp)[1]
+            if spec.attention is not None:
+                (_, heads), (_, kv) = attention_group_terms(terms, spec.attention)
+                q = spec.attention.num_heads // spec.attention.num_kv_heads
+                now["head"], now["group"] = heads, heads.view(-1, q).sum(1) + kv
+            ema = self.ema.setdefault(spec.index, {})
+            for kind, value in now.items():
+                old = ema.get(kind)
+                ema[kind] = value.clone() if old is None or self.steps_seen == 0 else self.beta * old + (
+                    1 - self.beta) * value
+            terms.clear()
+        self.steps_seen += 1
+
+    def importance(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The moving averages of the group importance: ``{block: {"mlp" | "head" | "group": scores}}``."""
+        return {i: dict(v) for i, v in self.ema.items()}
+
+    # ------------------------------------------------------------------ masks
+    def update(self, step: int, optimizer: Any) -> bool:
+        target = self.scheduled_target(step)
+        if target is None:
+            return False
+        self.target = target
+        self._install(broadcast_object(self._allocate(target)))
+        return True
+
+    def _allocate(self, fraction: float) -> dict[int, LayerPlan]:
+        if fraction <= 0:
+            return {}
+        width: list[WidthScores] = []
+        for spec in self.specs:
+            c = self.costs[spec.index]
+            ema, plan = self.ema.get(spec.index, {}), self.plans.get(spec.index, LayerPlan())
+            kv = spec.attention.num_kv_heads if spec.attention is not None else 1
+            mlp_s = self._scores(ema.get("mlp"), spec.mlp.intermediate if spec.mlp else 0, plan.mlp_keep)
+            head_s = self._scores(ema.get("head"), spec.attention.num_heads if spec.attention else 0,
+                                  plan.heads_keep)
+            group_s = self._scores(ema.get("group"), kv if spec.attention else 0, plan.kv_heads_keep)
+            width.append(WidthScores(spec.index, mlp_s, head_s, group_s, kv, c.mlp_channel, c.query_head,
+                                     c.kv_group))
+        cfg = self.config
+        layers, _ = allocate_width(width, fraction * sum(self.block_params), cfg.allocation, cfg.gqa_mode,
+                                   cfg.width_units, cfg.round_to, standardized=False)
+        return layers
+
+    @staticmethod
+    def _scores(ema: torch.Tensor | None, n: int, keep: list[int] | None) -> torch.Tensor | None:
+        """Scores for the allocation: the moving average, with units already removed at -1 (removed first)."""
+        if n == 0:
+            return None
+        s = torch.zeros(n) if ema is None else ema.float().clone()
+        if keep is not None:
+            gone = torch.ones(n, dtype=torch.bool)
+            gone[torch.tensor(keep, dtype=torch.long)] = False
+            s[gone] = -1.0
+        return s
+
+    def _install(self, plans: dict[int, LayerPlan]) -> None:
+        """Make ``plans`` the current masks: gates on the output projections' input channels."""
+        assert self.model is not None
+        hidden = self.model.config.get_text_config(decoder=True).hidden_size
+        cuts, _ = resolve_plan(self.specs, StructuredPlan(layers=plans), hidden)
+        self.plans = cuts
+        gates: dict[str, torch.Tensor] = {}
+        removed = 0
+        for spec in self.specs:
+            cut = cuts.get(spec.index)
+            if cut is None:
+                continue
+            c = self.costs[spec.index]
+            a, m = spec.attention, spec.mlp
+            if a is not None and cut.heads_keep is not None:
+                gate = torch.zeros(a.num_heads * a.head_dim)
+                gate[head_channels(cut.heads_keep, a.head_dim)] = 1.0
+                gates[a.o] = gate
+                removed += (a.num_heads - len(cut.heads_keep)) * c.query_head
+                removed += (a.num_kv_heads - len(cut.kv_heads_keep or [])) * (c.kv_group - c.query_head * (
+                    a.num_heads // a.num_kv_heads))
+            if m is not None and cut.mlp_keep is not None:
+                gate = torch.zeros(m.intermediate)
+                gate[torch.tensor(cut.mlp_keep, dtype=torch.long)] = 1.0
+                gates[m.output] = gate
+                removed += (m.intermediate - len(cut.mlp_keep)) * c.mlp_channel
+        self.gates = {path: gate.to(next(self.model.get_submodule(path).parameters()).device)
+                      for path, gate in gates.items()}
+        self.removed_fraction = removed / max(sum(self.block_params), 1)
+
+    # ------------------------------------------------------------------ the end: physical removal
+    def end(self, model: nn.Module) -> StructuredReport:
+        """Remove the masked units from the base model and cut the adapters along (see the module docs)."""
+        final = float(self.config.sparsity)  # type: ignore[arg-type]
+        if self.target < final - 1e-9:
+            warnings.warn(f"loraprune: training ended at scheduled sparsity {self.target:.3f} before the final "
+                          f"{final} (end_step={self.end_step} is after the last step); the rest is removed now, "
+                          "without recovery training. Set end_step before max_steps to leave a cool-down",
+                          stacklevel=2)
+            self._install(broadcast_object(self._allocate(final)))
+            self.target = final
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.gates = [], {}
+        slicing = _peft_slicing()
+        base = self.model
+        assert base is not None
+        start = time.perf_counter()
+        with slicing.base_layers_in_place(base, self.wrappers):
+            params_before = num_params(base)
+            plan = StructuredPlan(layers=self.plans)
+            slices = {path: cut for spec in self.specs if spec.index in self.plans
+                      for path, cut in projection_cuts(spec, self.plans[spec.index]).items()}
+            removed = apply_plan(base, plan)
+            params_after = num_params(base)
+        for path, (rows, cols) in slices.items():
+            if path in self.wrappers:
+                slicing.slice_lora_(self.wrappers[path], rows, cols)
+        cfg = self.config
+        return StructuredReport(
+            method=cfg.method, structure=cfg.structure, target_fraction=final,
+            blocks=block_rows(self.specs, plan, self.block_params, removed), params_before=params_before,
+            params_after=params_after, decoder_params_before=sum(self.block_params),
+            seconds=time.perf_counter() - start, peak_rss_mb=lifetime_peak_rss_mb(),
+            device=str(next(base.parameters()).device), kind="structured",
+            reload_path="hf_prune" if _is_structured(base) else "stock",
+            config={**cfg.to_dict(), "plan_info": {"importance_steps": self.steps_seen}},
+        )
+
+    # ------------------------------------------------------------------ logging and checkpoints
+    def achieved(self) -> float:
+        return self.removed_fraction
+
+    def log_values(self) -> dict[str, float]:
+        return {LOG_REMOVED: round(self.removed_fraction, 6)}
+
+    def state(self) -> dict[str, Any]:
+        plans = {str(i): {"mlp_keep": p.mlp_keep, "heads_keep": p.heads_keep, "kv_heads_keep": p.kv_heads_keep}
+                 for i, p in self.plans.items()}
+        return {**super().state(), "loraprune_steps": self.steps_seen, "plans": plans}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"loraprune/{i}/{kind}": t for i, ema in self.ema.items() for kind, t in ema.items()}
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(meta, tensors)
+        self.steps_seen = int(meta.get("loraprune_steps", 0))
+        self.ema = {}
+        for key, t in tensors.items():
+            if key.startswith("loraprune/"):
+                _, i, kind = key.split("/")
+                self.ema.setdefault(int(i), {})[kind] = t.float().cpu()
+        plans = {int(i): LayerPlan(**p) for i, p in (meta.get("plans") or {}).items()}
+        self._install(plans)
+
+
+def _is_structured(model: nn.Module) -> bool:
+    from ..structure.config_io import is_structured
+
+    return bool(is_structured(model.config))

@@ -1,0 +1,202 @@
+"""LoRAPrune (``method="loraprune"``): LoRA-estimated importance, group-output masks during LoRA training, and
+physical removal at the end with the adapters cut along; stock peft merges the result and the merged model reloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training_common import token_dataset, training_args
+from tiny_models import build
+
+import hf_prune
+from hf_prune.errors import ConfigError
+from hf_prune.training.lora_importance import estimated_weight_grad, lora_importance
+
+peft = pytest.importorskip("peft")
+
+TARGETS = {"llama": "all-linear", "qwen3": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"],
+           "phi3": "all-linear", "gpt_neox": "all-linear", "opt": "all-linear"}
+
+
+def _lora(arch: str, r: int = 4, **kw):
+    model = build(arch)
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS.get(arch, "all-linear"),
+                                                      fan_in_fan_out=arch == "gpt2", **kw))
+
+
+def _config(**kw) -> hf_prune.PruningConfig:
+    base = {"method": "loraprune", "sparsity": 0.2, "start_step": 2, "end_step": 8, "update_every": 2}
+    return hf_prune.PruningConfig(**{**base, **kw})
+
+
+def _train(pm, tmp_path, config=None, max_steps: int = 10, **args):
+    from transformers import Trainer
+
+    cb = hf_prune.PruningCallback(config or _config(), verbose=False)
+    trainer = Trainer(model=pm, args=training_args(tmp_path, max_steps=max_steps, **args),
+                      train_dataset=token_dataset(32), callbacks=[cb])
+    trainer.train()
+    return cb, trainer
+
+
+# --------------------------------------------------------------------------------------------- the estimate
+def test_estimated_grad_is_the_change_of_ba_under_one_sgd_step() -> None:
+    torch.manual_seed(0)
+    a, b, ga, gb = torch.randn(3, 7), torch.randn(5, 3), torch.randn(3, 7), torch.randn(5, 3)
+    step = (b - gb) @ (a - ga) - b @ a  # one SGD step with lr 1
+    assert torch.allclose(estimated_weight_grad(a, b, ga, gb, 1.0), -step, atol=1e-5)
+    assert torch.allclose(estimated_weight_grad(a, b, ga, gb, 2.0), -2 * step, atol=1e-5)
+    w = torch.randn(5, 7)
+    assert torch.allclose(lora_importance(w, a, b, ga, gb, 0.5),
+                          (estimated_weight_grad(a, b, ga, gb, 0.5) * (w + 0.5 * b @ a)).abs(), atol=1e-5)
+
+
+def test_estimate_from_real_lora_gradients_matches_first_order_change() -> None:
+    """With the LoRA gradients of a real layer, G_hat predicts how W' moves under one small SGD step on A, B."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 6)
+    layer = peft.get_peft_model(torch.nn.Sequential(lin), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    wrapper = layer.base_model.model[0]
+    torch.nn.init.normal_(wrapper.lora_B["default"].weight, std=0.1)
+    x = torch.randn(16, 8)
+    layer(x).square().sum().backward()
+    a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+    s = wrapper.scaling["default"]
+    lr = 1e-3
+    before = s * (b @ a).detach()
+    after = s * ((b - lr * b.grad) @ (a - lr * a.grad)).detach()
+    g = estimated_weight_grad(a, b, lr * a.grad, lr * b.grad, s) / lr
+    assert torch.allclose(after - before, -lr * g, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ the training run
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "phi3", "gpt_neox", "opt"])
+def test_loraprune_removes_units_and_merged_model_reloads(tmp_path, arch: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    pm = _lora(arch)
+    before = sum(p.numel() for n, p in pm.get_base_model().named_parameters() if "lora_" not in n)
+    cb, _ = _train(pm, tmp_path)
+    report = cb.report
+    assert report.kind == "structured" and report.method == "loraprune"
+    assert report.achieved_fraction == pytest.approx(0.2, abs=0.06)
+    after = sum(p.numel() for n, p in pm.get_base_model().named_parameters() if "lora_" not in n)
+    assert after == report.params_after < before
+    ids = torch.randint(0, 100, (2, 12))
+    pm.eval()
+    with torch.no_grad():
+        unmerged = pm(ids).logits
+    merged = pm.merge_and_unload()  # stock peft on the cut adapters
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, unmerged, atol=1e-5)
+    merged.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, unmerged, atol=1e-5)
+    assert (tmp_path / "out" / "pruning_report.json").exists()
+
+
+def test_masks_during_training_follow_the_schedule_and_never_come_back(tmp_path) -> None:
+    pm = _lora("llama")
+    cb, trainer = _train(pm, tmp_path, _config(sparsity=0.3, start_step=2, end_step=8, update_every=2), max_steps=10)
+    history = cb.history
+    targets = [t for _, t, _ in history]
+    assert targets == sorted(targets) and targets[-1] == pytest.approx(0.3)
+    removed = [a for _, _, a in history]
+    assert removed == sorted(removed) and removed[-1] > 0.2
+    logged = [h["prune/removed_fraction"] for h in trainer.state.log_history if "prune/removed_fraction" in h]
+    assert logged and logged[-1] == pytest.approx(removed[-1], abs=1e-6)
+
+
+def test_gates_zero_the_removed_units_output(tmp_path) -> None:
+    """While training, a removed MLP channel contributes nothing: its down_proj input is zero."""
+    from transformers import Trainer
+
+    pm = _lora("llama")
+    cb = hf_prune.PruningCallback(_config(sparsity=0.3, end_step=20), verbose=False)
+    seen = {}
+
+    class Probe(hf_prune.PruningCallback.__mro__[1]):  # a TrainerCallback
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                algo = cb.algorithm
+                path, gate = next((p, g) for p, g in algo.gates.items() if "down_proj" in p)
+                x = torch.randn(1, 3, gate.numel())
+                module = algo.model.get_submodule(path)
+                captured = []
+                h = module.register_forward_pre_hook(lambda m, a: captured.append(a[0]))  # after the gate hook
+                module(x)
+                h.remove()
+                seen["zero"] = bool((captured[0][..., gate == 0] == 0).all())
+                seen["some"] = bool((gate == 0).any())
+            return control
+
+    with pytest.warns(UserWarning, match="the rest is removed now"):  # end_step=20 is after max_steps
+        Trainer(model=pm, args=training_args(tmp_path, max_steps=8), train_dataset=token_dataset(32),
+                callbacks=[cb, Probe()]).train()
+    assert seen == {"zero": True, "some": True}
+
+
+def test_end_step_after_max_steps_prunes_the_rest_with_a_warning(tmp_path) -> None:
+    pm = _lora("llama")
+    with pytest.warns(UserWarning, match="the rest is removed now"):
+        cb, _ = _train(pm, tmp_path, _config(end_step=40), max_steps=6)
+    assert cb.report.achieved_fraction == pytest.approx(0.2, abs=0.06)
+
+
+def test_resume_restores_importance_and_masks(tmp_path) -> None:
+    from transformers import Trainer
+
+    def run(out, resume=None, max_steps=10):
+        torch.manual_seed(0)
+        pm = _lora("llama")
+        cb = hf_prune.PruningCallback(_config(), verbose=False)
+        trainer = Trainer(model=pm, args=training_args(out, max_steps=max_steps, save_strategy="steps", save_steps=5),
+                          train_dataset=token_dataset(32), callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    full = run(tmp_path / "a")
+    run(tmp_path / "b", max_steps=10)
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-5"))
+    assert resumed.history[-1] == full.history[-1]
+    assert resumed.report.blocks == full.report.blocks
+    kept = lambda cb: {i: (p.mlp_keep, p.heads_keep) for i, p in cb.algorithm.plans.items()}  # noqa: E731
+    assert kept(resumed) == kept(full)
+    for i, ema in full.algorithm.importance().items():
+        for kind, value in ema.items():
+            assert torch.allclose(resumed.algorithm.importance()[i][kind], value, rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_loraprune_without_lora_is_refused(tmp_path) -> None:
+    from transformers import Trainer
+
+    model = build("llama").train()
+    with pytest.raises(ConfigError, match="peft.get_peft_model"):
+        Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=token_dataset(),
+                callbacks=[hf_prune.PruningCallback(_config(), verbose=False)]).train()
+
+
+def test_lora_outside_the_groups_is_refused(tmp_path) -> None:
+    model = build("llama")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(ConfigError, match="no LoRA adapter sits on a projection"):
+        _train(pm, tmp_path, max_steps=2)
+
+
+def test_dora_is_refused(tmp_path) -> None:
+    pm = _lora("llama", use_dora=True)
+    with pytest.raises(ConfigError, match="DoRA|variant"):
+        _train(pm, tmp_path, max_steps=2)
+
+
+def test_loraprune_one_shot_and_n_m_are_refused() -> None:
+    model = build("llama")
+    with pytest.raises(ConfigError, match="PruningCallback"):
+        hf_prune.prune(model, _config(), calibration=torch.randint(0, 100, (4, 16)), verbose=False,
+                       show_progress=False)
+    with pytest.raises(ConfigError, match="structure"):
+        hf_prune.PruningConfig(method="loraprune", structure="2:4")
+    with pytest.raises(ConfigError, match="loraprune_beta"):
+        _config(loraprune_beta=1.0)
