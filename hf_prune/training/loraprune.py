@@ -82,7 +82,7 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
-class _LoraTerms:
+class LoraGroupTerms:
     """`hf_prune.structure.units.GroupTerms` over LoRA-estimated importances; each layer's ``[out, in]``
     importance is computed once per step and dropped with `clear`."""
 
@@ -218,7 +218,7 @@ class LoraPrune(TrainingOnlyMethod):
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        terms = _LoraTerms(self.wrappers)
+        terms = LoraGroupTerms(self.wrappers)
         for spec in self.specs:
             now: dict[str, torch.Tensor] = {}
             if spec.mlp is not None:

