@@ -308,9 +308,15 @@ def add_option_groups(parser: argparse.ArgumentParser) -> None:
     help come from the fields' metadata (`hf_prune.config.option`), so an option is declared once."""
     import dataclasses
 
+    groups: dict[str, Any] = {}
     for cls in _option_classes():
         doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-        group = parser.add_argument_group(f"{', '.join(_users(cls))} options", doc)
+        title = f"{', '.join(_users(cls))} options"
+        if title in groups:  # classes used by the same methods share one group
+            groups[title].description += f" {doc}"
+        else:
+            groups[title] = parser.add_argument_group(title, doc)
+        group = groups[title]
         for f in _declared(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             help_text = f"{f.metadata['help']} (default: {default!r})".replace("%", "%%")

@@ -12,6 +12,8 @@ import hf_prune
 from hf_prune.errors import ConfigError
 from hf_prune.training.lora_importance import estimated_weight_grad, lora_importance
 
+TrainerCallback = pytest.importorskip("transformers").TrainerCallback
+
 peft = pytest.importorskip("peft")
 
 TARGETS = {"llama": "all-linear", "qwen3": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -104,8 +106,65 @@ def test_masks_during_training_follow_the_schedule_and_never_come_back(tmp_path)
     assert targets == sorted(targets) and targets[-1] == pytest.approx(0.3)
     removed = [a for _, _, a in history]
     assert removed == sorted(removed) and removed[-1] > 0.2
-    logged = [h["prune/removed_fraction"] for h in trainer.state.log_history if "prune/removed_fraction" in h]
+    logged = [h["prune/sparsity"] for h in trainer.state.log_history if "prune/sparsity" in h]
     assert logged and logged[-1] == pytest.approx(removed[-1], abs=1e-6)
+
+
+class _Watch(TrainerCallback):
+    """Runs before the pruning callback: records the kept units after every step and, at the end of training, the
+    logits of the gated (not yet cut) model."""
+
+    def __init__(self, cb, ids) -> None:
+        self.cb, self.ids, self.plans, self.logits = cb, ids, [], None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.plans.append({i: (p.mlp_keep, p.heads_keep, p.kv_heads_keep) for i, p in self.cb.algorithm.plans.items()})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(self.ids).logits
+
+
+@pytest.mark.parametrize("arch, kw, lora_kw", [
+    ("llama", {"gqa_mode": "group"}, {"lora_bias": True}),
+    ("llama", {"allocation": "uniform", "width_units": "heads", "sparsity": 0.1}, {}),
+    ("gpt2", {}, {}),
+    ("gpt_neox", {"width_units": "heads", "sparsity": 0.1}, {}),
+    ("phi3", {"allocation": "uniform"}, {}),
+    ("qwen3_moe", {"sparsity": 0.05}, {}),
+])
+def test_cut_model_equals_the_gated_model_and_units_never_come_back(tmp_path, arch: str, kw: dict,
+                                                                     lora_kw: dict) -> None:
+    """The physical cut (base and adapters) computes exactly what the gated model computed just before it; the
+    keep lists only ever shrink."""
+    from transformers import Trainer
+
+    pm = _lora(arch, **lora_kw)
+    if arch == "llama" and lora_kw:
+        pm.add_adapter("other", peft.LoraConfig(r=2, target_modules="all-linear"))  # inactive: cut along
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # so that wrongly cut adapters would change the logits
+    ids = torch.randint(0, 100, (2, 12))
+    cb = hf_prune.PruningCallback(_config(**kw), verbose=False)
+    watch = _Watch(cb, ids)
+    Trainer(model=pm, args=training_args(tmp_path, max_steps=10), train_dataset=token_dataset(32),
+            callbacks=[watch, cb]).train()
+    assert cb.report.achieved_fraction > 0.03
+    pm.eval()
+    with torch.no_grad():
+        cut = pm(ids).logits
+    assert torch.allclose(cut, watch.logits, atol=1e-5), (cut - watch.logits).abs().max()
+    for before, after in zip(watch.plans, watch.plans[1:]):
+        for i, (mlp, heads, kv) in before.items():
+            for old, new in zip((mlp, heads, kv), after[i]):
+                assert old is None or set(new) <= set(old), f"block {i}: a removed unit came back"
+    assert not any(getattr(fn, "_hf_prune_gate", False) for m in pm.modules() for fn in m._forward_pre_hooks.values())
+    if "width_units" in kw and kw["width_units"] == "heads":
+        assert all(r.mlp is None for r in cb.report.blocks)
+    if arch == "qwen3_moe":
+        assert all(r.mlp is None for r in cb.report.blocks)  # fused experts: not width-pruned
 
 
 def test_gates_zero_the_removed_units_output(tmp_path) -> None:
@@ -116,7 +175,7 @@ def test_gates_zero_the_removed_units_output(tmp_path) -> None:
     cb = hf_prune.PruningCallback(_config(sparsity=0.3, end_step=20), verbose=False)
     seen = {}
 
-    class Probe(hf_prune.PruningCallback.__mro__[1]):  # a TrainerCallback
+    class Probe(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 6:
                 algo = cb.algorithm
@@ -181,8 +240,14 @@ def test_loraprune_without_lora_is_refused(tmp_path) -> None:
 def test_lora_outside_the_groups_is_refused(tmp_path) -> None:
     model = build("llama")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["lm_head"]))
-    with pytest.raises(ConfigError, match="no LoRA adapter sits on a projection"):
+    with pytest.raises(ConfigError, match="none on the projections of its decoder blocks"):
         _train(pm, tmp_path, max_steps=2)
+    pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ConfigError, match="no LoRA adapter sits on a projection of the MLP channels"):
+        _train(pm, tmp_path, max_steps=2)
+    pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cb, _ = _train(pm, tmp_path, _config(width_units="heads", sparsity=0.1), max_steps=10)  # what LoRA covers
+    assert cb.report.achieved_fraction > 0.05
 
 
 def test_dora_is_refused(tmp_path) -> None:
@@ -200,3 +265,38 @@ def test_loraprune_one_shot_and_n_m_are_refused() -> None:
         hf_prune.PruningConfig(method="loraprune", structure="2:4")
     with pytest.raises(ConfigError, match="loraprune_beta"):
         _config(loraprune_beta=1.0)
+
+
+def test_an_interrupted_run_leaves_no_gate_behind(tmp_path) -> None:
+    from transformers import Trainer, TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    pm = _lora("llama")
+    cb = hf_prune.PruningCallback(_config(sparsity=0.3), verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model=pm, args=training_args(tmp_path, max_steps=10), train_dataset=token_dataset(32),
+                callbacks=[cb, Boom()]).train()
+    assert cb.algorithm.gates  # masked units at the interruption
+    cb2 = hf_prune.PruningCallback(_config(sparsity=0.3), verbose=False)  # a fresh run on the same model
+    seen = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            hooks = [fn for m in pm.modules() for fn in m._forward_pre_hooks.values()
+                     if getattr(fn, "_hf_prune_gate", False)]
+            seen.append((len(hooks), len(cb2.algorithm.hooks), len(cb2.algorithm.gates)))
+
+    Trainer(model=pm, args=training_args(tmp_path, max_steps=1), train_dataset=token_dataset(32),
+            callbacks=[cb2, Count()]).train()
+    hooks, own, gates = seen[0]
+    assert hooks == own > 0 and gates == 0  # the interrupted run's hooks are gone; nothing is masked yet
+
+
+def test_unreachable_sparsity_fails_before_training(tmp_path) -> None:
+    pm = _lora("llama")
+    with pytest.raises(ConfigError, match="budget|cannot"):
+        _train(pm, tmp_path, _config(sparsity=0.9, width_units="heads"), max_steps=2)

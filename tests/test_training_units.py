@@ -127,12 +127,12 @@ def test_training_config_round_trip_and_defaults_unchanged() -> None:
 
 def test_registry_marks_training_only_methods() -> None:
     assert {"gmp", "movement", "soft_movement", "lottery"} <= set(available_methods())
-    assert set(available_methods(training=True)) == {"gmp", "movement", "soft_movement", "lottery"}
+    assert set(available_methods(training=True)) == {"gmp", "movement", "soft_movement", "lottery", "loraprune"}
     assert {"magnitude", "wanda", "sparsegpt"} <= set(available_methods(training=False))
     assert is_training_only("lottery") and not is_training_only("sparsegpt")
 
 
-@pytest.mark.parametrize("method", ["gmp", "movement", "soft_movement", "lottery"])
+@pytest.mark.parametrize("method", ["gmp", "movement", "soft_movement", "lottery", "loraprune"])
 def test_one_shot_prune_refuses_training_methods(method: str) -> None:
     model = build("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

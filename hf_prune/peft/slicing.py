@@ -40,10 +40,22 @@ def lora_wrappers(model: nn.Module) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def is_projection(wrapper: Any) -> bool:
+    """Whether the LoRA layer wraps a plain ``nn.Linear`` or GPT-2 ``Conv1D`` (not a parameter wrapper, an embedding
+    or a convolution)."""
+    base = wrapper.get_base_layer()
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
 def check_sliceable(wrappers: dict[str, Any]) -> None:
     """Refuse LoRA layers whose adapters cannot be cut with their base layer (DoRA and other LoRA variants,
-    embedding adapters, merged adapters); raises `ConfigError` naming the layer."""
+    embedding adapters, merged adapters, quantized base layers); raises `ConfigError` naming the layer."""
     for path, w in wrappers.items():
+        weight = getattr(w.get_base_layer(), "weight", None)
+        if weight is None or not weight.is_floating_point() or type(weight).__name__ in ("Int8Params", "Params4bit"):
+            raise ConfigError(f"{path}: the base layer is quantized ({type(w.get_base_layer()).__name__}, weight "
+                              f"{type(weight).__name__}); structured pruning needs floating-point base weights: "
+                              "load the model unquantized (QLoRA bases cannot be cut)")
         variants = {k: type(v).__name__ for k, v in getattr(w, "lora_variant", {}).items()}
         if variants or any(getattr(w, "use_dora", {}).values()):
             raise ConfigError(f"{path}: LoRA variant {variants or 'DoRA'} cannot be cut with its base layer; "

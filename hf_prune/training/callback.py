@@ -151,7 +151,9 @@ class PruningCallback(TrainerCallback):
         cfg = self.config
         if self.masks is not None:  # the callback is reused for another train() call
             self.masks.remove_grad_hooks()
-        self.masks = MaskState(model, cfg)
+        if self.algorithm is not None:
+            self.algorithm.detach()
+        self.masks = MaskState(model, cfg, weight_masks=self.method_class.weight_masks)
         self.end_step = cfg.end_step if cfg.end_step is not None else int(state.max_steps)
         self.algorithm = self.method_class(cfg, self.masks, self.end_step)
         self.algorithm.check(int(state.max_steps))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,7 +65,6 @@ from .state import MaskState
 
 logger = logging.getLogger("hf_prune")
 
-LOG_REMOVED = "prune/removed_fraction"
 
 
 def _peft_slicing() -> Any:
@@ -130,11 +129,14 @@ class LoraGroupTerms:
 class LoraPrune(TrainingOnlyMethod):
     """LoRAPrune: structured pruning (heads, MLP channels) guided by LoRA gradients during LoRA training."""
 
+    weight_masks: ClassVar[bool] = False  # units are masked at their group's output, not weight by weight
+
     def __init__(self, config: PruningConfig, masks: MaskState | None = None, end_step: int | None = None) -> None:
         super().__init__(config, masks, end_step)
         self.beta = float(config.loraprune_beta)
         self.model: nn.Module | None = None  # the transformers model inside the PeftModel
-        self.wrappers: dict[str, Any] = {}
+        self.wrappers: dict[str, Any] = {}  # LoRA layers on the projections of the pruned groups
+        self.swapped: dict[str, Any] = {}  # every outermost LoRA layer of the decoder blocks
         self.specs: list[BlockSpec] = []
         self.costs: dict[int, Any] = {}
         self.block_params: list[int] = []
@@ -149,30 +151,50 @@ class LoraPrune(TrainingOnlyMethod):
     def attach(self, model: nn.Module) -> None:
         slicing = _peft_slicing()
         base = base_model_of(model)
-        wrappers = slicing.lora_wrappers(base)
+        prefix, blocks = find_blocks(base)
+        # the LoRA layers on plain linear / Conv1D projections of the decoder blocks (not nested parameter
+        # wrappers on fused experts, not lm_head): these are swapped out to find the layout and cut at the end
+        outer = {p: w for p, w in slicing.lora_wrappers(base).items()
+                 if p.startswith(f"{prefix}.") and ".base_layer" not in p}  # swapped out (with what they nest)
+        wrappers = {p: w for p, w in outer.items() if slicing.is_projection(w)}
         if not wrappers:
             raise ConfigError(
                 "method='loraprune' ranks heads and MLP channels by the gradients of LoRA adapters, and this model "
-                f"({type(model).__name__}) has none; wrap it first: peft.get_peft_model(model, "
-                "peft.LoraConfig(r=8, target_modules='all-linear')), and pass the PeftModel to the Trainer"
+                f"({type(model).__name__}) has none on the projections of its decoder blocks; wrap it first: "
+                "peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules='all-linear')), and pass the "
+                "PeftModel to the Trainer"
             )
-        slicing.check_sliceable(wrappers)
         if any(is_dtensor(p) for p in base.parameters()):
             raise UnsupportedModelError("method='loraprune' does not support FSDP2-sharded models; train with DDP "
                                         "or on one process")
-        with slicing.base_layers_in_place(base, wrappers):
+        with slicing.base_layers_in_place(base, outer):
             specs = block_specs(base)
             self.costs = {s.index: unit_costs(base, s) for s in specs}
-            _, blocks = find_blocks(base)
             self.block_params = [num_params(b) for b in blocks]
-        self._check_coverage(specs, wrappers)
-        self.model, self.wrappers, self.specs = base, wrappers, specs
+        groups = self._check_coverage(specs, wrappers)
+        wrappers = {p: w for p, w in wrappers.items() if p in groups}
+        slicing.check_sliceable(wrappers)
+        self.model, self.wrappers, self.specs, self.swapped = base, wrappers, specs, outer
+        # what would fail mid-training fails now: the group terms (e.g. interleaved qkv with grouped kv heads)
+        # and the final allocation (e.g. a sparsity the chosen width_units cannot reach)
+        for spec in specs:
+            self._group_scores(LoraGroupTerms({}), spec)
+        self._allocate(float(self.config.sparsity))  # type: ignore[arg-type]
         for spec in specs:
             for path in self._outputs(spec):
                 module = base.get_submodule(path)
+                for key, fn in list(module._forward_pre_hooks.items()):
+                    if getattr(fn, "_hf_prune_gate", False):  # left by an interrupted run
+                        del module._forward_pre_hooks[key]
                 self.hooks.append(module.register_forward_pre_hook(self._gate_hook(path)))
 
-    def _check_coverage(self, specs: list[BlockSpec], wrappers: dict[str, Any]) -> None:
+    def detach(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.gates = [], {}
+
+    def _check_coverage(self, specs: list[BlockSpec], wrappers: dict[str, Any]) -> set[str]:
+        """Refuse adapters that cover no unit kind being pruned; return the paths of every group projection."""
         units = self.config.width_units
         mlp_paths = {p for s in specs if s.mlp is not None
                      for p in (*s.mlp.inputs, s.mlp.output, s.mlp.fused_gate_up) if p}
@@ -180,18 +202,21 @@ class LoraPrune(TrainingOnlyMethod):
                       for p in (s.attention.q, s.attention.k, s.attention.v, s.attention.qkv, s.attention.o) if p}
         wanted = {"mlp": [("MLP channels", mlp_paths)], "heads": [("attention heads", head_paths)],
                   "both": [("MLP channels", mlp_paths), ("attention heads", head_paths)]}[units]
-        missing = [what for what, paths in wanted if not paths & set(wrappers)]
+        missing = [what for what, paths in wanted if paths and not paths & set(wrappers)]  # (MoE: no dense MLP)
+        partial = sorted((mlp_paths | head_paths) - set(wrappers))
         if missing:
             raise ConfigError(
                 f"method='loraprune' with width_units={units!r}: no LoRA adapter sits on a projection of the "
-                f"{' or '.join(missing)} (LoRA on {sorted(wrappers)[:4]}...), so their importance cannot be estimated. "
+                f"{' or '.join(missing)} (LoRA on {', '.join(sorted(wrappers)[:3])}{'...' if len(wrappers) > 3 else ''}), "
+                "so their importance cannot be estimated. "
                 "Put LoRA on the attention and MLP projections (target_modules='all-linear'), or set width_units to "
                 "what the adapters cover"
             )
-        outside = sorted(set(wrappers) - mlp_paths - head_paths)
-        if outside:
-            logger.warning("hf_prune: loraprune: LoRA adapters outside the prunable heads and MLP channels (%s%s) "
-                           "train but do not guide pruning", ", ".join(outside[:3]), "..." if len(outside) > 3 else "")
+        if partial:
+            logger.warning("hf_prune: loraprune: %d projections of the pruned groups have no LoRA adapter (e.g. %s); "
+                           "their weights add nothing to the importance. LoRA on every projection "
+                           "(target_modules='all-linear') is what LoRAPrune assumes", len(partial), partial[0])
+        return mlp_paths | head_paths
 
     @staticmethod
     def _outputs(spec: BlockSpec) -> list[str]:
@@ -210,29 +235,41 @@ class LoraPrune(TrainingOnlyMethod):
             x = args[0]
             return (x * gate.to(device=x.device, dtype=x.dtype), *args[1:])
 
+        hook._hf_prune_gate = True  # type: ignore[attr-defined]
         return hook
 
     def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
         return False  # nothing is masked at the start
 
     # ------------------------------------------------------------------ importance
+    @staticmethod
+    def _group_scores(terms: LoraGroupTerms, spec: BlockSpec) -> dict[str, torch.Tensor]:
+        now: dict[str, torch.Tensor] = {}
+        if spec.mlp is not None:
+            now["mlp"] = mlp_group_terms(terms, spec.mlp)[1]
+        if spec.attention is not None:
+            (_, heads), (_, kv) = attention_group_terms(terms, spec.attention)
+            q = spec.attention.num_heads // spec.attention.num_kv_heads
+            now["head"], now["group"] = heads, heads.view(-1, q).sum(1) + kv
+        terms.clear()
+        return now
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
+        if self.target >= float(self.config.sparsity) - 1e-9:  # type: ignore[arg-type]
+            return  # the final units are chosen; no later update reads the importance
         terms = LoraGroupTerms(self.wrappers)
-        for spec in self.specs:
-            now: dict[str, torch.Tensor] = {}
-            if spec.mlp is not None:
-                now["mlp"] = mlp_group_terms(terms, spec.mlp)[1]
-            if spec.attention is not None:
-                (_, heads), (_, kv) = attention_group_terms(terms, spec.attention)
-                q = spec.attention.num_heads // spec.attention.num_kv_heads
-                now["head"], now["group"] = heads, heads.view(-1, q).sum(1) + kv
-            ema = self.ema.setdefault(spec.index, {})
+        scores = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
+        if not all(bool(torch.isfinite(v).all()) for now in scores.values() for v in now.values()):
+            logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step's "
+                           "importance is skipped")
+            return
+        for i, now in scores.items():
+            ema = self.ema.setdefault(i, {})
             for kind, value in now.items():
                 old = ema.get(kind)
                 ema[kind] = value.clone() if old is None or self.steps_seen == 0 else self.beta * old + (
                     1 - self.beta) * value
-            terms.clear()
         self.steps_seen += 1
 
     def importance(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -243,6 +280,10 @@ class LoraPrune(TrainingOnlyMethod):
     def update(self, step: int, optimizer: Any) -> bool:
         target = self.scheduled_target(step)
         if target is None:
+            return False
+        if target > 0 and self.steps_seen == 0:
+            logger.warning("hf_prune: loraprune: update at step %d before any importance was measured; skipped "
+                           "(start the schedule after a few steps: start_step > 0, initial_sparsity=0)", step)
             return False
         self.target = target
         self._install(broadcast_object(self._allocate(target)))
@@ -265,7 +306,34 @@ class LoraPrune(TrainingOnlyMethod):
         cfg = self.config
         layers, _ = allocate_width(width, fraction * sum(self.block_params), cfg.allocation, cfg.gqa_mode,
                                    cfg.width_units, cfg.round_to, standardized=False)
-        return layers
+        assert self.model is not None
+        cuts, _ = resolve_plan(self.specs, StructuredPlan(layers=layers), self._hidden())
+        by_index = {spec.index: spec for spec in self.specs}
+        return {i: self._nested(by_index[i], self.plans.get(i), cuts.get(i)) for i in set(cuts) | set(self.plans)}
+
+    def _hidden(self) -> int:
+        assert self.model is not None
+        return int(self.model.config.get_text_config(decoder=True).hidden_size)
+
+    @staticmethod
+    def _nested(spec: BlockSpec, old: LayerPlan | None, new: LayerPlan | None) -> LayerPlan:
+        """What a block keeps after an update (both plans resolved): never a unit removed before. The allocation's
+        per-block counts can shrink between updates (rounding; a budget already overshot), so each kind takes the
+        smaller of its old and new keep lists; removed units score lowest, so the two are nested. (Were they
+        not, the old list stays and the new removals wait for the next update.)"""
+        old, new = old or LayerPlan(), new or LayerPlan()
+
+        def smaller(a: list[int] | None, b: list[int] | None) -> list[int] | None:
+            if a is None or b is None:
+                return b if a is None else a
+            return list(b) if set(b) <= set(a) else list(a)
+
+        out = LayerPlan(mlp_keep=smaller(old.mlp_keep, new.mlp_keep), heads_keep=smaller(old.heads_keep,
+                                                                                          new.heads_keep))
+        if out.heads_keep is not None and spec.attention is not None:
+            group = spec.attention.num_heads // spec.attention.num_kv_heads
+            out.kv_heads_keep = sorted({h // group for h in out.heads_keep})
+        return out
 
     @staticmethod
     def _scores(ema: torch.Tensor | None, n: int, keep: list[int] | None) -> torch.Tensor | None:
@@ -281,9 +349,7 @@ class LoraPrune(TrainingOnlyMethod):
 
     def _install(self, plans: dict[int, LayerPlan]) -> None:
         """Make ``plans`` the current masks: gates on the output projections' input channels."""
-        assert self.model is not None
-        hidden = self.model.config.get_text_config(decoder=True).hidden_size
-        cuts, _ = resolve_plan(self.specs, StructuredPlan(layers=plans), hidden)
+        cuts, _ = resolve_plan(self.specs, StructuredPlan(layers=plans), self._hidden())
         self.plans = cuts
         gates: dict[str, torch.Tensor] = {}
         removed = 0
@@ -320,14 +386,12 @@ class LoraPrune(TrainingOnlyMethod):
                           stacklevel=2)
             self._install(broadcast_object(self._allocate(final)))
             self.target = final
-        for h in self.hooks:
-            h.remove()
-        self.hooks, self.gates = [], {}
+        self.detach()
         slicing = _peft_slicing()
         base = self.model
         assert base is not None
         start = time.perf_counter()
-        with slicing.base_layers_in_place(base, self.wrappers):
+        with slicing.base_layers_in_place(base, self.swapped):
             params_before = num_params(base)
             plan = StructuredPlan(layers=self.plans)
             slices = {path: cut for spec in self.specs if spec.index in self.plans
@@ -351,9 +415,6 @@ class LoraPrune(TrainingOnlyMethod):
     # ------------------------------------------------------------------ logging and checkpoints
     def achieved(self) -> float:
         return self.removed_fraction
-
-    def log_values(self) -> dict[str, float]:
-        return {LOG_REMOVED: round(self.removed_fraction, 6)}
 
     def state(self) -> dict[str, Any]:
         plans = {str(i): {"mlp_keep": p.mlp_keep, "heads_keep": p.heads_keep, "kv_heads_keep": p.kv_heads_keep}

@@ -70,6 +70,9 @@ class TrainingMethod:
 
     #: masked gradients must stay dense through backward (no gradient hooks; masked before the optimizer step)
     needs_dense_grad: ClassVar[bool] = False
+    #: the method prunes through per-weight masks (`MaskState`); ``False``: it keeps none (nothing is allocated,
+    #: enforced or checkpointed there)
+    weight_masks: ClassVar[bool] = True
 
     def __init__(self, config: PruningConfig, masks: MaskState, end_step: int) -> None:
         self.config = config
@@ -96,6 +99,9 @@ class TrainingMethod:
     def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
         """A fresh (not resumed) run starts; return ``True`` if the starting masks were set here."""
         return False
+
+    def detach(self) -> None:
+        """Undo what `attach` installed (hooks) without finishing: a new run starts with this callback."""
 
     def end(self, model: Any) -> Any:
         """Training ended (weights masked a last time). A method that changes the model's shape returns its

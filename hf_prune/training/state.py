@@ -109,14 +109,18 @@ class MaskedParam:
 class MaskState:
     """Masks of every prunable parameter of ``model`` selected by ``config.targets`` / ``config.ignore``."""
 
-    def __init__(self, model: nn.Module, config: PruningConfig) -> None:
+    def __init__(self, model: nn.Module, config: PruningConfig, weight_masks: bool = True) -> None:
         self.config = config
+        if not weight_masks:  # a method that prunes otherwise (loraprune): nothing to mask or enforce here
+            self.params: dict[str, MaskedParam] = {}
+            self.sharded, self.active = False, False
+            return
         try:
             prefix, blocks = find_blocks(model)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"PruningCallback: the model has no prunable modules ({exc})") from None
         names = {id(p): n for n, p in model.named_parameters()}
-        self.params: dict[str, MaskedParam] = {}
+        self.params = {}
         for i, block in enumerate(blocks):
             for layer in iter_prunable(block, f"{prefix}.{i}", config.targets, config.ignore):
                 param = layer.param
