@@ -2,7 +2,7 @@
 """PERP recovery after one-shot pruning on the real SmolLM2-135M: norms + biases, + masked LoRA r=16, and full
 fine-tuning with a constant mask, after Wanda 50% and Wanda 2:4. Writes ``benchmarks/results/peft.{json,md}`` (named recovery.py: a ``peft.py`` here would shadow the peft package for every script in this folder).
 
-    chrt -r 1 python benchmarks/recovery.py         # full run (200 steps per run; about an hour on 2 CPU cores)
+    chrt -r 1 python benchmarks/recovery.py         # full run (200 steps per run, the training benchmark's 4 x 128-token batches; about an hour on 2 CPU cores)
     python benchmarks/recovery.py --quick            # 4 steps, 4 eval windows, 16 calibration samples: a smoke test
 
 Protocol:
@@ -65,9 +65,9 @@ def markdown(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--modes", default="norms,lora,all")
     p.add_argument("--structures", default="unstructured,2:4")

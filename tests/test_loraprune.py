@@ -300,3 +300,22 @@ def test_unreachable_sparsity_fails_before_training(tmp_path) -> None:
     pm = _lora("llama")
     with pytest.raises(ConfigError, match="budget|cannot"):
         _train(pm, tmp_path, _config(sparsity=0.9, width_units="heads"), max_steps=2)
+
+
+def test_resume_without_state_is_refused_even_from_weights(tmp_path) -> None:
+    from transformers import Trainer
+
+    from hf_prune.training.checkpoint import MissingPruningStateError
+
+    def trainer(cb):
+        torch.manual_seed(0)
+        return Trainer(model=_lora("llama"), args=training_args(tmp_path, max_steps=6, save_strategy="steps",
+                                                                save_steps=3),
+                       train_dataset=token_dataset(32), callbacks=[cb])
+
+    trainer(hf_prune.PruningCallback(_config(end_step=4), verbose=False)).train()
+    for f in (tmp_path / "checkpoint-3").glob("hf_prune_*"):
+        f.unlink()
+    cb = hf_prune.PruningCallback(_config(end_step=4), on_missing_state="from_weights", verbose=False)
+    with pytest.raises(MissingPruningStateError, match="cannot be read off the weights"):
+        trainer(cb).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))

@@ -290,6 +290,13 @@ class PruningCallback(TrainerCallback):
         assert self.masks is not None and self.algorithm is not None
         folder = self._resume_dir(args, state)
         if folder is None or not ckpt.has_state(folder):
+            if self.on_missing_state == "from_weights" and not self.method_class.weight_masks:
+                raise ckpt.MissingPruningStateError(
+                    f"resuming method={self.method!r}: no pruning state in {folder or 'the checkpoint'}, and this "
+                    "method's state (importance, removed units) cannot be read off the weights "
+                    "(on_missing_state='from_weights' does not apply); resume from a checkpoint written with the "
+                    "callback, or start a new run"
+                )
             if self.on_missing_state == "from_weights":
                 logger.warning("hf_prune: no pruning state to resume from; masks rebuilt from the zeros in the weights")
                 self.masks.set_masks(self.masks.masks_from_weights())
