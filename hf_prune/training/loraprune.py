@@ -203,7 +203,7 @@ class LoraPrune(TrainingOnlyMethod):
         wanted = {"mlp": [("MLP channels", mlp_paths)], "heads": [("attention heads", head_paths)],
                   "both": [("MLP channels", mlp_paths), ("attention heads", head_paths)]}[units]
         missing = [what for what, paths in wanted if paths and not paths & set(wrappers)]  # (MoE: no dense MLP)
-        partial = sorted((mlp_paths | head_paths) - set(wrappers))
+        partial = sorted(set().union(*(paths for _, paths in wanted)) - set(wrappers))
         if missing:
             raise ConfigError(
                 f"method='loraprune' with width_units={units!r}: no LoRA adapter sits on a projection of the "
