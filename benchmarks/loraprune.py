@@ -229,7 +229,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--taylor-samples", type=int, default=16)
     p.add_argument("--check-batches", type=int, default=8)
-    p.add_argument("--runs", default=",".join((*RUNS, "importance")))
+    p.add_argument("--runs", default=",".join(("importance", *RUNS)))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", default=str(HERE.parent / ".bench" / "loraprune"))
