@@ -139,7 +139,6 @@ def worker(args) -> dict:
 def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
     from hf_prune.peft.slicing import base_layers_in_place, lora_wrappers
     from hf_prune.structure.arch import block_specs
-    from hf_prune.structure.scores import unit_terms
     from hf_prune.structure.units import attention_group_terms, mlp_group_terms
     from hf_prune.training.loraprune import LoraGroupTerms
 
@@ -163,10 +162,6 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
                 weight, g = weight.t(), g.t()
             a, b = w.lora_A["default"].weight.detach().float(), w.lora_B["default"].weight.detach().float()
             return (g * (weight + w.scaling["default"] * b @ a)).abs()
-
-        def terms(self, path, index, dim):
-            signed, absolute = unit_terms(self.importance(path), index, dim)
-            return signed.cpu(), absolute.cpu()
 
     sums: dict[str, dict[str, list[torch.Tensor]]] = {"lora": {}, "true": {}}
     pm.train()

@@ -41,6 +41,7 @@ from ..errors import ConfigError, HfPruneError
 from ..registry import is_training_only
 from ..report import LayerRow, PruningReport, attach_report
 from . import checkpoint as ckpt
+from .loraprune import base_model_of
 from .lottery import RewindSnapshot
 from .methods import LOG_THRESHOLD, TrainingMethod, training_method_class
 from .movement import MovementScores
@@ -228,7 +229,7 @@ class PruningCallback(TrainerCallback):
         self.report = self.algorithm.end(model) or self._report(model, args)
         if getattr(model, "config", None) is not None:
             attach_report(model, self.config, self.report)  # save_pretrained writes config + pruning_report.json
-            base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            base = base_model_of(model)
             if base is not model:  # a PeftModel: its merged / unloaded model saves the report
                 base._hf_prune_report = self.report
         if self.verbose and state.is_world_process_zero:
