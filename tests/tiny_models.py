@@ -62,6 +62,45 @@ ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
+_MOE_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   num_experts_per_tok=2, max_position_embeddings=256)
+
+
+def _moe(config_cls: type, model_cls: type, **extra) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        return model_cls(config_cls(**{**_MOE_COMMON, **extra}))
+
+    return build
+
+
+#: MoE architectures with transformers v5 fused experts (expert pruning tests): 3 blocks each, 8 routed experts,
+#: top-2; dense blocks where the architecture has them (Qwen2-MoE ``mlp_only_layers``, Qwen3-MoE
+#: ``decoder_sparse_step``, DeepSeek-V3 ``first_k_dense_replace``).
+MOE_ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
+    "mixtral": _moe(tf.MixtralConfig, tf.MixtralForCausalLM, intermediate_size=32, num_local_experts=8),
+    "qwen2_moe": _moe(tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, intermediate_size=64, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, num_experts=8, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe": _moe(tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, intermediate_size=64, moe_intermediate_size=16,
+                      num_experts=8, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True),
+    "deepseek_v3": _moe(tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, num_key_value_heads=4, intermediate_size=64,
+                        moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8),
+    "olmoe": _moe(tf.OlmoeConfig, tf.OlmoeForCausalLM, intermediate_size=16, num_experts=8, eos_token_id=1,
+                  pad_token_id=0),
+    "gpt_oss": _moe(tf.GptOssConfig, tf.GptOssForCausalLM, intermediate_size=16, num_local_experts=8, head_dim=16,
+                    sliding_window=8, rope_scaling=None),
+}
+
+
+def build_moe(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random MoE model of ``arch`` (`MOE_ARCHITECTURES`), with router weights spread enough that routing
+    differs between tokens."""
+    torch.manual_seed(0)
+    model = MOE_ARCHITECTURES[arch]().to(dtype)
+    return model.eval()
+
+
 def build(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().to(dtype)

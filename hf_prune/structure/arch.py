@@ -5,7 +5,8 @@ recognised by their layout, not by model name: separate ``q/k/v_proj`` + ``o_pro
 Mistral, Qwen2/3, Gemma2/3, OPT, Qwen3-MoE), Phi-3's fused ``qkv_proj``, GPT-2's ``Conv1D`` ``c_attn``,
 GPT-NeoX's per-head interleaved ``query_key_value``; MLPs ``gate/up/down_proj``, Phi-3 ``gate_up_proj``,
 ``c_fc/c_proj``, ``dense_h_to_4h/dense_4h_to_h`` and OPT's ``fc1/fc2``. MoE blocks have ``mlp=None`` (their
-width is not prunable here) but can still lose attention heads, the attention sublayer or the whole block.
+width is not prunable here) and an `ExpertsSpec` (routed experts can be removed), and can lose attention heads, the
+attention sublayer or the whole block.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,7 +27,7 @@ from torch import nn
 from ..core.model import find_blocks
 from ..errors import UnsupportedModelError
 from . import modeling_hf_prune as shipped
-from .plan import AttentionSpec, BlockSpec, MlpSpec
+from .plan import AttentionSpec, BlockSpec, ExpertsSpec, MlpSpec
 
 SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, GPT-2, OPT, GPT-NeoX, Qwen3-MoE (attention "
              "and depth only) and other models whose blocks use one of these attention/MLP layouts")
@@ -45,10 +46,14 @@ def _prefixed(layout: dict, prefix: str) -> dict:
 
 def block_spec(block: nn.Module, prefix: str, index: int) -> BlockSpec:
     """The `BlockSpec` of one block whose path in the model is ``prefix``."""
-    attn, mlp = shipped.attention_layout(block), shipped.mlp_layout(block)
+    attn, mlp, moe = shipped.attention_layout(block), shipped.mlp_layout(block), shipped.experts_layout(block)
+    experts = None
+    if moe is not None:
+        experts = ExpertsSpec(**{k: f"{prefix}.{v}" if k in ("module", "experts", "router") else v
+                                 for k, v in moe.items()})
     return BlockSpec(index=index, module=prefix,
                      attention=None if attn is None else AttentionSpec(**_prefixed(attn, prefix)),
-                     mlp=None if mlp is None else MlpSpec(**_prefixed(mlp, prefix)))
+                     mlp=None if mlp is None else MlpSpec(**_prefixed(mlp, prefix)), experts=experts)
 
 
 def block_specs(model: nn.Module) -> list[BlockSpec]:
@@ -59,7 +64,7 @@ def block_specs(model: nn.Module) -> list[BlockSpec]:
     prefix, blocks = find_blocks(model)
     specs = [block_spec(b, f"{prefix}.{i}", i) for i, b in enumerate(blocks)]
     removed_attention = any(isinstance(m, shipped.ZeroAttention) for m in blocks.modules())
-    if all(s.attention is None and s.mlp is None for s in specs) and not removed_attention:
+    if all(s.attention is None and s.mlp is None and s.experts is None for s in specs) and not removed_attention:
         raise UnsupportedModelError(
             f"structured pruning cannot find attention heads or MLP channels in the blocks of "
             f"{type(model).__name__} ({prefix}: {type(blocks[0]).__name__}). Supported: {SUPPORTED}. "
@@ -83,11 +88,19 @@ def unit_params(model: nn.Module, spec: BlockSpec) -> dict[str, int]:
     Keys: ``mlp_channel`` (one intermediate channel: its input-projection rows and output-projection column),
     ``query_head``, ``kv_head`` (one key/value head: its k and v rows), ``attention`` (the whole attention
     sublayer), ``mlp`` (the whole MLP sublayer, its projections) and ``block`` (everything in the block).
-    Units that do not exist in the block count 0.
+    Units that do not exist in the block count 0. ``expert``: one routed expert (its slices of the experts
+    module and its router row).
     """
     get = model.get_submodule
-    out = {"mlp_channel": 0, "query_head": 0, "kv_head": 0, "attention": 0, "mlp": 0,
+    out = {"mlp_channel": 0, "query_head": 0, "kv_head": 0, "attention": 0, "mlp": 0, "expert": 0,
            "block": num_params(get(spec.module))}
+    e = spec.experts
+    if e is not None:
+        per = 0
+        for path, names in ((e.experts, e.expert_tensors), (e.router, e.router_tensors)):
+            module = get(path)
+            per += sum(p.numel() // e.num_experts for n, p in module.named_parameters(recurse=False) if n in names)
+        out["expert"] = per
     a = spec.attention
     if a is not None:
         o = get(a.o)

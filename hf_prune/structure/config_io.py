@@ -51,7 +51,15 @@ def describe(block: nn.Module) -> dict[str, Any]:
                    o_bias=o.bias is not None)
     if mlp is not None:
         out.update(intermediate=mlp["intermediate"], mlp_bias=block.get_submodule(mlp["output"]).bias is not None)
+    moe = shipped.experts_layout(block)
+    if moe is not None:
+        out["num_experts"] = moe["num_experts"]
     return out
+
+
+#: Config fields holding the routed-expert count (DeepSeek-V3, Mixtral/Qwen3-MoE/GPT-OSS, Qwen2-MoE/OLMoE); the
+#: first one a config has is written (aliases write through to the canonical field).
+EXPERT_FIELDS = ("n_routed_experts", "num_local_experts", "num_experts")
 
 
 def _raw(config: Any) -> dict[str, Any]:
@@ -113,10 +121,25 @@ def _shape_diff(live: nn.Module, ref: nn.Module) -> tuple[list[str], list[str]]:
 
 
 def _uniform_fields(base: Any, ref: list[dict], actual: list[dict]) -> dict[str, Any] | None:
-    first = actual[0]
-    if any(d != first for d in actual) or first["attention_removed"] or first.get("mlp_removed"):
+    """Stock config fields that describe every block, or None. Blocks of different kinds (dense and MoE blocks of
+    one model) are compared within their kind; the fields of all kinds must agree."""
+    kinds: dict[frozenset, list[int]] = {}
+    for i, a in enumerate(actual):
+        kinds.setdefault(frozenset(a), []).append(i)
+    fields: dict[str, Any] = {}
+    for members in kinds.values():
+        if any(actual[i] != actual[members[0]] or ref[i] != ref[members[0]] for i in members):
+            return None
+        found = _kind_fields(base, ref[members[0]], actual[members[0]])
+        if found is None or any(fields.get(k, v) != v for k, v in found.items()):
+            return None
+        fields.update(found)
+    return fields
+
+
+def _kind_fields(base: Any, r: dict, first: dict) -> dict[str, Any] | None:
+    if first["attention_removed"] or first.get("mlp_removed"):
         return None
-    r = ref[0]
     fields: dict[str, Any] = {}
     if "num_heads" in first and (first["num_heads"], first["num_kv_heads"]) != (r["num_heads"], r["num_kv_heads"]):
         fields["num_attention_heads"] = first["num_heads"]
@@ -128,6 +151,11 @@ def _uniform_fields(base: Any, ref: list[dict], actual: list[dict]) -> dict[str,
         if field is None:
             return None
         fields[field] = first["intermediate"]
+    if "num_experts" in first and first["num_experts"] != r["num_experts"]:
+        field = next((f for f in EXPERT_FIELDS if shipped._has_field(base, f)), None)
+        if field is None:
+            return None
+        fields[field] = first["num_experts"]
     if first.get("o_bias") and not r.get("o_bias"):
         if not shipped._has_field(base, "attention_bias"):
             return None
@@ -178,6 +206,12 @@ def _layer_entry(i: int, a: dict, r: dict) -> dict[str, Any]:
         entry["mlp_removed"] = True
         if a["mlp_removed_bias"]:
             entry["mlp_removed_bias"] = True
+    if "num_experts" in a:
+        if "num_experts" not in r or a["num_experts"] > r["num_experts"]:
+            raise UnsupportedModelError(f"layer {i}: {a['num_experts']} routed experts cannot be built by shrinking "
+                                        f"the config's {r.get('num_experts')}")
+        if a["num_experts"] != r["num_experts"]:
+            entry["num_experts"] = a["num_experts"]
     if "intermediate" in a:
         if a["intermediate"] > r["intermediate"]:
             raise UnsupportedModelError(f"layer {i}: MLP width {a['intermediate']} exceeds {r['intermediate']}")
@@ -227,7 +261,8 @@ def rewrite_config(model: nn.Module, prefix: str, kept: list[int], n_before: int
             layers[str(i)] = entry
             if overrides := _stock_overrides(base, entry):
                 per_layer[i] = overrides
-    config.__dict__[STRUCTURE_KEY] = {"format": shipped.FORMAT_VERSION, "blocks": prefix, "layers": layers}
+    version = 2 if any("num_experts" in e for e in layers.values()) else 1  # format 1 readers still load the rest
+    config.__dict__[STRUCTURE_KEY] = {"format": version, "blocks": prefix, "layers": layers}
     config.per_layer_config = per_layer or None
     shipped.bind_layer_configs(model, blocks)
     check = _meta_build(type(model), copy.deepcopy(config), structured=True)

@@ -48,7 +48,9 @@ STRUCTURE_KEY = "hf_prune_structure"
 #: ``past_key_values`` / ``past_key_value``, and GPT-NeoX's ``layer_past``. (Kept here rather than imported from
 #: hf_prune.core.compat: this file must run where hf_prune is not installed.)
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-FORMAT_VERSION = 1
+#: Format of ``config.hf_prune_structure`` this file reads; 2 adds per-layer ``num_experts`` (checkpoints without it
+#: are written as format 1, so older readers still load them).
+FORMAT_VERSION = 2
 _LINEAR = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
 
@@ -216,6 +218,47 @@ def mlp_layout(block: nn.Module) -> dict | None:
     return _mlp_in("", block)
 
 
+def _expert_tensors(module: nn.Module, experts: int) -> list[str]:
+    """Names of ``module``'s own parameters and buffers indexed by expert along dim 0 (``[experts, ...]``)."""
+    named = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return [n for n, t in named if t is not None and t.dim() >= 1 and t.shape[0] == experts]
+
+
+def _experts_in(name: str, m: nn.Module) -> dict | None:
+    experts = getattr(m, "experts", None)
+    if experts is None:
+        return None
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)) or gate_up.dim() != 3:
+        return None
+    n = gate_up.shape[0]
+    router_name = next((r for r in ("gate", "router") if isinstance(getattr(getattr(m, r, None), "weight", None),
+                                                                      torch.Tensor)), None)
+    if router_name is None or getattr(m, router_name).weight.shape[0] != n or down.shape[0] != n:
+        return None
+    router = getattr(m, router_name)
+    top_k = getattr(router, "top_k", None) or getattr(m, "top_k", None)
+    return {"module": name, "experts": _join(name, "experts"), "router": _join(name, router_name),
+            "num_experts": int(n), "top_k": None if top_k is None else int(top_k),
+            "num_group": int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1),
+            "topk_group": int(getattr(router, "topk_group", None) or 1),
+            "expert_tensors": tuple(_expert_tensors(experts, n)),
+            "router_tensors": tuple(_expert_tensors(router, n))}
+
+
+def experts_layout(block: nn.Module) -> dict | None:
+    """Where the routed experts of ``block``'s MoE sublayer live (transformers v5 fused experts: a module with 3-D
+    ``gate_up_proj``/``down_proj`` and a router ``gate``/``router`` whose ``weight`` has one row per expert), as a
+    dict: ``module``, ``experts``, ``router`` (paths relative to the block), ``num_experts``, ``top_k``,
+    ``num_group``/``topk_group`` (group-limited routing; 1 when absent) and the names of the experts' and the
+    router's tensors indexed by expert. None for a block without routed experts."""
+    for name, child in block.named_children():
+        found = _experts_in(name, child)
+        if found is not None:
+            return found
+    return None
+
+
 # -------------------------------------------------------------------------------------------------- mutation
 
 
@@ -256,6 +299,28 @@ def keep_channels(block: nn.Module, layout: dict, channels: list[int]) -> None:
         keep_outputs(_child(block, layout["fused_gate_up"]), torch.cat([idx, idx + layout["intermediate"]]))
     keep_inputs(_child(block, layout["output"]), idx)
     _set_attrs(_child(block, layout["module"]), {"intermediate_size": len(channels), "ffn_dim": len(channels)})
+
+
+def keep_experts(block: nn.Module, layout: dict, experts: list[int]) -> None:
+    """Keep the routed experts ``experts`` (original indices, sorted) of the block's MoE sublayer: slices every
+    expert-indexed tensor of the experts module (``gate_up_proj``, ``down_proj``, their biases, in any layout) and
+    of the router (``weight``, ``bias``, DeepSeek's ``e_score_correction_bias``), and updates the expert counts the
+    forwards read (``num_experts`` of the experts module, router and block)."""
+    idx = torch.tensor(experts, dtype=torch.long)
+    for path, names in ((layout["experts"], layout["expert_tensors"]), (layout["router"], layout["router_tensors"])):
+        module = _child(block, path)
+        for name in names:
+            if name in module._parameters:
+                old = module._parameters[name]
+                module._parameters[name] = _param(old.data.index_select(0, idx.to(old.device)), old)
+            else:
+                old = module._buffers[name]
+                module._buffers[name] = old.index_select(0, idx.to(old.device)).contiguous()
+    n = len(experts)
+    for path in (layout["experts"], layout["router"], layout["module"]):
+        _set_attrs(_child(block, path), {"num_experts": n})
+    if hasattr(_child(block, layout["router"]), "n_routed_experts"):
+        _set_attrs(_child(block, layout["router"]), {"n_routed_experts": n})
 
 
 class ZeroAttention(nn.Module):
@@ -458,6 +523,9 @@ def apply_layer_entry(block: nn.Module, entry: dict) -> None:
         if (nq, nkv) != (attn["num_heads"], attn["num_kv_heads"]):
             keep_heads(block, attn, *_first_heads(attn, nq, nkv))
         _ensure_bias(_child(block, attn["o"]), entry.get("o_bias"))
+    moe = experts_layout(block)
+    if moe is not None and entry.get("num_experts", moe["num_experts"]) != moe["num_experts"]:
+        keep_experts(block, moe, list(range(int(entry["num_experts"]))))
     mlp = mlp_layout(block)
     if entry.get("mlp_removed"):
         if mlp is not None:

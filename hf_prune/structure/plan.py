@@ -66,13 +66,36 @@ class MlpSpec:
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """Where the routed experts of one MoE sublayer live (transformers v5 fused experts).
+
+    ``module`` is the MoE sublayer, ``experts`` the fused experts module (3-D ``gate_up_proj``/``down_proj``,
+    any layout), ``router`` the module whose ``weight`` has one row per expert. ``expert_tensors`` /
+    ``router_tensors`` name their tensors indexed by expert along dim 0. ``num_group``/``topk_group``:
+    group-limited routing (DeepSeek-V3; experts ``[g * E/num_group, (g+1) * E/num_group)`` form group ``g``).
+    """
+
+    module: str
+    experts: str
+    router: str
+    num_experts: int
+    top_k: int | None
+    num_group: int = 1
+    topk_group: int = 1
+    expert_tensors: tuple[str, ...] = ()
+    router_tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class BlockSpec:
-    """One decoder block: its index and path, and its attention and MLP (None when absent, e.g. MoE MLP)."""
+    """One decoder block: its index and path, its attention and dense MLP (None when absent, e.g. MoE MLP) and its
+    routed experts (None for a dense block)."""
 
     index: int
     module: str
     attention: AttentionSpec | None
     mlp: MlpSpec | None
+    experts: ExpertsSpec | None = None
 
 
 @dataclass
@@ -93,6 +116,9 @@ class LayerPlan:
             channels: replaces its weight after slicing, shape [hidden, kept heads * head_dim] in the
             ``[out, in]`` orientation (transposed for a GPT-2 ``Conv1D`` by surgery).
         mlp_out_weight: the same for the MLP output projection, shape [hidden, kept channels].
+        experts_keep: sorted original indices of the routed experts to keep (MoE blocks).
+        experts_merged: new values of expert-indexed tensors of the experts module for the *kept* experts
+            (name -> ``[len(experts_keep), ...]``), e.g. removed experts folded into kept ones; None: sliced only.
     """
 
     mlp_keep: list[int] | None = None
@@ -104,6 +130,8 @@ class LayerPlan:
     mlp_bias: torch.Tensor | None = None
     attn_out_weight: torch.Tensor | None = None
     mlp_out_weight: torch.Tensor | None = None
+    experts_keep: list[int] | None = None
+    experts_merged: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

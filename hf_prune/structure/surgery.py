@@ -158,8 +158,41 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
             if lp.mlp_out_weight is not None:
                 n_ch = len(cut.mlp_keep) if cut.mlp_keep is not None else spec.mlp.intermediate
                 cut.mlp_out_weight = _out_weight(lp.mlp_out_weight, (hidden, n_ch), "mlp_out_weight", i)
+        if lp.experts_keep is not None or lp.experts_merged is not None:
+            cut.experts_keep, cut.experts_merged = _resolve_experts(spec, lp, i)
         cuts[i] = cut
     return cuts, [i for i in range(n) if i not in removed]
+
+
+def _resolve_experts(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int] | None, dict | None]:
+    e = spec.experts
+    if e is None:
+        raise ConfigError(f"layer {i}: experts_keep given but the block has no routed experts (dense or already "
+                          "removed); drop it from the plan")
+    keep = _indices(lp.experts_keep, e.num_experts, "experts_keep", i)
+    n = e.num_experts if keep is None else len(keep)
+    top_k = e.top_k or 1
+    if n < top_k:
+        raise ConfigError(f"layer {i}: experts_keep keeps {n} experts but the router picks num_experts_per_tok="
+                          f"{top_k} per token; keep at least {top_k}")
+    if e.num_group > 1 and keep is not None:
+        size = e.num_experts // e.num_group
+        per_group = [sum(1 for x in keep if x // size == g) for g in range(e.num_group)]
+        if len(set(per_group)) != 1:
+            raise ConfigError(f"layer {i}: group-limited routing (n_group={e.num_group}) needs the same number of "
+                              f"kept experts in every group; experts_keep keeps {per_group} per group")
+        if per_group[0] < 2 or per_group[0] * e.topk_group < top_k:
+            raise ConfigError(f"layer {i}: group-limited routing scores a group by its best 2 experts and picks "
+                              f"{top_k} experts from topk_group={e.topk_group} groups; keeping {per_group[0]} per "
+                              f"group is too few (need >= 2 and >= {-(-top_k // e.topk_group)})")
+    merged = None
+    if lp.experts_merged is not None:
+        merged = {}
+        for name, value in lp.experts_merged.items():
+            if name not in e.expert_tensors:
+                raise ConfigError(f"layer {i}: experts_merged names {name!r}; allowed: {list(e.expert_tensors)}")
+            merged[name] = value.detach()
+    return keep, merged
 
 
 def _set_weight(mod: nn.Module, value: torch.Tensor) -> None:
@@ -194,6 +227,15 @@ def _cut_block(block: nn.Module, cut: LayerPlan) -> None:
             _set_weight(block.get_submodule(attn["o"]), cut.attn_out_weight)
         if cut.attn_bias is not None:
             shipped.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
+    if cut.experts_keep is not None or cut.experts_merged is not None:
+        moe = shipped.experts_layout(block)
+        if cut.experts_keep is not None:
+            shipped.keep_experts(block, moe, cut.experts_keep)
+        experts = block.get_submodule(moe["experts"])
+        for name, value in (cut.experts_merged or {}).items():
+            target = getattr(experts, name)
+            if target.device.type != "meta":
+                target.data.copy_(value.to(dtype=target.dtype, device=target.device))
     if cut.remove_mlp:
         shipped.remove_mlp(block, mlp, _removed_branch_bias(block.get_submodule(mlp["output"]), cut.mlp_bias))
         return
@@ -203,6 +245,21 @@ def _cut_block(block: nn.Module, cut: LayerPlan) -> None:
         _set_weight(block.get_submodule(mlp["output"]), cut.mlp_out_weight)
     if cut.mlp_bias is not None:
         shipped.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
+
+
+def _check_merged(model: nn.Module, specs: list[BlockSpec], cuts: dict[int, LayerPlan]) -> None:
+    """Shapes of ``experts_merged`` against the experts they replace (before anything is cut)."""
+    for i, cut in cuts.items():
+        e = specs[i].experts
+        if e is None or not cut.experts_merged:
+            continue
+        experts = model.get_submodule(e.experts)
+        n = e.num_experts if cut.experts_keep is None else len(cut.experts_keep)
+        for name, value in cut.experts_merged.items():
+            want = (n, *getattr(experts, name).shape[1:])
+            if tuple(value.shape) != want:
+                raise ConfigError(f"layer {i}: experts_merged[{name!r}] has shape {list(value.shape)}; the kept "
+                                  f"experts' tensor has {list(want)}")
 
 
 def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
@@ -221,6 +278,7 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
     if len(kept) < len(blocks) and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ConfigError("this GPT-2 config scales attention by 1/(layer index); removing blocks would change "
                           "the scaling of later blocks on reload. Prune heads/channels only, or keep all blocks")
+    _check_merged(model, specs, cuts)
     before = [num_params(b) for b in blocks]
     for i, cut in cuts.items():
         _cut_block(blocks[i], cut)
@@ -231,5 +289,8 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
         model.set_submodule(prefix, new_blocks)
         blocks = new_blocks
     rewrite_config(model, prefix, kept, n_before=len(before))
+    counts = {e["num_experts"] for b in blocks if (e := shipped.experts_layout(b)) is not None}
+    if len(counts) == 1 and isinstance(getattr(model, "num_experts", None), int):
+        model.num_experts = counts.pop()  # the causal LM sizes its load-balancing loss with it
     after = dict(zip(kept, (num_params(b) for b in blocks), strict=True))
     return {i: before[i] - after.get(i, 0) for i in range(len(before)) if before[i] != after.get(i, 0)}
