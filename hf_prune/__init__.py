@@ -34,6 +34,7 @@ from .evaluate import perplexity  # noqa: E402
 from .integrations import transformers as _transformers_integration  # noqa: E402
 from .registry import available_methods, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
+from .structure import experts as _expert_methods  # noqa: E402,F401
 from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
 from .training import loraprune as _loraprune  # noqa: E402,F401

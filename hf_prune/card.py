@@ -422,6 +422,17 @@ def _result_line(report: dict | None, pruning: dict) -> str:
     if report is None:
         return ("The per-layer report was not saved with this checkpoint (it was re-saved from a loaded model); "
                 "the settings above come from `config.json`.")
+    if report.get("kind") == "structured" and report.get("structure") == "experts":
+        info = (report.get("config") or {}).get("plan_info", {})
+        before, after = info.get("experts_before", 0), info.get("experts_after", 0)
+        supers = info.get("super_experts") or []
+        guard = ("kept by the guard" if info.get("super_expert_guard") else "the guard was off") if supers else ""
+        return (f"**Result:** {before - after} of {before} routed experts removed (target "
+                f"{report.get('target_fraction', 0):.1%}, {info.get('allocation', '?')} allocation"
+                f"{', merged into kept experts' if info.get('merge') else ''}); {report['params_before']:,} → "
+                f"{report['params_after']:,} parameters. Super experts (layer, expert): "
+                f"{', '.join(f'({i}, {e})' for i, e in supers) or 'none found'}"
+                f"{' – ' + guard if guard else ''}.")
     if report.get("kind") == "structured":
         return (f"**Result:** {report['params_before']:,} → {report['params_after']:,} parameters; "
                 f"{report.get('achieved_fraction', 0):.2%} of the decoder-block parameters removed "
@@ -441,10 +452,12 @@ def _table(report: dict) -> str:
         def units(pair: Any) -> str:
             return "–" if not pair else f"{pair[0]} → {pair[1]}"
 
-        lines = ["| block | MLP channels | heads | KV heads | removed | params | cut |",
-                 "|---:|---:|---:|---:|---|---:|---:|"]
+        moe = any(r.get("experts") for r in report.get("blocks", []))
+        lines = ["| block | MLP channels | heads | KV heads |" + (" experts |" if moe else "")
+                 + " removed | params | cut |", "|---:|---:|---:|---:|" + ("---:|" if moe else "") + "---|---:|---:|"]
         lines += [f"| {r['block']} | {units(r.get('mlp'))} | {units(r.get('heads'))} | {units(r.get('kv_heads'))} "
-                  f"| {r.get('removed') or '–'} | {r['params_before']:,} → {r['params_after']:,} "
+                  + (f"| {units(r.get('experts'))} " if moe else "")
+                  + f"| {r.get('removed') or '–'} | {r['params_before']:,} → {r['params_after']:,} "
                   f"| {r.get('fraction_removed', 0):.1%} |" for r in report.get("blocks", [])]
         return "\n".join(lines)
     lines = ["| layer | shape | params | non-zero | target | sparsity |", "|---|---:|---:|---:|---:|---:|"]

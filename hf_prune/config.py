@@ -44,7 +44,7 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 )
 
 #: ``structure`` values of structured methods (`hf_prune.structure`): what a method physically removes.
-STRUCTURED_KINDS = ("width", "depth", "sublayer")
+STRUCTURED_KINDS = ("width", "depth", "sublayer", "experts")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

@@ -210,6 +210,7 @@ class BlockRow:
     heads: tuple[int, int] | None = None
     kv_heads: tuple[int, int] | None = None
     removed: str | None = None  # "block", "attention", "mlp", "attention+mlp"
+    experts: tuple[int, int] | None = None  # routed experts before -> after (MoE blocks)
 
     @property
     def fraction_removed(self) -> float:
@@ -254,19 +255,30 @@ class StructuredReport(Report):
         def units(pair: tuple[int, int] | None) -> str:
             return "-" if pair is None else f"{pair[0]}->{pair[1]}"
 
-        head = f"{'block':>5} {'mlp channels':>13} {'heads':>8} {'kv heads':>8} {'removed':>14} {'params':>21} {'cut':>7}"
+        moe = any(r.experts is not None for r in self.blocks)
+        head = (f"{'block':>5} {'mlp channels':>13} {'heads':>8} {'kv heads':>8}" + (f" {'experts':>8}" if moe else "")
+                + f" {'removed':>14} {'params':>21} {'cut':>7}")
 
         def line(r: BlockRow) -> str:
             params = f"{r.params_before:,}->{r.params_after:,}"
-            return (f"{r.block:>5} {units(r.mlp):>13} {units(r.heads):>8} {units(r.kv_heads):>8} {r.removed or '-':>14} "
-                    f"{params:>21} {r.fraction_removed:>7.1%}")
+            return (f"{r.block:>5} {units(r.mlp):>13} {units(r.heads):>8} {units(r.kv_heads):>8}"
+                    + (f" {units(r.experts):>8}" if moe else "")
+                    + f" {r.removed or '-':>14} {params:>21} {r.fraction_removed:>7.1%}")
 
         lines = self.rows_table(head, line, "blocks", max_rows)
-        lines.append(
-            f"{self.method} ({self.structure}): removed {self.params_removed:,} parameters = "
-            f"{self.achieved_fraction:.2%} of {self.decoder_params_before:,} decoder-block parameters "
-            f"(target {self.target_fraction:.1%})"
-        )
+        if self.structure == "experts":
+            info = (self.config or {}).get("plan_info", {})
+            before, after = info.get("experts_before", 0), info.get("experts_after", 0)
+            lines.append(f"{self.method} (experts): removed {before - after} of {before} routed experts "
+                         f"(target {self.target_fraction:.1%}) = "
+                         f"{self.params_removed:,} parameters, {self.achieved_fraction:.2%} of "
+                         f"{self.decoder_params_before:,} decoder-block parameters")
+        else:
+            lines.append(
+                f"{self.method} ({self.structure}): removed {self.params_removed:,} parameters = "
+                f"{self.achieved_fraction:.2%} of {self.decoder_params_before:,} decoder-block parameters "
+                f"(target {self.target_fraction:.1%})"
+            )
         lines.append(
             f"model: {self.params_before:,} -> {self.params_after:,} parameters; reloads via "
             f"{'stock transformers' if self.reload_path == 'stock' else 'hf_prune or trust_remote_code=True'}"

@@ -56,6 +56,7 @@ from ..core.distributed import (
 from ..core.model import find_blocks, input_device
 from ..core.stats import SumAcross, input_hook
 from ..errors import NumericalError
+from .expert_scores import ExpertStats, token_contribution
 from .plan import BlockSpec
 from .reconstruct import PairedMoments
 from .scores import RunningMoments, angular_distance, span_distances, token_cosine
@@ -175,6 +176,99 @@ def collect_width_stats(
     for path, s in stats.items():
         if not s.is_finite():
             raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- expert stats
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _ExpertHooks:
+    """Hooks of one MoE block that feed its `ExpertStats` (see `collect_expert_stats`)."""
+
+    def __init__(self, block: nn.Module, spec: BlockSpec, stats: ExpertStats) -> None:
+        self.stats, self.spec = stats, spec
+        self.experts = block.get_submodule(spec.experts.experts.removeprefix(spec.module + "."))
+        self.moe = block.get_submodule(spec.experts.module.removeprefix(spec.module + "."))
+        self.router = block.get_submodule(spec.experts.router.removeprefix(spec.module + "."))
+        self.norm = getattr(block, "post_attention_layernorm", None)  # its input is the residual stream
+        self.pending: dict[str, Any] = {}
+
+    def register(self) -> list[Any]:
+        handles = [self.router.register_forward_hook(self._router),
+                   self.experts.register_forward_hook(self._experts),
+                   self.moe.register_forward_pre_hook(self._moe_in),
+                   self.moe.register_forward_hook(self._moe_out)]
+        if isinstance(self.norm, nn.Module):
+            handles.append(self.norm.register_forward_pre_hook(self._residual))
+        return handles
+
+    def _residual(self, module: nn.Module, args: tuple) -> None:
+        self.pending["before"] = args[0].detach().reshape(-1, args[0].shape[-1])
+
+    def _moe_in(self, module: nn.Module, args: tuple) -> None:
+        self.pending.setdefault("before", args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    def _router(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.pending["logits"] = _first(out).detach()
+
+    @torch.no_grad()
+    def _experts(self, module: nn.Module, args: tuple, out: Any) -> None:
+        hidden, index, weights = args[0], args[1], args[2]
+        n, k = index.shape
+        norms = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+        peak = torch.zeros(self.stats.experts, dtype=torch.float32, device=hidden.device)
+        ones = torch.ones(n, 1, dtype=weights.dtype, device=weights.device)
+        for slot in range(k):  # the module's own code computes E_e(x) for the expert in this slot (weight 1)
+            y = module.forward(hidden, index[:, slot:slot + 1], ones).float()
+            norms[:, slot] = y.norm(dim=-1)
+            peak.scatter_reduce_(0, index[:, slot].long(), y.abs().amax(-1), reduce="amax")
+        self.pending.update(index=index.detach(), gates=weights.detach().float(), norms=norms, peak=peak)
+
+    @torch.no_grad()
+    def _moe_out(self, module: nn.Module, args: tuple, out: Any) -> None:
+        p, self.pending = self.pending, {}
+        if "index" not in p:
+            return
+        after = _first(out).reshape(-1, p["before"].shape[-1]) if "before" in p else None
+        contribution = None
+        if after is not None and after.shape[0] == p["index"].shape[0]:
+            contribution = token_contribution(p["before"], p["before"].float() + after.float())
+        self.stats.add(p["index"], p["gates"], p["norms"], contribution, p["peak"], p.get("logits"))
+
+
+def collect_expert_stats(
+    model: nn.Module,
+    specs: Sequence[BlockSpec],
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    show_progress: bool = False,
+    desc: str = "experts: routing statistics",
+) -> dict[int, ExpertStats]:
+    """Routing statistics of every MoE block (keyed by block index), block by block on the dense model.
+
+    Per routed (token, slot): the expert, its router weight, ``||E_e(x)||`` (computed by the experts module's own
+    forward with that one expert at weight 1, so any layout and activation is exact), the largest ``|E_e(x)|``
+    per expert (super-expert guard), the router logits (merge similarity) and EASY-EP's token contribution of
+    the layer, ``max(0, 1 - cos(h, h + MoE(h)))`` with ``h`` the residual stream entering the MoE sublayer
+    (the input of ``post_attention_layernorm``; the MoE input where a block has no such norm).
+    """
+    stats = {s.index: ExpertStats(s.experts.num_experts) for s in specs if s.experts is not None}
+    by_block = {s.index: s for s in specs}
+
+    def before(i: int, block: nn.Module) -> list[Any]:
+        if i not in stats:
+            return []
+        return _ExpertHooks(block, by_block[i], stats[i]).register()
+
+    sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
+    w = world()
+    if w.active:
+        check_same(sorted(stats), "the MoE blocks")
+        for i in sorted(stats):
+            stats[i].all_reduce(sum_across, w.rank, w.size)
     return stats
 
 

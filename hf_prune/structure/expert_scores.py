@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 SCORES = ("expert-frequency", "ean", "reap", "easy-ep", "random")
@@ -47,12 +49,14 @@ class ExpertStats:
         self.gated_sum = torch.zeros(experts, dtype=torch.float64)
         self.easy_sum = torch.zeros(experts, dtype=torch.float64)
         self.max_abs = torch.zeros(experts, dtype=torch.float64)
+        self.logit_gram = torch.zeros(experts, experts, dtype=torch.float64)  # sum over tokens of l l^T
 
     def add(self, topk: torch.Tensor, gates: torch.Tensor, norms: torch.Tensor, contribution: torch.Tensor | None = None,
-            max_abs: torch.Tensor | None = None) -> None:
+            max_abs: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> None:
         """Fold a batch in: ``topk`` ``[tokens, k]`` chosen experts, ``gates`` ``[tokens, k]`` their router weights,
         ``norms`` ``[tokens, k]`` the norms of their outputs, ``contribution`` ``[tokens]`` (EASY-EP; ones when
-        not given), ``max_abs`` ``[experts]`` the batch's largest ``|output|`` per expert."""
+        not given), ``max_abs`` ``[experts]`` the batch's largest ``|output|`` per expert, ``logits``
+        ``[tokens, experts]`` the router logits (for `similarity`)."""
         if topk.shape != gates.shape or topk.shape != norms.shape:
             raise ValueError(f"topk {tuple(topk.shape)}, gates {tuple(gates.shape)} and norms {tuple(norms.shape)} "
                              "must all be [tokens, k]")
@@ -69,6 +73,25 @@ class ExpertStats:
         self.easy_sum.index_add_(0, idx, g * n * c)
         if max_abs is not None:
             self.max_abs = torch.maximum(self.max_abs, max_abs.double().cpu())
+        if logits is not None:
+            lg = logits.reshape(-1, self.experts).double()
+            self.logit_gram += (lg.T @ lg).cpu()
+
+    def similarity(self) -> torch.Tensor:
+        """Cosine similarity of the experts' router logits over the calibration tokens, ``[experts, experts]``
+        (M-SMoE's grouping signal: experts the router scores alike for the same tokens)."""
+        d = self.logit_gram.diagonal().clamp_min(1e-30).sqrt()
+        return self.logit_gram / d[:, None] / d[None, :]
+
+    def all_reduce(self, sum_across: Callable[[list[torch.Tensor]], list[torch.Tensor]], rank: int = 0,
+                   size: int = 1) -> None:
+        """Combine the statistics of ``size`` processes in place (sums are summed; maxima are gathered as rows of
+        a ``[size, experts]`` sum and reduced by max)."""
+        rows = torch.zeros(size, self.experts, dtype=torch.float64)
+        rows[rank] = self.max_abs
+        self.count, self.norm_sum, self.gated_sum, self.easy_sum, self.logit_gram, rows = sum_across(
+            [self.count, self.norm_sum, self.gated_sum, self.easy_sum, self.logit_gram, rows])
+        self.max_abs = rows.max(0).values
 
     def scores(self, kind: str, seed: int = 0) -> torch.Tensor:
         """Per-expert score of ``kind`` (one of `SCORES`), float64 ``[experts]``."""
@@ -94,14 +117,21 @@ def token_contribution(before: torch.Tensor, after: torch.Tensor, eps: float = 1
     return (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=eps)).clamp_min(0)
 
 
-def super_experts(max_abs: dict[int, torch.Tensor], quantile: float = 0.995, fraction_of_max: float = 0.1
-                  ) -> list[tuple[int, int]]:
+def super_experts(max_abs: dict[int, torch.Tensor], quantile: float = 0.995, fraction_of_max: float = 0.1,
+                  median_ratio: float = 10.0) -> list[tuple[int, int]]:
     """``(layer, expert)`` pairs whose largest ``|down_proj output|`` is above the ``quantile`` of all experts'
-    maxima (every layer given) and above ``fraction_of_max`` of the largest one (Super Experts, 2025). ``max_abs``
-    maps a layer index to its ``[experts]`` maxima; pass the layers that make massive activations."""
+    maxima (every layer given) and above ``fraction_of_max`` of the largest one (Super Experts, 2025), and at
+    least ``median_ratio`` times the median maximum. The last test is hf_prune's: with few experts the quantile
+    and fraction tests pass for the largest expert even when nothing stands out (24 experts: the 99.5th
+    percentile lies between the top two), and a super expert is an outlier by definition. ``max_abs`` maps a
+    layer index to its ``[experts]`` maxima (0 for experts no token reached)."""
     if not max_abs:
         return []
     layers = sorted(max_abs)
     values = torch.cat([max_abs[i].double().reshape(-1) for i in layers])
-    threshold = max(float(torch.quantile(values, quantile)), fraction_of_max * float(values.max()))
+    seen = values[values > 0]
+    if seen.numel() == 0:
+        return []
+    threshold = max(float(torch.quantile(values, quantile)), fraction_of_max * float(values.max()),
+                    median_ratio * float(seen.median()))
     return [(i, int(e)) for i in layers for e in torch.nonzero(max_abs[i].double() > threshold).reshape(-1).tolist()]

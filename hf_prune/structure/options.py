@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodOptions, boolean, option, positive_int
+from ..config import MethodOptions, boolean, fraction, option, positive, positive_int
 from ..oneshot.options import DampeningOptions
 
 WIDTH_UNITS = ("both", "mlp", "heads")
@@ -66,3 +66,30 @@ class FinerCutOptions(MethodOptions):
 
     finercut_tokens: int = option(2048, "calibration tokens the greedy search compares with the dense model "
                                   "(it runs many forwards, so it uses fewer tokens)", check=positive_int)
+
+
+EXPERT_ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class ExpertOptions(MethodOptions):
+    """Routed-expert removal (expert-frequency, ean, reap, easy-ep, random); ``sparsity`` = fraction of routed
+    experts removed."""
+
+    expert_allocation: str = option("uniform", "'uniform': every MoE layer loses the same number of experts (the "
+                                    "checkpoint loads with stock transformers); 'global': the lowest experts "
+                                    "relative to their layer's mean score go, giving per-layer counts (loads "
+                                    "through hf_prune or trust_remote_code)", choices=EXPERT_ALLOCATIONS)
+    super_expert_guard: bool = option(True, "never remove super experts (largest |expert output| above the "
+                                      "super_expert_quantile of all experts and above super_expert_fraction of "
+                                      "the largest); they are listed in the report", check=boolean)
+    super_expert_quantile: float = option(0.995, "quantile of all experts' largest |output| a super expert must "
+                                          "exceed", check=fraction)
+    super_expert_fraction: float = option(0.1, "fraction of the largest |expert output| in the model a super expert "
+                                          "must exceed", check=fraction)
+    super_expert_median_ratio: float = option(10.0, "a super expert's largest |output| must also be at least this "
+                                              "many times the median expert's (an outlier, not merely the largest)",
+                                              check=positive)
+    expert_merge: bool = option(False, "fold each removed expert into the kept expert with the most similar "
+                                "router logits (frequency-weighted average of their weights, M-SMoE/DERN style) "
+                                "instead of dropping it", check=boolean)

@@ -59,6 +59,8 @@ def block_rows(specs: list[BlockSpec], plan: StructuredPlan, before: list[int], 
         elif lp is not None:
             gone = [name for name, flag in (("attention", lp.remove_attention), ("mlp", lp.remove_mlp)) if flag]
             row.removed = "+".join(gone) or None
+            if spec.experts is not None and lp.experts_keep is not None:
+                row.experts = (spec.experts.num_experts, len(lp.experts_keep))
             if spec.mlp is not None and lp.mlp_keep is not None and not lp.remove_mlp:
                 row.mlp = (spec.mlp.intermediate, len(lp.mlp_keep))
             a = spec.attention
