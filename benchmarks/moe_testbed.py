@@ -16,10 +16,10 @@ How (MoEfication, Zhang et al. 2022, adapted to SwiGLU):
    go into ``--experts`` equal clusters by balanced k-means (greedy capacity-limited assignment each round), so
    channels that fire together land in one expert. Expert ``e`` = the gate/up rows and down columns of its
    cluster: the sum of all experts is exactly the dense MLP.
-3. Router: ridge regression from the MLP input to ``log ||E_e(x)||`` of every expert, so the router's softmax is
-   proportional to the predicted output norms and top-k picks the experts that matter for the token. Mixtral
-   normalises the top-k weights to sum to 1, so every expert's ``down_proj`` is scaled by ``top_k`` (equal
-   weights then give the plain sum).
+3. Router: a linear softmax classifier of each token's top-k experts by output norm (the oracle choice), fitted
+   on the MLP inputs, then scaled down so its logits are flat: the ranking stays and the chosen experts' weights,
+   which Mixtral normalises to sum to 1, are nearly equal. Every expert's ``down_proj`` is scaled by ``top_k``, so
+   equal weights give the plain sum of the chosen experts (the dense MLP restricted to their channels).
 4. Short training (``--train-steps``, routers and experts only, attention/embeddings frozen, LM loss plus
    Mixtral's load-balancing loss) so that experts and router adapt to top-k routing.
 """
@@ -68,7 +68,29 @@ def balanced_kmeans(points: torch.Tensor, k: int, iters: int, seed: int = 0) -> 
     return assign
 
 
-def moefy(dense, xs: list[torch.Tensor], hs: list[torch.Tensor], experts: int, top_k: int, ridge: float,
+def fit_router(x: torch.Tensor, norms: torch.Tensor, top_k: int, steps: int, flat: float = 0.25) -> torch.Tensor:
+    """Router weight ``[experts, hidden]``: softmax regression of the token's top-k experts (by the norm of their
+    output, equal shares) on the MLP input ``x``, fitted with Adam; then scaled so that the logits' standard
+    deviation is ``flat``, which keeps the ranking and makes the chosen experts' normalised weights nearly equal
+    (their sum then reproduces the dense MLP on those channels)."""
+    target = torch.zeros_like(norms)
+    target.scatter_(1, norms.topk(top_k, dim=1).indices, 1.0 / top_k)
+    x = x.float()
+    scale = x.norm(dim=1, keepdim=True).mean()
+    w = torch.zeros(norms.shape[1], x.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy((x / scale) @ w.T, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    w = w.detach() / scale
+    logits = x @ w.T
+    return w * (flat / logits.std().clamp_min(1e-6))
+
+
+def moefy(dense, xs: list[torch.Tensor], hs: list[torch.Tensor], experts: int, top_k: int, router_steps: int,
           iters: int):
     """The Mixtral model (see the module docs) and the per-layer clusters, from each layer's MLP inputs ``xs`` and
     signed intermediate activations ``hs``."""
@@ -99,13 +121,9 @@ def moefy(dense, xs: list[torch.Tensor], hs: list[torch.Tensor], experts: int, t
             for e, rows in enumerate(idx):
                 m.mlp.experts.gate_up_proj[e].copy_(torch.cat([gate[rows], up[rows]]))
                 m.mlp.experts.down_proj[e].copy_(down[:, rows] * top_k)
-            # router: ridge regression of log ||E_e(x)|| (centred per expert) on the MLP input x
-            target = torch.stack([(h[:, rows] @ down[:, rows].T).norm(dim=1) for rows in idx], dim=1)
-            target = target.double().clamp_min(1e-6).log()
-            x = xs[i].double()
-            xtx = x.T @ x + ridge * x.shape[0] * torch.eye(x.shape[1], dtype=torch.float64)
-            w = torch.linalg.solve(xtx, x.T @ (target - target.mean(0)))
-            m.mlp.gate.weight.copy_(w.T.float())
+            # router: a linear classifier of each token's top-k experts by output norm, then flattened
+            norms = torch.stack([(h[:, rows] @ down[:, rows].T).norm(dim=1) for rows in idx], dim=1)
+            m.mlp.gate.weight.copy_(fit_router(xs[i], norms, top_k, steps=router_steps))
     return moe, clusters
 
 
@@ -162,14 +180,14 @@ def train(model, ids: torch.Tensor, steps: int, lr: float, batch: int, log: list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--cluster-tokens", type=int, default=8192, help="tokens whose activations are clustered")
     ap.add_argument("--kmeans-iters", type=int, default=8)
-    ap.add_argument("--ridge", type=float, default=1e-3)
-    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--router-steps", type=int, default=300, help="Adam steps of each router's classifier fit")
+    ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--train-seqlen", type=int, default=256)
     ap.add_argument("--train-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rebuild", action="store_true")
@@ -211,7 +229,7 @@ def main() -> None:
     n = args.cluster_tokens // seq
     calib = train_ids[: n * seq].view(n, seq)
     xs, hs = mlp_inputs(dense, calib, 4)
-    moe, clusters = moefy(dense, xs, hs, args.experts, args.top_k, args.ridge, args.kmeans_iters)
+    moe, clusters = moefy(dense, xs, hs, args.experts, args.top_k, args.router_steps, args.kmeans_iters)
     del xs, hs
     record["moefied_ppl"] = ppl(moe)
     print("moefied", record["moefied_ppl"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, calib_ids, run_two_processes
+from tiny_models import build, build_moe, calib_ids, run_two_processes
 
 from hf_prune import CalibrationError, PruningConfig, UnsupportedModelError
 from hf_prune.core.distributed import (
@@ -41,14 +41,21 @@ CASES: dict[str, dict] = {
     "flap_refit": dict(method="flap", sparsity=0.2, reconstruct=True),
     "taylor": dict(method="taylor", sparsity=0.2),
     "angular": dict(method="angular", sparsity=0.3),
+    # routed experts (structured, block by block): statistics summed over the ranks, incl. the maxima of the guard
+    "reap_moe": dict(method="reap", sparsity=0.25, arch="qwen3_moe"),
+    "easy_ep_global_merge": dict(method="easy-ep", sparsity=0.5, expert_allocation="global", expert_merge=True,
+                                 arch="mixtral"),
 }
+STRUCTURED = ("flap", "taylor", "angular", "reap", "easy-ep")
 SAMPLES, SEQLEN, BATCH = 8, 32, 2
 
 
 def run_case(name: str) -> dict[str, torch.Tensor]:
     """Prune a fresh tiny Llama with case ``name``; its state dict."""
-    model = build("llama")
-    cfg = PruningConfig(**CASES[name], num_calibration_samples=SAMPLES, seqlen=SEQLEN, batch_size=BATCH)
+    case = dict(CASES[name])
+    arch = case.pop("arch", None)
+    model = build("llama") if arch is None else build_moe(arch)
+    cfg = PruningConfig(**case, num_calibration_samples=SAMPLES, seqlen=SEQLEN, batch_size=BATCH)
     model.prune(cfg, calibration=calib_ids(SAMPLES, SEQLEN), verbose=False, show_progress=False)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
@@ -175,7 +182,7 @@ def test_two_processes_equal_one(two_processes: Path, name: str) -> None:
 
 @pytest.mark.timeout(200)
 def test_each_process_runs_half_the_samples(two_processes: Path) -> None:
-    one_shot = [c for c in CASES.values() if c["method"] not in ("flap", "taylor", "angular", "magnitude")]
+    one_shot = [c for c in CASES.values() if c["method"] not in (*STRUCTURED, "magnitude")]
     # plus, on rank 0 only, the OWL search's own first samples (owl_search_samples=8, all of SAMPLES here): the
     # search runs on the main process and broadcasts its choice
     owl_search = [min(8, SAMPLES)]

@@ -35,15 +35,13 @@ def _naive_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, dict[st
 
         def on_experts(m, args, out, rec=rec):  # type: ignore[no-untyped-def]
             rec["x"], rec["idx"], rec["w"] = args[0].detach(), args[1].detach(), args[2].detach()
+            rec["out"] = out.detach()  # the routed experts' combined output (shared experts excluded)
 
         def on_norm(m, args, rec=rec):  # type: ignore[no-untyped-def]
             rec["before"] = args[0].detach().reshape(-1, args[0].shape[-1])
 
-        def on_moe(m, args, out, rec=rec):  # type: ignore[no-untyped-def]
-            rec["out"] = (out[0] if isinstance(out, tuple) else out).detach().reshape(-1, rec["before"].shape[-1])
-
-        handles += [experts.register_forward_hook(on_experts), block.post_attention_layernorm.register_forward_pre_hook(on_norm),
-                    model.get_submodule(s.experts.module).register_forward_hook(on_moe)]
+        handles += [experts.register_forward_hook(on_experts),
+                    block.post_attention_layernorm.register_forward_pre_hook(on_norm)]
     with torch.no_grad():
         model(ids)
     for h in handles:
@@ -138,6 +136,19 @@ def test_global_allocation_gives_layers_with_similar_experts_fewer_removals() ->
                             "uniform") == {0: [0, 3]}
     grouped = LayerExperts(0, torch.tensor([1.0, 2, 3, 4, 9, 8, 7, 6]), top_k=2, num_group=2, topk_group=1)
     assert allocate_experts([grouped], 0.5, "uniform") == {0: [2, 3, 4, 5]}
+
+
+def test_allocation_that_cannot_reach_the_target_says_so() -> None:
+    tight = LayerExperts(0, torch.arange(4.0), top_k=3)
+    roomy = LayerExperts(1, torch.arange(4.0), top_k=1)
+    with pytest.warns(UserWarning, match="removes 1 experts instead of 2"):
+        assert allocate_experts([tight, roomy], 0.5, "uniform") == {0: [1, 2, 3], 1: [2, 3]}
+    # global: a layer at its limit is skipped and the budget goes to the next-lowest experts elsewhere
+    low = LayerExperts(0, torch.tensor([0.1, 0.1, 5.0, 5.0]), top_k=3)
+    high = LayerExperts(1, torch.tensor([1.0, 2.0, 3.0, 4.0]), top_k=1)
+    assert allocate_experts([low, high], 0.25, "global") == {0: [1, 2, 3], 1: [1, 2, 3]}
+    with pytest.warns(UserWarning, match="removes 4 experts instead of 6"):
+        allocate_experts([low, high], 0.75, "global")
 
 
 def test_merge_weights_equal_a_frequency_weighted_average() -> None:

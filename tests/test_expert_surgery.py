@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
 import hf_prune  # noqa: F401  (installs the load hook)
-from hf_prune.errors import ConfigError
+from hf_prune.errors import ConfigError, UnsupportedModelError
 from hf_prune.structure.arch import block_specs
 from hf_prune.structure.config_io import is_structured
 from hf_prune.structure.plan import LayerPlan, StructuredPlan
@@ -174,9 +174,11 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     ("mixtral", LayerPlan(experts_keep=[0, 9]), "out of range"),
     ("deepseek_v3", LayerPlan(experts_keep=[0, 1, 2, 4]), "same number of kept experts in every group"),
     ("deepseek_v3", LayerPlan(experts_keep=[0, 4]), "too few"),
-    ("mixtral", LayerPlan(experts_keep=[0, 1], experts_merged={"gate_up_proj": torch.zeros(3, 64, 64)}),
-     "experts_merged"),
-    ("mixtral", LayerPlan(experts_keep=[0, 1], experts_merged={"nope": torch.zeros(2)}), "allowed"),
+    ("mixtral", LayerPlan(experts_keep=[0, 1], experts_merge_into={2: 5}, experts_frequency=[1.0] * 8),
+     "experts_merge_into"),
+    ("mixtral", LayerPlan(experts_keep=[0, 1], experts_merge_into={2: 0}, experts_frequency=[1.0] * 3),
+     "experts_frequency"),
+    ("mixtral", LayerPlan(experts_merge_into={2: 0}, experts_frequency=[1.0] * 8), "needs experts_keep"),
 ])
 def test_bad_expert_plans_are_refused_before_anything_changes(arch: str, layer_plan: LayerPlan, message: str
                                                                ) -> None:
@@ -194,3 +196,52 @@ def test_experts_keep_on_a_dense_block_is_refused() -> None:
     model = build_moe("qwen3_moe")  # block 0 is dense (mlp_only_layers=[0])
     with pytest.raises(ConfigError, match="no routed experts"):
         apply_plan(model, plan_of({0: [0, 1]}))
+
+
+def test_an_expert_sized_tensor_surgery_would_miss_is_refused_before_anything_changes() -> None:
+    model = build_moe("mixtral")
+    spec = next(s for s in block_specs(model) if s.experts is not None)
+    router = model.get_submodule(spec.experts.router)
+    router.statics = torch.nn.Module()
+    router.statics.register_buffer("e_score_correction_bias", torch.zeros(1, spec.experts.num_experts))
+    before = _state(model)
+    with pytest.raises(UnsupportedModelError, match="does not slice"):
+        apply_plan(model, plan_of({spec.index: [0, 1, 2, 3]}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failure_after_the_first_cut_marks_the_model_incomplete(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hf_prune.structure.surgery as surgery
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(surgery, "rewrite_config", broken)
+    model = build_moe("mixtral")
+    with pytest.raises(RuntimeError, match="disk full"):
+        apply_plan(model, plan_of(keeps(model, "uniform")))
+    assert getattr(model, "_hf_prune_incomplete", False)
+
+
+def test_removing_blocks_of_a_model_with_leading_dense_blocks_keeps_the_pattern(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for removed, dense_first in (([0], 0), ([2], 1)):
+        model = build_moe("deepseek_v3")  # block 0 dense (first_k_dense_replace=1), blocks 1-2 MoE
+        apply_plan(model, StructuredPlan(remove_blocks=removed))
+        assert model.config.first_k_dense_replace == dense_first and not is_structured(model.config)
+        ids = calib_ids(1, 8)
+        with torch.no_grad():
+            logits = model(ids).logits
+        model.save_pretrained(tmp_path / str(removed))
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / str(removed))
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_counts_turn_off_the_router_aux_loss_with_a_warning() -> None:
+    model = build_moe("mixtral")
+    model.config.output_router_logits = True
+    with pytest.warns(UserWarning, match="load-balancing loss"):
+        apply_plan(model, plan_of(keeps(model, "mixed")))
+    assert model.config.output_router_logits is False
+    ids = calib_ids(1, 8)
+    assert torch.isfinite(model(ids, labels=ids).loss)

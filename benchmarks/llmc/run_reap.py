@@ -15,19 +15,30 @@ What llm-compressor 0.14 does (``llmcompressor/modifiers/pruning/reap``):
 
 * saliency of expert ``j`` = mean over the tokens routed to ``j`` of ``g_j * ||f_j(x)||_2`` (``g_j`` the router
   weight after the model's top-k normalisation, ``f_j`` the expert output); experts no token chose score 0;
-* per layer (uniform): ``int(num_experts * fraction)`` lowest-saliency experts are dropped in every MoE layer
-  (per group for group-limited routers); the kept experts keep their order;
+* per layer (uniform): ``int(num_experts * fraction)`` lowest-saliency experts (``torch.topk(largest=False)``)
+  are dropped in every MoE layer (per group for group-limited routers); the kept experts keep their order;
 * it needs experts in its per-expert-Linear form (``LinearExperts2D``): ``oneshot`` converts transformers v5
   fused experts (``gate_up_proj``/``down_proj`` 3-D parameters, e.g. ``MixtralExperts``) after loading;
-* it runs in the sequential pipeline, one decoder layer at a time; a layer is pruned physically (expert
-  ModuleList sliced, router rows sliced) at the end of its calibration pass, and with ``propagate_error`` (the
-  default) the next layer is calibrated on the outputs of the *pruned* layers before it; ``--no-propagate-error``
-  scores every layer on the dense model's activations instead;
-* at finalisation it sets the config's expert count (``num_local_experts`` for Mixtral).
+* a layer is pruned physically (expert ModuleList sliced, router rows sliced) at the end of its calibration
+  epoch; at finalisation the config's expert count is set (``num_local_experts`` for Mixtral).
+
+Calibration pipeline (``--pipeline``):
+
+* ``basic`` (this script's default): whole-model forward passes over the calibration batches (eager attention,
+  forced by llm-compressor), then every layer is pruned at once, i.e. all layers are scored on the dense model
+  (REAP's definition; what hf_prune does).
+* ``sequential`` (oneshot's own choice for REAP): one decoder layer at a time; with ``propagate_error`` (on
+  unless ``--no-propagate-error``) each layer is scored on the outputs of the already pruned layers before it.
+  CAUTION, llm-compressor 0.14.0.1 + transformers 5.17 on Mixtral: the traced graph rebuilds a MixtralConfig
+  literal without ``_attn_implementation``, so ``create_causal_mask`` takes the sdpa shortcut and returns None
+  for unpadded batches while calibration forces eager attention, which then applies NO mask: the calibration
+  forward is bidirectional (non-causal) and the scores differ from the causal model's (checked on a tiny
+  Mixtral: routing counts equal those of eager attention with the mask removed).
 
 The model is then repacked with ``llmcompressor.modeling.moe.linearize.repack_moe`` into the native fused experts
 module (so stock transformers, including the main venv's, loads it) and saved with the stock
-``PreTrainedModel.save_pretrained`` (no compressed-tensors format). The result JSON has ``seconds`` (wall time of
+``PreTrainedModel.save_pretrained`` (no compressed-tensors format; transformers 5.x writes Mixtral in its original
+per-expert key layout ``block_sparse_moe.experts.N.w1/w2/w3``, which 5.17 and 5.24 both load). The result JSON has ``seconds`` (wall time of
 the ``oneshot`` call only, which includes llm-compressor's own linearisation of the experts), ``peak_rss_mb``,
 ``kept_experts`` (per decoder-layer index: the original indices kept, in order), ``experts_before`` /
 ``experts_after`` per layer, versions and context.
@@ -77,7 +88,7 @@ def expert_count(block: torch.nn.Module) -> int:
 
 
 def router_rows(block: torch.nn.Module) -> int:
-    router = getattr(block, "gate", None) or getattr(block, "router")
+    router = block.gate if hasattr(block, "gate") else block.router
     return int(router.weight.shape[0])
 
 
@@ -89,7 +100,9 @@ def placeholder_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>", pad_token="<unk>"
+        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        unk_token="<unk>",
+        pad_token="<unk>",
     )
 
 
@@ -114,6 +127,7 @@ def run_reap(model, tokenizer, ids: torch.Tensor, args, report_path: str) -> flo
         shuffle_calibration_samples=False,
         # REAP only needs the routed tokens; True (oneshot's default) runs every expert on every token
         moe_calibrate_all_experts=args.calibrate_all_experts,
+        pipeline=args.pipeline,
         propagate_error=args.propagate_error,
     )
     return time.perf_counter() - t0
@@ -139,18 +153,14 @@ def repack(model) -> float:
             if isinstance(p, torch.nn.Parameter) and p.shape[0] != n:
                 raise SystemExit(f"{name}.{attr}: {p.shape[0]} experts after repack, expected {n}")
         # repack_moe builds a fresh module and copies expert by expert: check it reproduces every expert
-        probe = torch.zeros(n, dtype=torch.bool)
-        for i in range(n):
-            expert = lin[i]
-            ok = True
-            if getattr(lin, "has_gate", False) and not getattr(lin, "is_transposed", False) and hasattr(fused, "gate_up_proj"):
-                size = expert.gate_proj.weight.shape[0]
-                ok &= torch.equal(fused.gate_up_proj[i, :size], expert.gate_proj.weight)
-                ok &= torch.equal(fused.gate_up_proj[i, size:], expert.up_proj.weight)
-                ok &= torch.equal(fused.down_proj[i], expert.down_proj.weight)
-            probe[i] = bool(ok)
-        if not bool(probe.all()):
-            raise SystemExit(f"{name}: repacked weights differ from the pruned experts {(~probe).nonzero().flatten().tolist()}")
+        if getattr(lin, "has_gate", False) and not getattr(lin, "is_transposed", False):
+            for i in range(n):
+                gate, up, down = lin[i].gate_proj.weight, lin[i].up_proj.weight, lin[i].down_proj.weight
+                if not (
+                    torch.equal(fused.gate_up_proj[i], torch.cat([gate, up]))
+                    and torch.equal(fused.down_proj[i], down)
+                ):
+                    raise SystemExit(f"{name}: repacked expert {i} differs from the pruned expert")
     return seconds
 
 
@@ -158,19 +168,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF checkpoint directory (MoE, e.g. Mixtral)")
     p.add_argument("--calib", required=True, help="LongTensor [n_samples, seqlen] of token ids (torch.save)")
-    p.add_argument("--fraction", type=float, default=0.25, help="fraction of routed experts removed per layer")
+    p.add_argument(
+        "--fraction", type=float, default=0.25, help="fraction of routed experts removed per layer"
+    )
     p.add_argument("--output", required=True, help="directory for the pruned model (stock safetensors)")
     p.add_argument("--result", required=True, help="JSON file for seconds / peak_rss_mb / kept experts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--batch-size", type=int, default=1, help="oneshot calibration batch size (llm-compressor default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument(
-        "--no-propagate-error", dest="propagate_error", action="store_false",
-        help="score every layer on the dense model's activations (default: llm-compressor's default, layers after "
-        "a pruned one are calibrated on the pruned model's activations)",
+        "--batch-size", type=int, default=1, help="oneshot calibration batch size (llm-compressor default 1)"
     )
     p.add_argument(
-        "--calibrate-all-experts", action="store_true",
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--pipeline",
+        default="basic",
+        choices=["basic", "sequential"],
+        help="oneshot calibration pipeline: basic = dense whole-model passes, all layers scored on the dense model "
+        "(default); sequential = llm-compressor's layer-by-layer default for REAP (see the module docstring: "
+        "non-causal calibration on Mixtral with llm-compressor 0.14.0.1)",
+    )
+    p.add_argument(
+        "--no-propagate-error",
+        dest="propagate_error",
+        action="store_false",
+        help="sequential pipeline only: score every layer on the dense model's activations (default, as in "
+        "llm-compressor: layers after a pruned one are calibrated on the pruned model's activations)",
+    )
+    p.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
         help="oneshot's moe_calibrate_all_experts (every expert sees every token; same scores, slower)",
     )
     p.add_argument("--no-save", action="store_true", help="skip saving the pruned model")
@@ -216,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "calib_samples": int(ids.shape[0]),
         "calib_seqlen": int(ids.shape[1]),
         "batch_size": args.batch_size,
-        "propagate_error": args.propagate_error,
+        "pipeline": args.pipeline,
+        "propagate_error": args.propagate_error if args.pipeline == "sequential" else None,
         "moe_calibrate_all_experts": args.calibrate_all_experts,
         "tokenizer": tokenizer_kind,
         "experts_before": before,
@@ -228,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         info["seconds"] = seconds
         info["peak_rss_mb"] = peak_rss_mb()  # before repacking/saving: not part of the method
         retained = json.loads(Path(report_path).read_text()) if Path(report_path).is_file() else {}
-    info["kept_experts"] = {str(layer_index(n)): r for n, r in sorted(retained.items(), key=lambda kv: str(layer_index(kv[0])))}
+    kept = sorted((layer_index(n), r) for n, r in retained.items())
+    info["kept_experts"] = {str(i): r for i, r in kept}
 
     info["repack_seconds"] = repack(model)
     blocks = moe_blocks(model)
@@ -236,12 +265,25 @@ def main(argv: list[str] | None = None) -> int:
     routers = {layer_index(n): router_rows(b) for n, b in blocks.items()}
     info["experts_after"] = after
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    key = next((k for k in ("num_local_experts", "num_experts", "moe_num_experts", "n_routed_experts") if hasattr(cfg, k)), None)
+    key = next(
+        (
+            k
+            for k in ("num_local_experts", "num_experts", "moe_num_experts", "n_routed_experts")
+            if hasattr(cfg, k)
+        ),
+        None,
+    )
     info["config_num_experts"] = getattr(cfg, key) if key else None
-    bad = {i: (after[i], routers[i]) for i in after if after[i] != routers[i] or after[i] != info["config_num_experts"]}
+    bad = {
+        i: (after[i], routers[i])
+        for i in after
+        if after[i] != routers[i] or after[i] != info["config_num_experts"]
+    }
     if bad:
-        raise SystemExit(f"inconsistent expert counts (experts, router rows) per layer {bad} vs config {key}="
-                         f"{info['config_num_experts']}: stock transformers could not load the result")
+        raise SystemExit(
+            f"inconsistent expert counts (experts, router rows) per layer {bad} vs config {key}="
+            f"{info['config_num_experts']}: stock transformers could not load the result"
+        )
 
     if not args.no_save:
         output = Path(args.output)

@@ -201,14 +201,20 @@ class _ExpertHooks:
                    self.moe.register_forward_pre_hook(self._moe_in),
                    self.moe.register_forward_hook(self._moe_out)]
         if isinstance(self.norm, nn.Module):
-            handles.append(self.norm.register_forward_pre_hook(self._residual))
+            handles += [self.norm.register_forward_pre_hook(self._norm_in), self.norm.register_forward_hook(self._norm_out)]
         return handles
 
-    def _residual(self, module: nn.Module, args: tuple) -> None:
-        self.pending["before"] = args[0].detach().reshape(-1, args[0].shape[-1])
+    def _norm_in(self, module: nn.Module, args: tuple) -> None:
+        self.pending["norm_in"] = args[0].detach()
+
+    def _norm_out(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.pending["norm_out"] = _first(out)
 
     def _moe_in(self, module: nn.Module, args: tuple) -> None:
-        self.pending.setdefault("before", args[0].detach().reshape(-1, args[0].shape[-1]))
+        # Pre-norm blocks feed the MoE the norm's output: the residual stream is the norm's input. Post-norm
+        # blocks (the norm applies to the attention output) feed it the residual stream itself.
+        x = self.pending["norm_in"] if args[0] is self.pending.get("norm_out") else args[0]
+        self.pending["before"] = x.detach().reshape(-1, x.shape[-1])
 
     def _router(self, module: nn.Module, args: tuple, out: Any) -> None:
         self.pending["logits"] = _first(out).detach()
@@ -224,17 +230,18 @@ class _ExpertHooks:
             y = module.forward(hidden, index[:, slot:slot + 1], ones).float()
             norms[:, slot] = y.norm(dim=-1)
             peak.scatter_reduce_(0, index[:, slot].long(), y.abs().amax(-1), reduce="amax")
-        self.pending.update(index=index.detach(), gates=weights.detach().float(), norms=norms, peak=peak)
+        self.pending.update(index=index.detach(), gates=weights.detach().float(), norms=norms, peak=peak,
+                            routed=_first(out).detach())
 
     @torch.no_grad()
     def _moe_out(self, module: nn.Module, args: tuple, out: Any) -> None:
         p, self.pending = self.pending, {}
         if "index" not in p:
             return
-        after = _first(out).reshape(-1, p["before"].shape[-1]) if "before" in p else None
+        routed = p["routed"].reshape(-1, p["routed"].shape[-1])
         contribution = None
-        if after is not None and after.shape[0] == p["index"].shape[0]:
-            contribution = token_contribution(p["before"], p["before"].float() + after.float())
+        if "before" in p and p["before"].shape == routed.shape:
+            contribution = token_contribution(p["before"], p["before"].float() + routed.float())
         self.stats.add(p["index"], p["gates"], p["norms"], contribution, p["peak"], p.get("logits"))
 
 
@@ -251,9 +258,10 @@ def collect_expert_stats(
 
     Per routed (token, slot): the expert, its router weight, ``||E_e(x)||`` (computed by the experts module's own
     forward with that one expert at weight 1, so any layout and activation is exact), the largest ``|E_e(x)|``
-    per expert (super-expert guard), the router logits (merge similarity) and EASY-EP's token contribution of
-    the layer, ``max(0, 1 - cos(h, h + MoE(h)))`` with ``h`` the residual stream entering the MoE sublayer
-    (the input of ``post_attention_layernorm``; the MoE input where a block has no such norm).
+    per expert (super-expert guard), the router logits (merge similarity) and EASY-EP's token contribution,
+    ``max(0, 1 - cos(h, h + r))`` with ``h`` the residual stream entering the MoE sublayer (the input of
+    ``post_attention_layernorm`` when that norm feeds the MoE; the MoE input otherwise, e.g. post-norm blocks) and
+    ``r`` the routed experts' combined output (shared experts excluded, as in the EASY-EP authors' code).
     """
     stats = {s.index: ExpertStats(s.experts.num_experts) for s in specs if s.experts is not None}
     by_block = {s.index: s for s in specs}

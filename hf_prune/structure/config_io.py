@@ -76,6 +76,9 @@ def _trim_layers(config: Any, kept: list[int], n_before: int) -> None:
         if isinstance(value, list) and len(value) == n_before and not key.startswith("_"):
             setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
+    dense_first = _raw(config).get("first_k_dense_replace")
+    if isinstance(dense_first, int):  # DeepSeek: blocks below it are dense; kept ones stay in front, in order
+        config.first_k_dense_replace = sum(1 for i in kept if i < dense_first)
     if sparse is not None:  # Qwen-MoE: which blocks are MoE follows the block index; make it explicit
         config.decoder_sparse_step = 1
         config.mlp_only_layers = [j for j, i in enumerate(kept) if not sparse[i]]
@@ -151,7 +154,7 @@ def _kind_fields(base: Any, r: dict, first: dict) -> dict[str, Any] | None:
         if field is None:
             return None
         fields[field] = first["intermediate"]
-    if "num_experts" in first and first["num_experts"] != r["num_experts"]:
+    if "num_experts" in first and first["num_experts"] != r.get("num_experts"):
         field = next((f for f in EXPERT_FIELDS if shipped._has_field(base, f)), None)
         if field is None:
             return None

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -81,24 +82,43 @@ def allocate_experts(layers: list[LayerExperts], sparsity: float, allocation: st
     removed: dict[int, list[int]] = {}
     if allocation == "uniform":
         for layer in layers:
-            removed[layer.index] = _remove_from(layer, int(round(sparsity * layer.experts)))
+            wanted = int(round(sparsity * layer.experts))
+            removed[layer.index] = _remove_from(layer, wanted)
+            if len(removed[layer.index]) < wanted:
+                warnings.warn(f"layer {layer.index}: removes {len(removed[layer.index])} experts instead of {wanted} "
+                              f"(it must keep top_k={layer.top_k}, protected super experts {sorted(layer.protected)}"
+                              f"{', equal groups' if layer.num_group > 1 else ''}); the expert counts differ between "
+                              "layers, so the checkpoint needs hf_prune or trust_remote_code to load", stacklevel=2)
     else:
         budget = int(round(sparsity * sum(layer.experts for layer in layers)))
+        by_index = {layer.index: layer for layer in layers}
+        # most each layer can lose: everything its constraints allow (whole rounds of one expert per group)
+        limit = {layer.index: len(_remove_from(layer, layer.experts)) for layer in layers}
         ranked = []
         for layer in layers:
             mean = float(layer.scores.double().mean())
             rel = layer.scores.double() / mean if mean > 0 else torch.zeros_like(layer.scores, dtype=torch.float64)
             ranked += [(float(rel[e]), layer.index, e) for e in range(layer.experts) if e not in layer.protected]
         ranked.sort()
-        by_index = {layer.index: layer for layer in layers}
         wanted: dict[int, int] = {layer.index: 0 for layer in layers}
-        for _, i, _e in ranked[:budget]:
-            wanted[i] += 1
+        taken = 0
+        for _, i, _e in ranked:  # the lowest experts first, skipping layers that reached their limit
+            if taken >= budget:
+                break
+            if wanted[i] < limit[i]:
+                wanted[i] += 1
+                taken += 1
+        got = 0
         for i, count in wanted.items():
             layer = by_index[i]
             if layer.num_group > 1:  # whole rounds of one expert per group
                 count = int(round(count / layer.num_group)) * layer.num_group
             removed[i] = _remove_from(layer, count)
+            got += len(removed[i])
+        if got < budget:
+            warnings.warn(f"global expert allocation removes {got} experts instead of {budget}: every layer keeps "
+                          "top_k experts, protected super experts and (with group-limited routing) equal groups",
+                          stacklevel=2)
     return {layer.index: sorted(set(range(layer.experts)) - set(removed[layer.index])) for layer in layers}
 
 
@@ -120,15 +140,16 @@ def merge_weights(tensors: dict[str, torch.Tensor], keep: list[int], targets: di
     into ``targets[r]``: ``sum_j f_j W_j / sum_j f_j`` over the kept expert and what it received, with ``f`` the
     routing frequency (+1, so that an expert no token chose still counts a little). Computed in float32, returned
     in each tensor's dtype."""
-    f = frequency.double() + 1.0
+    f = frequency.float() + 1.0
+    position = {k: j for j, k in enumerate(keep)}
     out = {}
     for name, t in tensors.items():
-        acc = t.index_select(0, torch.tensor(keep, dtype=torch.long, device=t.device)).double()
+        acc = t.index_select(0, torch.tensor(keep, dtype=torch.long, device=t.device)).float()
         weight = f[keep].clone().to(acc.device)
         acc *= weight.view(-1, *([1] * (t.dim() - 1)))
         for r, k in targets.items():
-            j = keep.index(k)
-            acc[j] += float(f[r]) * t[r].double()
+            j = position[k]
+            acc[j] += float(f[r]) * t[r].float()
             weight[j] += float(f[r])
         out[name] = (acc / weight.view(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
     return out

@@ -5,12 +5,15 @@ expert ``e``: with ``g`` the router weight a token gives ``e`` (after the model'
 ``y = E_e(x)`` the expert's output for that token,
 
 * ``expert-frequency``: how many (token, top-k slot) pairs chose ``e``;
-* ``ean`` (expert activation norm): mean over routed tokens of ``||y||_2``;
+* ``ean`` (expert activation norm): mean over routed tokens of ``||y||_2`` (as the issue's references define it;
+  the REAP authors' code sums instead, i.e. mean x frequency);
 * ``reap`` (router-weighted expert activation pruning; llm-compressor's definition): mean over routed tokens of
-  ``g * ||y||_2``;
+  ``g * ||y||_2``, with ``g`` the weight the model really applies (after its own top-k renormalisation; the REAP
+  authors' code defaults to the full-softmax probability, which can rank experts differently);
 * ``easy-ep``: sum over routed tokens of ``g * ||y||_2 * c``, where ``c = max(0, 1 - cos(h_before, h_after))`` is
-  the token's contribution of the whole MoE layer (hidden state before and after it), so tokens the layer barely
-  changes count little;
+  the token's contribution: the residual stream before the MoE sublayer against the same plus the routed
+  experts' output (shared experts excluded, as in the EASY-EP authors' code), so tokens the routed experts barely
+  change count little;
 * the largest ``|y|`` seen (the super-expert guard, `super_experts`).
 
 Higher score = more important = kept. Experts no token chose score 0 (frequency, EAN, REAP, EASY-EP alike).

@@ -42,9 +42,9 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..registry import register_method
 from .arch import block_specs, num_params, unit_params
 from .collect import collect_expert_stats
-from .expert_plan import LayerExperts, allocate_experts, merge_targets, merge_weights
+from .expert_plan import LayerExperts, allocate_experts, merge_targets
 from .expert_scores import ExpertStats, super_experts
-from .methods import StructuredMethod, _require_calibration, option
+from .methods import StructuredMethod, option, require_calibration
 from .options import ExpertOptions
 from .plan import BlockSpec, LayerPlan, StructuredPlan
 
@@ -93,11 +93,8 @@ def plan_from_stats(model: nn.Module, stats: dict[int, ExpertStats], config: Any
             continue
         plan = LayerPlan(experts_keep=kept)
         if merge:
-            module = model.get_submodule(e.experts)
             targets = merge_targets(stats[i].similarity(), kept)
-            tensors = {n: getattr(module, n).detach() for n in e.expert_tensors}
-            plan.experts_merged = {n: t.cpu() for n, t in merge_weights(tensors, kept, targets,
-                                                                         stats[i].count).items()}
+            plan.experts_merge_into, plan.experts_frequency = targets, stats[i].count.tolist()
             merges[str(i)] = {str(r): k for r, k in targets.items()}
         plans[i] = plan
         removed_params += (e.num_experts - len(kept)) * unit_params(model, specs[i])["expert"]
@@ -129,7 +126,7 @@ class ExpertMethod(StructuredMethod):
 
     def plan(self, model: nn.Module, calibration: torch.Tensor | None, config: Any, device: torch.device,
              show_progress: bool = True) -> tuple[StructuredPlan, dict]:
-        calibration = _require_calibration(self.name, calibration)
+        calibration = require_calibration(self.name, calibration)
         specs = moe_specs(model)
         stats = collect_expert_stats(model, specs, calibration, option(config, "batch_size"), device, show_progress,
                                      desc=f"{self.name}: routing statistics")

@@ -129,7 +129,7 @@ def _budget(model: nn.Module, config: Any) -> tuple[float, int, list[nn.Module]]
     return float(sparsity) * total, total, list(blocks)
 
 
-def _require_calibration(name: str, calibration: torch.Tensor | None) -> torch.Tensor:
+def require_calibration(name: str, calibration: torch.Tensor | None) -> torch.Tensor:
     if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
         raise CalibrationError(f"method={name!r} needs calibration token ids [samples, seqlen]; got "
                                f"{type(calibration).__name__}")
@@ -141,7 +141,7 @@ def _depth_budget(
 ) -> tuple[torch.Tensor, float, int, list[int]]:
     """What a depth method starts from: the checked calibration, the parameter target, the parameters of all
     blocks and of each block."""
-    calibration = _require_calibration(name, calibration)
+    calibration = require_calibration(name, calibration)
     target, total, blocks = _budget(model, config)
     return calibration, target, total, [num_params(b) for b in blocks]
 
@@ -186,7 +186,7 @@ class _WidthMethod(StructuredMethod):
         self, model: nn.Module, calibration: torch.Tensor | None, config: Any, device: torch.device,
         show_progress: bool = True,
     ) -> tuple[StructuredPlan, dict]:
-        calibration = _require_calibration(self.name, calibration)
+        calibration = require_calibration(self.name, calibration)
         units, allocation = option(config, "width_units"), option(config, "allocation")
         gqa_mode, round_to = option(config, "gqa_mode"), option(config, "round_to")
         check_choice("width_units", units, ("mlp", "heads", "both"))
@@ -454,7 +454,7 @@ class FinerCut(StructuredMethod):
     structured = "sublayer"
 
     def plan(self, model, calibration, config, device, show_progress=True):  # type: ignore[no-untyped-def]
-        calibration = _require_calibration(self.name, calibration)
+        calibration = require_calibration(self.name, calibration)
         tokens = int(option(config, "finercut_tokens"))
         seqlen = min(calibration.shape[1], tokens)
         calib = calibration[: max(1, tokens // seqlen), :seqlen]

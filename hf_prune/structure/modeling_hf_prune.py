@@ -238,12 +238,38 @@ def _experts_in(name: str, m: nn.Module) -> dict | None:
         return None
     router = getattr(m, router_name)
     top_k = getattr(router, "top_k", None) or getattr(m, "top_k", None)
+    expert_tensors, router_tensors = _expert_tensors(experts, n), _expert_tensors(router, n)
     return {"module": name, "experts": _join(name, "experts"), "router": _join(name, router_name),
             "num_experts": int(n), "top_k": None if top_k is None else int(top_k),
             "num_group": int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1),
             "topk_group": int(getattr(router, "topk_group", None) or 1),
-            "expert_tensors": tuple(_expert_tensors(experts, n)),
-            "router_tensors": tuple(_expert_tensors(router, n))}
+            "expert_tensors": tuple(expert_tensors), "router_tensors": tuple(router_tensors),
+            "unsupported": _unsupported_experts(experts, router, n, expert_tensors, router_tensors, top_k)}
+
+
+def _unsupported_experts(experts: nn.Module, router: nn.Module, n: int, expert_tensors: list[str],
+                         router_tensors: list[str], top_k: Any) -> str | None:
+    """Why removing experts from this layout would be unsafe (None: supported). Surgery slices only the listed
+    tensors along dim 0, so any other tensor of the experts or router with an expert-sized dimension (e.g. a
+    ``[1, E]`` correction bias in a child module) would be left inconsistent; and the statistics call the
+    experts module as ``experts(hidden, top_k_index, top_k_weights)``."""
+    import inspect
+
+    if top_k is None:
+        return "the router has no top_k"
+    for module, handled in ((experts, expert_tensors), (router, router_tensors)):
+        named = list(module.named_parameters()) + list(module.named_buffers())
+        odd = [k for k, t in named if k not in handled and t is not None and n in tuple(t.shape)]
+        if odd:
+            return f"{type(module).__name__} has expert-sized tensors hf_prune does not slice: {odd}"
+    try:
+        params = list(inspect.signature(experts.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if len(params) < 3:
+        return (f"{type(experts).__name__}.forward takes {params}, not (hidden_states, top_k_index, "
+                "top_k_weights)")
+    return None
 
 
 def experts_layout(block: nn.Module) -> dict | None:

@@ -84,6 +84,8 @@ class ExpertsSpec:
     topk_group: int = 1
     expert_tensors: tuple[str, ...] = ()
     router_tensors: tuple[str, ...] = ()
+    #: why experts cannot be removed from this layout (None: they can); surgery refuses with it
+    unsupported: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,10 @@ class LayerPlan:
             ``[out, in]`` orientation (transposed for a GPT-2 ``Conv1D`` by surgery).
         mlp_out_weight: the same for the MLP output projection, shape [hidden, kept channels].
         experts_keep: sorted original indices of the routed experts to keep (MoE blocks).
-        experts_merged: new values of expert-indexed tensors of the experts module for the *kept* experts
-            (name -> ``[len(experts_keep), ...]``), e.g. removed experts folded into kept ones; None: sliced only.
+        experts_merge_into: removed expert -> the kept expert it is folded into (original indices); surgery
+            replaces each kept expert's tensors by the frequency-weighted average of itself and what it receives
+            (`hf_prune.structure.expert_plan.merge_weights`). None: removed experts are dropped.
+        experts_frequency: per original expert, the routing counts that weight the merge.
     """
 
     mlp_keep: list[int] | None = None
@@ -131,7 +135,8 @@ class LayerPlan:
     attn_out_weight: torch.Tensor | None = None
     mlp_out_weight: torch.Tensor | None = None
     experts_keep: list[int] | None = None
-    experts_merged: dict[str, torch.Tensor] | None = None
+    experts_merge_into: dict[int, int] | None = None
+    experts_frequency: list[float] | None = None
 
 
 @dataclass

@@ -29,6 +29,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -37,6 +39,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from . import modeling_hf_prune as shipped
 from .arch import block_specs, num_params
 from .config_io import rewrite_config
+from .expert_plan import merge_weights
 from .plan import BlockSpec, LayerPlan, StructuredPlan
 
 
@@ -158,17 +161,21 @@ def resolve_plan(specs: list[BlockSpec], plan: StructuredPlan, hidden: int) -> t
             if lp.mlp_out_weight is not None:
                 n_ch = len(cut.mlp_keep) if cut.mlp_keep is not None else spec.mlp.intermediate
                 cut.mlp_out_weight = _out_weight(lp.mlp_out_weight, (hidden, n_ch), "mlp_out_weight", i)
-        if lp.experts_keep is not None or lp.experts_merged is not None:
-            cut.experts_keep, cut.experts_merged = _resolve_experts(spec, lp, i)
+        if lp.experts_keep is not None or lp.experts_merge_into is not None:
+            cut.experts_keep, cut.experts_merge_into, cut.experts_frequency = _resolve_experts(spec, lp, i)
         cuts[i] = cut
     return cuts, [i for i in range(n) if i not in removed]
 
 
-def _resolve_experts(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int] | None, dict | None]:
+def _resolve_experts(spec: BlockSpec, lp: LayerPlan, i: int
+                     ) -> tuple[list[int] | None, dict[int, int] | None, list[float] | None]:
     e = spec.experts
     if e is None:
         raise ConfigError(f"layer {i}: experts_keep given but the block has no routed experts (dense or already "
                           "removed); drop it from the plan")
+    if e.unsupported:
+        raise UnsupportedModelError(f"layer {i}: routed experts cannot be removed from this layout: {e.unsupported}. "
+                                    "Open an issue with the model class; width and depth methods still apply")
     keep = _indices(lp.experts_keep, e.num_experts, "experts_keep", i)
     n = e.num_experts if keep is None else len(keep)
     top_k = e.top_k or 1
@@ -185,14 +192,21 @@ def _resolve_experts(spec: BlockSpec, lp: LayerPlan, i: int) -> tuple[list[int] 
             raise ConfigError(f"layer {i}: group-limited routing scores a group by its best 2 experts and picks "
                               f"{top_k} experts from topk_group={e.topk_group} groups; keeping {per_group[0]} per "
                               f"group is too few (need >= 2 and >= {-(-top_k // e.topk_group)})")
-    merged = None
-    if lp.experts_merged is not None:
-        merged = {}
-        for name, value in lp.experts_merged.items():
-            if name not in e.expert_tensors:
-                raise ConfigError(f"layer {i}: experts_merged names {name!r}; allowed: {list(e.expert_tensors)}")
-            merged[name] = value.detach()
-    return keep, merged
+    merge = None
+    if lp.experts_merge_into is not None:
+        if keep is None:
+            raise ConfigError(f"layer {i}: experts_merge_into needs experts_keep (which experts stay)")
+        kept = set(keep)
+        merge = {int(r): int(k) for r, k in lp.experts_merge_into.items()}
+        bad = {r: k for r, k in merge.items() if r in kept or k not in kept or not 0 <= r < e.num_experts}
+        if bad:
+            raise ConfigError(f"layer {i}: experts_merge_into maps {bad}; each key must be a removed expert and "
+                              f"each value a kept one ({keep})")
+        freq = lp.experts_frequency
+        if freq is None or len(freq) != e.num_experts:
+            raise ConfigError(f"layer {i}: experts_merge_into needs experts_frequency with one routing count per "
+                              f"expert ({e.num_experts}), got {None if freq is None else len(freq)}")
+    return keep, merge, None if merge is None else [float(f) for f in lp.experts_frequency]
 
 
 def _set_weight(mod: nn.Module, value: torch.Tensor) -> None:
@@ -227,15 +241,18 @@ def _cut_block(block: nn.Module, cut: LayerPlan) -> None:
             _set_weight(block.get_submodule(attn["o"]), cut.attn_out_weight)
         if cut.attn_bias is not None:
             shipped.add_bias(block.get_submodule(attn["o"]), cut.attn_bias)
-    if cut.experts_keep is not None or cut.experts_merged is not None:
+    if cut.experts_keep is not None:
         moe = shipped.experts_layout(block)
-        if cut.experts_keep is not None:
-            shipped.keep_experts(block, moe, cut.experts_keep)
         experts = block.get_submodule(moe["experts"])
-        for name, value in (cut.experts_merged or {}).items():
-            target = getattr(experts, name)
-            if target.device.type != "meta":
-                target.data.copy_(value.to(dtype=target.dtype, device=target.device))
+        merged = None
+        if cut.experts_merge_into:  # from the original tensors, one layer at a time (no model-wide copies)
+            tensors = {n: getattr(experts, n).detach() for n in moe["expert_tensors"]}
+            if all(t.device.type != "meta" for t in tensors.values()):
+                merged = merge_weights(tensors, cut.experts_keep, cut.experts_merge_into,
+                                       torch.tensor(cut.experts_frequency))
+        shipped.keep_experts(block, moe, cut.experts_keep)
+        for name, value in (merged or {}).items():
+            getattr(experts, name).data.copy_(value)
     if cut.remove_mlp:
         shipped.remove_mlp(block, mlp, _removed_branch_bias(block.get_submodule(mlp["output"]), cut.mlp_bias))
         return
@@ -245,21 +262,6 @@ def _cut_block(block: nn.Module, cut: LayerPlan) -> None:
         _set_weight(block.get_submodule(mlp["output"]), cut.mlp_out_weight)
     if cut.mlp_bias is not None:
         shipped.add_bias(block.get_submodule(mlp["output"]), cut.mlp_bias)
-
-
-def _check_merged(model: nn.Module, specs: list[BlockSpec], cuts: dict[int, LayerPlan]) -> None:
-    """Shapes of ``experts_merged`` against the experts they replace (before anything is cut)."""
-    for i, cut in cuts.items():
-        e = specs[i].experts
-        if e is None or not cut.experts_merged:
-            continue
-        experts = model.get_submodule(e.experts)
-        n = e.num_experts if cut.experts_keep is None else len(cut.experts_keep)
-        for name, value in cut.experts_merged.items():
-            want = (n, *getattr(experts, name).shape[1:])
-            if tuple(value.shape) != want:
-                raise ConfigError(f"layer {i}: experts_merged[{name!r}] has shape {list(value.shape)}; the kept "
-                                  f"experts' tensor has {list(want)}")
 
 
 def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
@@ -278,19 +280,27 @@ def apply_plan(model: nn.Module, plan: StructuredPlan) -> dict[int, int]:
     if len(kept) < len(blocks) and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ConfigError("this GPT-2 config scales attention by 1/(layer index); removing blocks would change "
                           "the scaling of later blocks on reload. Prune heads/channels only, or keep all blocks")
-    _check_merged(model, specs, cuts)
     before = [num_params(b) for b in blocks]
-    for i, cut in cuts.items():
-        _cut_block(blocks[i], cut)
-    if len(kept) < len(blocks):
-        new_blocks = nn.ModuleList([blocks[i] for i in kept])
-        for new_index, block in enumerate(new_blocks):
-            shipped.renumber(block, new_index)
-        model.set_submodule(prefix, new_blocks)
-        blocks = new_blocks
-    rewrite_config(model, prefix, kept, n_before=len(before))
+    try:
+        for i, cut in cuts.items():
+            _cut_block(blocks[i], cut)
+        if len(kept) < len(blocks):
+            new_blocks = nn.ModuleList([blocks[i] for i in kept])
+            for new_index, block in enumerate(new_blocks):
+                shipped.renumber(block, new_index)
+            model.set_submodule(prefix, new_blocks)
+            blocks = new_blocks
+        rewrite_config(model, prefix, kept, n_before=len(before))
+    except BaseException:
+        model._hf_prune_incomplete = True  # weights were cut: never let it look like a finished model
+        raise
     counts = {e["num_experts"] for b in blocks if (e := shipped.experts_layout(b)) is not None}
     if len(counts) == 1 and isinstance(getattr(model, "num_experts", None), int):
         model.num_experts = counts.pop()  # the causal LM sizes its load-balancing loss with it
+    elif len(counts) > 1 and getattr(model.config, "output_router_logits", False):
+        warnings.warn("the MoE layers now have different expert counts, which transformers' load-balancing loss "
+                      "cannot handle; config.output_router_logits is set to False (train without the aux loss, or "
+                      "prune with expert_allocation='uniform')", stacklevel=2)
+        model.config.output_router_logits = False
     after = dict(zip(kept, (num_params(b) for b in blocks), strict=True))
     return {i: before[i] - after.get(i, 0) for i in range(len(before)) if before[i] != after.get(i, 0)}
