@@ -101,7 +101,7 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
     tok = AutoTokenizer.from_pretrained(bed)
     train_text, eval_text = default_splits()
     eval_ids = tokenize_for_eval(eval_text, tok)
-    calib = build_calibration(train_text, tok, args.calib_samples, args.seqlen, 0)
+    calib = build_calibration([train_text], tok, args.calib_samples, args.seqlen, 0)
     base = AutoModelForCausalLM.from_pretrained(bed, dtype=torch.bfloat16).eval()
 
     def ppl(model) -> float:
@@ -232,7 +232,7 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
                 res, dest = Path(tmp) / f"r{fraction}.json", Path(tmp) / f"m{fraction}"
                 proc = subprocess.run([str(LLMC_PY), str(HERE / "llmc" / "run_reap.py"), "--model", str(bed),
                                        "--calib", str(Path(tmp) / "calib.pt"), "--fraction", str(fraction),
-                                       "--output", str(dest), "--result", str(res)],
+                                       "--output", str(dest), "--result", str(res), "--batch-size", "4"],
                                       capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                 if proc.returncode:
                     llmc.append({"fraction": fraction, "error": proc.stderr[-2000:]})
