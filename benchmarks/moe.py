@@ -77,6 +77,8 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
     ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-llmc", action="store_true", help="rerun only the llm-compressor comparison and update "
+                    "the existing results (the rest of the file is kept, its command line noted)")
     args = ap.parse_args()
     if args.quick:
         args.calib_samples, args.eval_windows, args.decode_tokens, args.decode_rounds = 4, 2, 8, 1
@@ -90,7 +92,6 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
     from hf_prune.assets import default_splits
     from hf_prune.core.calibration import build_calibration
     from hf_prune.evaluate import tokenize_for_eval
-    from hf_prune.report import atomic_write_text
     from hf_prune.structure.collect import collect_expert_stats
     from hf_prune.structure.experts import moe_specs, plan_from_stats
     from hf_prune.structure.surgery import apply_plan
@@ -108,6 +109,13 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
         return round(hf_prune.perplexity(model, eval_ids, seqlen=512, max_windows=args.eval_windows, batch_size=4,
                                          show_progress=False).ppl, 3)
 
+    result_name = "moe-quick" if args.quick else "moe"
+    if args.only_llmc:
+        out = json.loads((HERE / "results" / f"{result_name}.json").read_text())
+        out["llmc"] = llmc_rows(args, bed, calib, ppl)
+        out["llmc_command"] = command_line("benchmarks/moe.py") + f" ({datetime.date.today().isoformat()})"
+        write(out, result_name)
+        return
     out: dict = {"machine": machine(), "date": datetime.date.today().isoformat(),
                  "command": command_line("benchmarks/moe.py"), "args": vars(args), "testbed": str(bed)}
     tb = HERE / "results" / ("moe_testbed-quick.json" if args.quick else "moe_testbed.json")
@@ -215,44 +223,57 @@ def main() -> None:  # noqa: C901 (a benchmark script: one straight protocol)
     del wanda
     print(json.dumps(out["stun"], indent=1), flush=True)
 
-    # ------------------------------------------------------------------ llm-compressor REAP
-    llmc: list[dict] = []
-    if not args.skip_llmc and LLMC_PY.is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(calib, Path(tmp) / "calib.pt")
-            for fraction in args.fractions:
-                m = AutoModelForCausalLM.from_pretrained(bed, dtype=torch.bfloat16).eval()
-                t0 = time.perf_counter()
-                m.prune(PruningConfig(method="reap", sparsity=fraction, num_calibration_samples=args.calib_samples,
-                                      seqlen=args.seqlen, batch_size=4), calibration=calib, show_progress=False,
-                        verbose=False)
-                ours_s = time.perf_counter() - t0
-                ours_ppl = ppl(m)
-                del m
-                res, dest = Path(tmp) / f"r{fraction}.json", Path(tmp) / f"m{fraction}"
-                proc = subprocess.run([str(LLMC_PY), str(HERE / "llmc" / "run_reap.py"), "--model", str(bed),
-                                       "--calib", str(Path(tmp) / "calib.pt"), "--fraction", str(fraction),
-                                       "--output", str(dest), "--result", str(res), "--batch-size", "4"],
-                                      capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                if proc.returncode:
-                    llmc.append({"fraction": fraction, "error": proc.stderr[-2000:]})
-                    continue
-                theirs = json.loads(res.read_text())
-                theirs_ppl = ppl(AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16).eval())
-                llmc.append({"fraction": fraction, "hf_prune_ppl": ours_ppl, "hf_prune_seconds": round(ours_s, 1),
-                             "llmc_ppl": theirs_ppl, "llmc_seconds": theirs.get("seconds"),
-                             "ppl_ratio": round(ours_ppl / theirs_ppl, 4),
-                             "time_ratio": round(ours_s / theirs["seconds"], 3) if theirs.get("seconds") else None,
-                             "llmc": {k: v for k, v in theirs.items() if k != "seconds"}})
-                print(json.dumps(llmc[-1])[:400], flush=True)
-    out["llmc"] = llmc or ("not run: " + ("--skip-llmc" if args.skip_llmc else f"no venv at {LLMC_PY} "
-                                          "(bash benchmarks/llmc/setup.sh)"))
+    out["llmc"] = llmc_rows(args, bed, calib, ppl)
     out["peak_rss_mb"] = round(peak_rss_mb())
-    name = "moe-quick" if args.quick else "moe"
+    write(out, result_name)
+
+
+def write(out: dict, name: str) -> None:
+    from hf_prune.report import atomic_write_text
+
     atomic_write_text(HERE / "results" / f"{name}.json", json.dumps(out, indent=1) + "\n")
     atomic_write_text(HERE / "results" / f"{name}.md", markdown(out))
     plot(out, HERE / "results" / f"{name}.png")
     print(markdown(out))
+
+
+def llmc_rows(args, bed: Path, calib: torch.Tensor, ppl) -> list[dict] | str:  # type: ignore[no-untyped-def]
+    """llm-compressor's REAP against hf_prune's ``model.prune(method="reap")`` at every fraction, alternating."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune import PruningConfig
+
+    if args.skip_llmc or not LLMC_PY.is_file():
+        return "not run: " + ("--skip-llmc" if args.skip_llmc else f"no venv at {LLMC_PY} (bash benchmarks/llmc/setup.sh)")
+    llmc: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calib, Path(tmp) / "calib.pt")
+        for fraction in args.fractions:
+            m = AutoModelForCausalLM.from_pretrained(bed, dtype=torch.bfloat16).eval()
+            t0 = time.perf_counter()
+            m.prune(PruningConfig(method="reap", sparsity=fraction, num_calibration_samples=args.calib_samples,
+                                  seqlen=args.seqlen, batch_size=4), calibration=calib, show_progress=False,
+                    verbose=False)
+            ours_s = time.perf_counter() - t0
+            ours_ppl = ppl(m)
+            del m
+            res, dest = Path(tmp) / f"r{fraction}.json", Path(tmp) / f"m{fraction}"
+            proc = subprocess.run([str(LLMC_PY), str(HERE / "llmc" / "run_reap.py"), "--model", str(bed),
+                                   "--calib", str(Path(tmp) / "calib.pt"), "--fraction", str(fraction),
+                                   "--output", str(dest), "--result", str(res), "--batch-size", "4"],
+                                  capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if proc.returncode:
+                llmc.append({"fraction": fraction, "error": proc.stderr[-2000:]})
+                continue
+            theirs = json.loads(res.read_text())
+            theirs_ppl = ppl(AutoModelForCausalLM.from_pretrained(dest, dtype=torch.bfloat16).eval())
+            llmc.append({"fraction": fraction, "hf_prune_ppl": ours_ppl, "hf_prune_seconds": round(ours_s, 1),
+                         "llmc_ppl": theirs_ppl, "llmc_seconds": round(theirs["seconds"], 1) if theirs.get("seconds")
+                         else None, "ppl_ratio": round(ours_ppl / theirs_ppl, 4),
+                         "time_ratio": round(ours_s / theirs["seconds"], 3) if theirs.get("seconds") else None,
+                         "llmc": {k: v for k, v in theirs.items() if k != "seconds"}})
+            print(json.dumps(llmc[-1])[:400], flush=True)
+    return llmc
 
 
 def markdown(out: dict) -> str:
@@ -305,6 +326,8 @@ def markdown(out: dict) -> str:
               f"| Wanda {s['wanda_sparsity']:.1%} | {s['wanda_ppl']} | {s['wanda_nonzero']:,} |",
               f"| ratio | {s['ppl_ratio']} | |", ""]
     lines += ["### llm-compressor REAP, same calibration tokens", ""]
+    if out.get("llmc_command"):
+        lines += [f"Rerun alone: `{out['llmc_command']}`", ""]
     if isinstance(out["llmc"], str):
         lines.append(out["llmc"])
     else:

@@ -134,7 +134,9 @@ def prune(
 
     Structured methods (``flap``, ``wanda-sp``, ``taylor``, ``block-influence``, ``angular``, ``finercut``)
     physically remove channels, heads, sublayers or blocks and return a
-    `hf_prune.report.StructuredReport`; ``sparsity`` is then the fraction of decoder parameters removed.
+    `hf_prune.report.StructuredReport`; ``sparsity`` is then the fraction of decoder parameters removed. The
+    expert methods (``reap``, ``ean``, ``easy-ep``, ``expert-frequency``, ``random-experts``) remove whole routed
+    experts of MoE models; ``sparsity`` is then the fraction of routed experts removed.
     """
     cfg = _resolve_config(config, config_kwargs)
     if cfg.structured_kind is not None:

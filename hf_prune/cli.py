@@ -345,9 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder or Hub id; 'smollm2' = the embedded SmolLM2-135M-Instruct")
     p.add_argument("--method", help=_methods_help())
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1) (default 0.5); for "
-                   "structured methods the fraction of decoder parameters to remove")
+                   "structured methods the fraction of decoder parameters to remove; for expert methods (reap, ean, "
+                   "easy-ep, expert-frequency, random-experts) the fraction of routed experts")
     p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured); structured "
-                   "methods fill it in (width | depth | sublayer)")
+                   "methods fill it in (width | depth | sublayer | experts)")
     p.add_argument("--calibration", help="text file, .json/.jsonl/.csv/.parquet, or a save_to_disk dataset folder; "
                    f"default '{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%)")
     p.add_argument("--output", "-o", required=True, help="folder to save the pruned model into")

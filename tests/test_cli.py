@@ -87,3 +87,22 @@ def test_prune_help_groups_every_option_by_method_with_help() -> None:
     cfg = _config_from_args(parser.parse_args(["prune", "m", "-o", "out", "--method", "flap", "--sparsity", "0.2",
                                                "--no-bias-compensation", "--width-units", "mlp"]))
     assert (cfg.options.bias_compensation, cfg.options.width_units) == (False, "mlp")
+
+
+def test_prune_moe_experts_from_the_command_line(tmp_path, capsys) -> None:
+    from tiny_models import build_moe
+
+    src = tmp_path / "tiny-mixtral"
+    build_moe("mixtral").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    out = tmp_path / "out"
+    assert main(["prune", str(src), "--method", "reap", "--sparsity", "0.25", "--expert-allocation", "global",
+                 "--no-super-expert-guard", "--calibration", str(tmp_path / "calib.txt"), "--output", str(out),
+                 "--num-samples", "4", "--seqlen", "32", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "routed experts" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["pruning_config"]["method"] == "reap" and config["pruning_config"]["super_expert_guard"] is False
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["config"]["plan_info"]["experts_before"] - report["config"]["plan_info"]["experts_after"] == 6

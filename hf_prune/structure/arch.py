@@ -29,8 +29,9 @@ from ..errors import UnsupportedModelError
 from . import modeling_hf_prune as shipped
 from .plan import AttentionSpec, BlockSpec, ExpertsSpec, MlpSpec
 
-SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, GPT-2, OPT, GPT-NeoX, Qwen3-MoE (attention "
-             "and depth only) and other models whose blocks use one of these attention/MLP layouts")
+SUPPORTED = ("Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, GPT-2, OPT, GPT-NeoX; MoE models with "
+             "transformers v5 fused experts (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE, GPT-OSS: attention, depth and "
+             "whole routed experts) and other models whose blocks use one of these layouts")
 
 
 def _prefixed(layout: dict, prefix: str) -> dict:
