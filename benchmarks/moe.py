@@ -280,7 +280,9 @@ def markdown(out: dict) -> str:
     lines = [f"# Routed-expert removal on the MoE test bed ({out['date']})", "",
              f"Machine: {out['machine']}", "", f"Command: `{out['command']}`", ""]
     tb = out.get("testbed_build") or {}
-    lines += [f"Test bed: SmolLM2-135M MoEfied into Mixtral, 8 experts x 192 channels per layer, top-2 "
+    build = tb.get("args") or {}
+    lines += [f"Test bed: SmolLM2-135M MoEfied into Mixtral, {build.get('experts', '?')} experts x "
+              f"{1536 // int(build.get('experts', 8))} channels per layer, top-{build.get('top_k', '?')} "
               f"(dense SmolLM2 PPL {tb.get('dense_ppl')}, MoEfied {tb.get('moefied_ppl')}, after training "
               f"{tb.get('trained_ppl')}); PPL here {out['base_ppl']} on {out['args']['eval_windows']} windows. "
               f"Statistics: {out['args']['calib_samples']} x {out['args']['seqlen']} tokens, "
