@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
 from ..registry import register_method
 from .arch import block_specs, num_params, unit_params
@@ -100,14 +101,14 @@ def plan_from_stats(model: nn.Module, stats: dict[int, ExpertStats], config: Any
         removed_params += (e.num_experts - len(kept)) * unit_params(model, specs[i])["expert"]
     total_experts = sum(s.experts.num_experts for s in specs.values())
     kept_experts = sum(len(k) for k in keep.values())
-    block_params = sum(num_params(model.get_submodule(s.module)) for s in block_specs(model))
+    block_params = sum(num_params(b) for b in find_blocks(model)[1])
     info: dict[str, Any] = {
         "method": score, "allocation": allocation, "merge": merge,
         "experts_before": total_experts, "experts_after": kept_experts,
         "expert_fraction_removed": 1 - kept_experts / total_experts,
         "super_experts": [[i, e] for i, e in found], "super_expert_guard": guard,
         "experts_keep": {str(i): k for i, k in keep.items()},
-        "scores": {str(i): stats[i].scores(score, seed=seed + i).tolist() for i in sorted(specs)},
+        "scores": {str(layer.index): layer.scores.tolist() for layer in layers},
         "frequency": {str(i): stats[i].count.tolist() for i in sorted(specs)},
         "block_params": block_params, "removed_params": removed_params,
         "sparsity": removed_params / max(block_params, 1),
