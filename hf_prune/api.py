@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from .config import PruningConfig
 from .core.calibration import build_calibration
 from .core.masks import check_nm_shape
 from .core.memory import PeakMemory
+from .core.sources import CalibrationMix, build_mixture, check_source_config, dual_batch_size, use_mix
 from .errors import CalibrationError, ConfigError, IncompletePruningError, UnsupportedModelError
 from .oneshot.pipeline import SequentialPruner
 from .report import LayerRow, PruningReport, Report, StructuredReport, attach_report
@@ -142,9 +144,11 @@ def prune(
     if cfg.structured_kind is not None:
         return _prune_structured(model, cfg, calibration, tokenizer, device, show_progress, verbose)
     pruner = validate(model, cfg)
-    calib = None
+    calib = mix = None
     if pruner.needs_calibration:
-        calib = _calibration_tokens(model, cfg, calibration, tokenizer)
+        calib, mix = _calibration_tokens(model, cfg, calibration, tokenizer)
+        cfg = _dual_config(cfg, mix)
+        pruner.config = pruner.method.config = cfg
     pruner.device = _resolve_device(model, device)
     pruner.show_progress = show_progress
     was_training = model.training
@@ -152,7 +156,8 @@ def prune(
     with PeakMemory() as mem:
         start = time.perf_counter()
         try:
-            results = pruner.run(calib)
+            with use_mix(mix):
+                results = pruner.run(calib)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
@@ -172,6 +177,7 @@ def prune(
         owl_choice=pruner.owl_choice if cfg.owl else None,
         skipped=pruner.skipped,
         config=cfg.to_dict(),
+        calibration_sources=None if mix is None else mix.summary(cfg.seqlen),
     )
     attach_report(model, cfg, report)
     if verbose:
@@ -188,19 +194,46 @@ def _require_calibration(cfg: PruningConfig, calibration: Any) -> None:
         )
 
 
-def _calibration_tokens(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any) -> torch.Tensor:
-    """Calibration data of any accepted kind as a LongTensor [samples, seqlen], checked against the vocabulary."""
+def _calibration_tokens(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any
+                        ) -> tuple[torch.Tensor, CalibrationMix | None]:
+    """Calibration data of any accepted kind as a LongTensor [samples, seqlen], checked against the vocabulary;
+    with named sources (a dict) also the `CalibrationMix` that says which rows came from which source."""
     _require_calibration(cfg, calibration)
-    if tokenizer is None and _is_text(calibration):
+    named = isinstance(calibration, Mapping)
+    check_source_config(list(calibration) if named else None, cfg.calibration_weights, cfg.domain_weight,
+                        cfg.domain_source)
+    sources = list(calibration.values()) if named else [calibration]
+    if tokenizer is None and any(_is_text(s) for s in sources):
         tokenizer = _guess_tokenizer(model)
-    calib = build_calibration(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
+    mix = None
+    if named:
+        mix = build_mixture(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed,
+                            cfg.calibration_weights, cfg.domain_source, cfg.domain_weight)
+        calib = mix.tokens
+    else:
+        calib = build_calibration(calibration, tokenizer, cfg.num_calibration_samples, cfg.seqlen, cfg.seed)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(calib.max()) >= vocab:
         raise CalibrationError(
             f"calibration token id {int(calib.max())} is outside the model's vocabulary (vocab_size={vocab}); "
             "was it tokenized with another tokenizer?"
         )
-    return calib
+    return calib, mix
+
+
+def _dual_config(cfg: PruningConfig, mix: CalibrationMix | None) -> PruningConfig:
+    """Under dual importance, a batch size whose batches never mix general and domain rows (with a warning when
+    it had to shrink)."""
+    if mix is None or not mix.dual:
+        return cfg
+    size = dual_batch_size(mix, cfg.batch_size)
+    if size == cfg.batch_size:
+        return cfg
+    warnings.warn(f"domain_weight: batch_size {cfg.batch_size} -> {size}, so that no calibration batch mixes the "
+                  f"{mix.general_rows()} general rows with the domain rows (choose num_calibration_samples and "
+                  "calibration_weights so that the general share is a multiple of batch_size to keep it)",
+                  UserWarning, stacklevel=3)
+    return cfg.replace(batch_size=size)
 
 
 def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, tokenizer: Any,
@@ -210,13 +243,16 @@ def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, to
 
     _check_prunable(model)
     check_model(model)
-    calib = _calibration_tokens(model, cfg, calibration, tokenizer)
+    calib, mix = _calibration_tokens(model, cfg, calibration, tokenizer)
+    cfg = _dual_config(cfg, mix)
     was_training = model.training
     model.eval()
     try:
-        report = prune_structured(model, cfg, calib, _resolve_device(model, device), show_progress)
+        with use_mix(mix):
+            report = prune_structured(model, cfg, calib, _resolve_device(model, device), show_progress)
     finally:
         model.train(was_training)
+    report.calibration_sources = None if mix is None else mix.summary(cfg.seqlen)
     attach_report(model, cfg, report)
     if verbose:
         print(report)

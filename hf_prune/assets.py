@@ -594,3 +594,60 @@ def default_splits(text: str | None = None, calib_fraction: float = 0.8) -> tupl
         raise ValueError("text has no article boundary ('\\n\\n') to split at")
     cut = min(cands, key=lambda i: abs(i - target))
     return text[:cut], text[cut + 2 :]
+
+
+# ------------------------------------------------------------------------------------------- code domain
+#: folders of the standard library left out of the code corpus: tests (mostly data and fixtures), IDLE,
+#: demos, installed packages
+STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__"})
+
+
+def stdlib_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The ``.py`` files of the running interpreter's standard library (``Lib/``), sorted by relative path,
+    without `STDLIB_EXCLUDE` folders."""
+    import sysconfig
+
+    base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not base.is_dir():
+        raise FileNotFoundError(f"no standard library folder at {base}")
+    files = [p for p in base.rglob("*.py") if not STDLIB_EXCLUDE & set(p.relative_to(base).parts)]
+    return sorted(files, key=lambda p: p.relative_to(base).as_posix())
+
+
+def code_splits(eval_fraction: float = 0.2, max_chars: tuple[int, int] = (4_000_000, 1_000_000),
+                root: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """``(calibration, evaluation)`` Python source from the standard library, split by file: a file is held out
+    for evaluation when the SHA-1 of its relative path falls in the first ``eval_fraction`` of the hash range,
+    so no file is in both and the split does not depend on which other files exist. Files are concatenated in
+    path order (each preceded by a ``# file: <path>`` line) up to ``max_chars`` characters per split.
+
+    The corpus ships with every Python install; its content follows the interpreter's version (record it with
+    any result).
+    """
+    import hashlib
+
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    import sysconfig
+
+    top = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    files = stdlib_files(top)
+    parts: tuple[list[str], list[str]] = ([], [])
+    sizes = [0, 0]
+    for path in files:
+        rel = path.relative_to(top).as_posix()
+        h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big") / 2**64
+        side = 1 if h < eval_fraction else 0
+        if sizes[side] >= max_chars[side]:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        chunk = f"# file: {rel}\n{text.strip()}\n"
+        parts[side].append(chunk)
+        sizes[side] += len(chunk)
+    if not parts[0] or not parts[1]:
+        raise ValueError("the standard library gave an empty calibration or evaluation split")
+    return "\n\n".join(parts[0])[: max_chars[0]], "\n\n".join(parts[1])[: max_chars[1]]
+

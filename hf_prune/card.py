@@ -144,8 +144,8 @@ def read_evaluation(folder: str | os.PathLike) -> dict[str, Any]:
 def record_evaluation(folder: str | os.PathLike, results: dict[str, Any]) -> dict[str, Any]:
     """Merge ``results`` into the evaluation stored in ``folder`` and rewrite its card; return the merged dict.
 
-    Keys: ``"perplexity"`` / ``"dense_perplexity"`` (`hf_prune.evaluate.PerplexityResult.to_dict`) and
-    ``"lm_eval"`` (``{task: {metric: value}}``). They go into ``pruning_report.json`` (its ``evaluation`` field);
+    Keys: ``"perplexity"`` / ``"dense_perplexity"`` (`hf_prune.evaluate.PerplexityResult.to_dict`),
+    ``"perplexity_by_source"`` (``{text name: PerplexityResult.to_dict()}``) and ``"lm_eval"`` (``{task: {metric: value}}``). They go into ``pruning_report.json`` (its ``evaluation`` field);
     a folder without a report keeps them in ``eval_results.json`` under ``"evaluation"``. Files are written
     atomically; the card is regenerated unless the folder's ``README.md`` is the user's own.
 
@@ -399,6 +399,8 @@ def _options(report: dict | None, pruning: dict) -> list[tuple[str, str]]:
     config = dict((report or {}).get("config") or pruning)
     skip = {"method", "structure", "num_calibration_samples", "seqlen", "hf_prune_version", "achieved_sparsity",
             "achieved_fraction"}
+    if config.get("domain_weight") is None:
+        skip.add("domain_source")  # only meaningful with dual importance
     return [(k, _cell(json.dumps(v) if not isinstance(v, str) else v)) for k, v in config.items()
             if k not in skip and v not in (None, [], {}, "")]
 
@@ -415,7 +417,14 @@ def _calibration(report: dict | None, pruning: dict) -> str:
         return "the training data (no calibration pass)"
     if not n:
         return "none (data-free method)" if report else "not recorded"
-    return f"{n} samples × {seqlen} tokens"
+    text = f"{n} samples × {seqlen} tokens"
+    sources = (report or {}).get("calibration_sources")
+    if sources:
+        text += ": " + ", ".join(f"{s['name']} {s['samples']}" for s in sources)
+        dual = [s for s in sources if s.get("side") == "domain"]
+        if dual:
+            text += f" (dual importance: general + {dual[0]['weight']:g} × {dual[0]['name']})"
+    return _cell(text)
 
 
 def _result_line(report: dict | None, pruning: dict) -> str:
@@ -491,6 +500,12 @@ def _evaluation_text(evaluation: dict[str, Any]) -> str:
         line = (f"Perplexity **{ppl['ppl']:.3f}** on {ppl.get('windows')} held-out windows × {ppl.get('seqlen')} "
                 f"tokens (`hf-prune prune --eval`)")
         parts.append(line + (f"; the model before pruning: {dense['ppl']:.3f}." if dense else "."))
+    by_source = evaluation.get("perplexity_by_source") or {}
+    if by_source:
+        rows = ["| text | perplexity | windows × tokens |", "|---|---:|---|"]
+        rows += [f"| {_cell(name)} | {r['ppl']:.3f} | {r.get('windows')} × {r.get('seqlen')} |"
+                 for name, r in by_source.items()]
+        parts.append("Perplexity per held-out text (`hf-prune eval --text NAME=FILE ...`):\n\n" + "\n".join(rows))
     tasks = evaluation.get("lm_eval") or {}
     if tasks:
         limit = (evaluation.get("lm_eval_config") or {}).get("limit")

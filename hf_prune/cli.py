@@ -24,6 +24,8 @@ import sys
 from typing import Any
 
 EMBEDDED_TEXT = "wikipedia"
+EMBEDDED_CODE = "python-stdlib"  # the running interpreter's standard library source (hf_prune.assets.code_splits)
+_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_HELP = ("dtype to load and run the model in (default auto: bf16 on a GPU or on a CPU with native bf16 "
               "(AVX512_BF16/AMX), else float32, where bf16 is emulated and several times slower; the choice is "
@@ -58,7 +60,13 @@ def _load(name: str, dtype: str, device_map: str | None = None) -> tuple[Any, An
 
 
 def _text_source(value: str | None, split: str) -> Any:
-    """A file/dataset path as given, or the embedded Wikipedia split as a list of one string."""
+    """A file/dataset path as given, or an embedded corpus split (``wikipedia``, ``python-stdlib``) as a list of
+    one string."""
+    if value == EMBEDDED_CODE:
+        from .assets import code_splits
+
+        calib, held_out = code_splits()
+        return [calib if split == "calibration" else held_out]
     if value not in (None, EMBEDDED_TEXT):
         return value
     from .assets import default_splits
@@ -67,14 +75,71 @@ def _text_source(value: str | None, split: str) -> Any:
     return [calib if split == "calibration" else held_out]
 
 
-def _read_eval_text(value: str | None) -> str:
-    source = _text_source(value, "evaluation")
+def split_named(values: list[str] | None, flag: str) -> list[tuple[str | None, str]]:
+    """``--flag NAME=VALUE`` (repeatable) or one plain ``--flag VALUE`` as ``[(name or None, value)]``.
+
+    >>> split_named(["general=wiki.txt", "domain=code.txt"], "--calibration")
+    [('general', 'wiki.txt'), ('domain', 'code.txt')]
+    >>> split_named(["data.txt"], "--calibration")
+    [(None, 'data.txt')]
+    """
+    import re
+
+    out: list[tuple[str | None, str]] = []
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if sep and re.match(_NAME_RE, name) and not os.path.exists(value):
+            out.append((name, rest))
+        else:
+            out.append((None, value))
+    names = [n for n, _ in out]
+    if len(out) > 1 and None in names:
+        raise SystemExit(f"hf-prune: several {flag} values need a name each, as {flag} NAME=FILE (e.g. "
+                         f"{flag} general=wiki.txt {flag} domain=code.txt); got {values}")
+    dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dupes:
+        raise SystemExit(f"hf-prune: {flag} names {dupes} more than once; give each source one name")
+    return out
+
+
+def _calibration_source(values: list[str] | None) -> Any:
+    """The ``calibration=`` argument from ``--calibration`` values: one source, or a dict of named sources."""
+    named = split_named(values, "--calibration")
+    if not named:
+        return _text_source(None, "calibration")
+    if named[0][0] is None:
+        return _text_source(named[0][1], "calibration")
+    return {name: _text_source(value, "calibration") for name, value in named}
+
+
+def _read_text(source: Any, flag: str) -> str:
     if isinstance(source, list):
         return source[0]
     if not os.path.isfile(source):
-        raise SystemExit(f"hf-prune eval: --text {source!r} is not a file; pass a UTF-8 text file")
+        raise SystemExit(f"hf-prune: {flag} {source!r} is not a file; pass a UTF-8 text file, or '{EMBEDDED_TEXT}' / "
+                         f"'{EMBEDDED_CODE}' for an embedded held-out split")
     with open(source, encoding="utf-8") as fh:
         return fh.read()
+
+
+def _read_eval_text(value: str | None) -> str:
+    return _read_text(_text_source(value, "evaluation"), "--text")
+
+
+def _parse_weights(values: list[str] | None) -> dict[str, float] | None:
+    """``--calibration-weights general=1 domain=3`` as a dict."""
+    if not values:
+        return None
+    out: dict[str, float] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        try:
+            out[name] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise SystemExit(f"hf-prune: --calibration-weights {value!r}: expected NAME=NUMBER, e.g. general=1 domain=3")
+    return out
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
@@ -94,6 +159,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         ("seed", args.seed),
         ("targets", args.targets),
         ("ignore", args.ignore),
+        ("calibration_weights", _parse_weights(getattr(args, "calibration_weights", None))),
+        ("domain_weight", getattr(args, "domain_weight", None)),
+        ("domain_source", getattr(args, "domain_source", None)),
     ):
         if value is not None:
             data[field] = value
@@ -114,7 +182,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
         raise SystemExit(f"hf-prune prune: --output {args.output!r} exists and is not empty; pass --overwrite")
     model, tokenizer = _load(args.model, args.dtype, args.device_map)
-    calibration = _text_source(args.calibration, "calibration")
+    calibration = _calibration_source(args.calibration)
     dense = None
     if args.eval and args.eval_dense:
         dense = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen, max_windows=args.eval_windows)
@@ -176,10 +244,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks:
         return _cmd_lm_eval(args)
+    named = split_named(args.text, "--text")
+    texts = {name: _read_text(_text_source(value, "evaluation"), "--text") for name, value in named}  # before loading
+    if not texts:
+        texts = {None: _read_eval_text(None)}
     model, tokenizer = _load(args.model, args.dtype, args.device_map)
-    res = perplexity(model, _read_eval_text(args.text), tokenizer, args.seqlen, args.batch_size, args.max_windows)
-    print(json.dumps(res.to_dict(), indent=2) if args.json else
-          f"perplexity {res.ppl:.3f} on {res.windows} windows x {res.seqlen} tokens ({res.tokens} predicted)")
+    results = {name: perplexity(model, text, tokenizer, args.seqlen, args.batch_size, args.max_windows)
+               for name, text in texts.items()}
+    if None in results:  # one unnamed text: the single-result output of earlier releases
+        res = results[None]
+        print(json.dumps(res.to_dict(), indent=2) if args.json else
+              f"perplexity {res.ppl:.3f} on {res.windows} windows x {res.seqlen} tokens ({res.tokens} predicted)")
+        return 0
+    data = {name: res.to_dict() for name, res in results.items()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for name, res in results.items():
+            print(f"{name:<16} perplexity {res.ppl:.3f} on {res.windows} windows x {res.seqlen} tokens")
+    folder = _resolve_model_path(args.model)
+    from .assets import DEFAULT_MODEL_NAME
+
+    if os.path.isfile(os.path.join(folder, "config.json")) and args.model != DEFAULT_MODEL_NAME:
+        from .card import record_evaluation
+
+        record_evaluation(folder, {"perplexity_by_source": data})
+        print(f"recorded in {folder} (pruning_report.json 'evaluation' and README.md)", file=sys.stderr)
     return 0
 
 
@@ -349,8 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "easy-ep, expert-frequency, random-experts) the fraction of routed experts")
     p.add_argument("--structure", help="'unstructured' or 'N:M' such as 2:4 (default unstructured); structured "
                    "methods fill it in (width | depth | sublayer | experts)")
-    p.add_argument("--calibration", help="text file, .json/.jsonl/.csv/.parquet, or a save_to_disk dataset folder; "
-                   f"default '{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%)")
+    p.add_argument("--calibration", action="append", metavar="[NAME=]SOURCE",
+                   help="text file, .json/.jsonl/.csv/.parquet, or a save_to_disk dataset folder; "
+                   f"'{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%, the default), '{EMBEDDED_CODE}' = "
+                   "this Python's standard library source (80%% of its files). Repeat as NAME=SOURCE for named "
+                   "sources, e.g. --calibration general=wikipedia --calibration domain=python-stdlib")
+    p.add_argument("--calibration-weights", nargs="+", metavar="NAME=W",
+                   help="share of the calibration samples per named source, e.g. general=1 domain=3 (default equal)")
+    p.add_argument("--domain-weight", type=float, metavar="LAMBDA",
+                   help="dual importance: keep general and domain statistics apart and combine them as general + "
+                   "LAMBDA x domain (wanda, sparsegpt, ria, admm, flap, wanda-sp)")
+    p.add_argument("--domain-source", help="name of the domain source for --domain-weight (default 'domain')")
     p.add_argument("--output", "-o", required=True, help="folder to save the pruned model into")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
     p.add_argument("--config", help="PruningConfig as a JSON file; flags override its fields")
@@ -396,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity with the standard protocol")
     e.add_argument("model", help="model folder, Hub id, or 'smollm2'")
-    e.add_argument("--text", help=f"text file (default '{EMBEDDED_TEXT}' held-out split)")
+    e.add_argument("--text", action="append", metavar="[NAME=]FILE",
+                   help=f"text file (default '{EMBEDDED_TEXT}' held-out split; '{EMBEDDED_CODE}' = held-out standard "
+                   "library files). Repeat as NAME=FILE to report each text's perplexity, e.g. --text "
+                   "general=wikipedia --text domain=python-stdlib (recorded in the folder's report and card)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")

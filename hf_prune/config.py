@@ -198,7 +198,7 @@ def _check_foreign_value(name: str, value: Any) -> None:
 
 
 _COMMON = ("method", "sparsity", "structure", "targets", "ignore", "num_calibration_samples", "seqlen",
-           "batch_size", "seed", "restore_on_error")
+           "batch_size", "seed", "restore_on_error", "calibration_weights", "domain_weight", "domain_source")
 
 
 @dataclass(init=False, eq=False)
@@ -225,6 +225,14 @@ class PruningConfig:
         restore_on_error: keep a CPU copy of each block's original weights so that a failure half-way
             restores the model. Turn off for models that do not fit twice in CPU memory; a failed run
             then marks the model as incomplete and `save_pretrained` refuses it.
+        calibration_weights: with named calibration sources (``calibration={"general": ..., "domain": ...}``),
+            each source's share of the ``num_calibration_samples`` windows, e.g. ``{"general": 1, "domain": 3}``
+            (normalised; default equal shares). See `hf_prune.core.sources`.
+        domain_weight: λ of dual importance (D-Pruner style): statistics are kept separately for the domain
+            source and the general ones, each normalised to its own scale, and the methods see
+            ``general + λ · domain``. Needs a source named ``domain_source``. For the methods that read
+            activation statistics: wanda, sparsegpt, ria, admm (and OWL), flap, wanda-sp. ``None``: off.
+        domain_source: the name of the domain source for ``domain_weight`` (default ``"domain"``).
         options: the method's options object (its registered dataclass); built from ``**option_values`` (or
             defaults) when omitted.
         **option_values: fields of the method's options, flat (``blocksize=64`` for sparsegpt). Reading
@@ -241,18 +249,23 @@ class PruningConfig:
     batch_size: int
     seed: int
     restore_on_error: bool
+    calibration_weights: dict[str, float] | None
+    domain_weight: float | None
+    domain_source: str
     options: MethodOptions | None
 
     def __init__(self, method: str = "wanda", sparsity: float | None = 0.5, structure: str = "unstructured",
                  targets: list[str] | None = None, ignore: list[str] | None = None,
                  num_calibration_samples: int = 128, seqlen: int = 512, batch_size: int = 8, seed: int = 0,
-                 restore_on_error: bool = True, options: MethodOptions | None = None,
-                 **option_values: Any) -> None:
+                 restore_on_error: bool = True, calibration_weights: dict[str, float] | None = None,
+                 domain_weight: float | None = None, domain_source: str = "domain",
+                 options: MethodOptions | None = None, **option_values: Any) -> None:
         self.method, self.sparsity, self.structure = method, sparsity, structure
         self.targets = targets
         self.ignore = list(DEFAULT_IGNORE) if ignore is None else ignore
         self.num_calibration_samples, self.seqlen, self.batch_size = num_calibration_samples, seqlen, batch_size
         self.seed, self.restore_on_error = seed, restore_on_error
+        self.calibration_weights, self.domain_weight, self.domain_source = calibration_weights, domain_weight, domain_source
         self._check_method()
         self.options = self._build_options(options, option_values)
         self.validate()
@@ -347,6 +360,7 @@ class PruningConfig:
             raise ConfigError(f"seed={self.seed!r} must be an integer")
         if not isinstance(self.restore_on_error, bool):
             raise ConfigError(f"restore_on_error={self.restore_on_error!r} must be True or False")
+        self._validate_sources()
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if value is None and name == "targets":
@@ -358,6 +372,32 @@ class PruningConfig:
             setattr(self, name, list(value))
         if self.options is not None:
             self.options.check_config(self)
+
+    def _validate_sources(self) -> None:
+        weights = self.calibration_weights
+        if weights is not None:
+            bad = not isinstance(weights, dict) or not weights or any(
+                not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                or not math.isfinite(v) for k, v in weights.items())
+            if bad:
+                raise ConfigError(f"calibration_weights={weights!r} must map calibration source names to numbers "
+                                  ">= 0, e.g. {'general': 1, 'domain': 1}")
+            if not sum(weights.values()) > 0:
+                raise ConfigError(f"calibration_weights={weights!r} sum to 0; they must sum to a positive number")
+            self.calibration_weights = {k: float(v) for k, v in weights.items()}
+        lam = self.domain_weight
+        if lam is not None:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (lam >= 0 and math.isfinite(lam)):
+                raise ConfigError(f"domain_weight={lam!r} must be a number >= 0 (λ in general + λ · domain), or None "
+                                  "for no dual importance")
+            self.domain_weight = float(lam)
+            if not _supports_dual(self.method):
+                raise ConfigError(
+                    f"domain_weight (dual importance) does not apply to method={self.method!r}: it needs per-source "
+                    f"activation statistics, which {sorted(m for m in available_methods() if _supports_dual(m))} "
+                    "read. Mix the sources with calibration_weights instead")
+        if not isinstance(self.domain_source, str) or not self.domain_source:
+            raise ConfigError(f"domain_source={self.domain_source!r} must be the (non-empty) name of a calibration source")
 
     @property
     def family(self) -> str:
@@ -469,6 +509,11 @@ class PruningConfig:
         for key in ("achieved_sparsity", "achieved_fraction", "hf_prune_version"):  # run metadata, not fields
             data.pop(key, None)
         return cls.from_dict(data)
+
+
+def _supports_dual(method: str) -> bool:
+    probe = getattr(get_spec(method).implementation, "supports_dual", None)
+    return bool(probe()) if callable(probe) else False
 
 
 def check_fraction(name: str, value: Any) -> None:

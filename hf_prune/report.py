@@ -50,6 +50,9 @@ class Report:
     seqlen: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     kind: str = "oneshot"
+    #: named calibration sources (`hf_prune.core.sources.CalibrationMix.summary`): name, samples, tokens, share
+    #: (and side and weight under dual importance); ``None`` for a single source
+    calibration_sources: list[dict[str, Any]] | None = None
     #: results of evaluations run on the saved checkpoint (`hf_prune.card.record_evaluation`): ``perplexity``,
     #: ``dense_perplexity`` (`hf_prune.evaluate.PerplexityResult.to_dict`), ``lm_eval`` ({task: {metric: value}})
     evaluation: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +81,13 @@ class Report:
         if len(shown) < len(rows):
             lines.append(f"... {len(rows) - len(shown)} more {noun} (see {REPORT_FILE})")
         return [*lines, "-" * len(head)]
+
+    def sources_line(self) -> str:
+        """``calibration: general 64 samples (50%), domain 64 (50%)`` (and the dual-importance weights)."""
+        parts = [f"{s['name']} {s['samples']} samples ({s['share']:.0%})" for s in self.calibration_sources or ()]
+        dual = [s for s in self.calibration_sources or () if s.get("side") == "domain"]
+        extra = f"; dual importance general + {dual[0]['weight']:g} x {dual[0]['name']}" if dual else ""
+        return "calibration: " + ", ".join(parts) + extra
 
     def cost_line(self) -> str:
         """``time ..., peak RSS ...`` (and peak device memory when measured)."""
@@ -178,6 +188,8 @@ class PruningReport(Report):
             f"({1 - self.total_nonzero / max(self.total_params, 1):.2%} zeros overall)"
         )
         lines.append(self.cost_line())
+        if self.calibration_sources:
+            lines.append(self.sources_line())
         if self.owl_choice:
             lines.append(owl_line(self.owl_choice, self.block_sparsity))
         if self.skipped:
@@ -284,6 +296,8 @@ class StructuredReport(Report):
             f"{'stock transformers' if self.reload_path == 'stock' else 'hf_prune or trust_remote_code=True'}"
         )
         lines.append(self.cost_line())
+        if self.calibration_sources:
+            lines.append(self.sources_line())
         return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .blocks import StopBlock
 from .model import PrunableLayer, read_param
+from .sources import combine_second_moments
 
 #: ``sum_across(tensors) -> sums``: element-wise sums of ``tensors`` over every process (identity in one process)
 SumAcross = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
@@ -104,6 +105,35 @@ class InputStats:
             self.hessian = next(summed)
 
 
+def combine_input_stats(general: dict[str, InputStats], domain: dict[str, InputStats], domain_weight: float
+                        ) -> dict[str, InputStats]:
+    """Dual importance (`hf_prune.core.sources`): per key, one `InputStats` over both sides' tokens whose
+    ``sum_sq`` and Hessian are `combine_second_moments` of the general and the domain statistics, so methods read
+    ``general + λ · domain`` (each side normalised to its own scale) as if it were one calibration set.
+
+    Example:
+        >>> g = InputStats(2, torch.device("cpu"), norms=True, hessian=False); g.add(torch.tensor([[1.0, 1.0]]))
+        >>> d = InputStats(2, torch.device("cpu"), norms=True, hessian=False); d.add(torch.tensor([[2.0, 0.0]]))
+        >>> out = combine_input_stats({"q": g}, {"q": d}, 1.0)["q"]
+        >>> out.n_tokens, out.sum_sq.tolist()
+        (2, [3.0, 1.0])
+    """
+    if sorted(general) != sorted(domain):
+        raise ValueError(f"general and domain statistics of different layers: {sorted(general)} vs {sorted(domain)}")
+    out: dict[str, InputStats] = {}
+    for key, g in general.items():
+        d = domain[key]
+        total = g.n_tokens + d.n_tokens
+        c = InputStats.__new__(InputStats)
+        c.n_tokens = total
+        c.sum_sq = None if g.sum_sq is None else combine_second_moments(
+            g.sum_sq, g.n_tokens, d.sum_sq, d.n_tokens, domain_weight, total)  # type: ignore[arg-type]
+        c.hessian = None if g.hessian is None else torch.triu(combine_second_moments(
+            g.full_hessian(), g.n_tokens, d.full_hessian(), d.n_tokens, domain_weight, total))
+        out[key] = c
+    return out
+
+
 #: ``factory(in_features, device) -> accumulator`` (anything with ``add(x)``), as `fold_input` calls it.
 AccumulatorFactory = Callable[[int, torch.device], Any]
 
@@ -130,8 +160,11 @@ class StatsCollector:
     """Forward hooks that accumulate `InputStats` per group of layers sharing one input tensor."""
 
     def __init__(
-        self, layers: list[PrunableLayer], device: torch.device, norms: bool, hessian: bool, early_stop: bool = False
+        self, layers: list[PrunableLayer], device: torch.device, norms: bool, hessian: bool, early_stop: bool = False,
+        tags: Sequence[str] | None = None,
     ) -> None:
+        """``tags``: one label per calibration batch (in run order); each label's batches then accumulate into
+        their own statistics, ``by_tag[label]`` (dual importance: ``"general"`` and ``"domain"``)."""
         self.layers = layers
         self.early_stop = early_stop
         self._fired: set[int] = set()
@@ -139,7 +172,10 @@ class StatsCollector:
         self.device = device
         self.norms, self.hessian = norms, hessian
         self.groups: dict[str, list[PrunableLayer]] = {}
-        self.stats: dict[str, InputStats] = {}
+        self.tags = list(tags) if tags else None
+        self._batch = 0
+        self.by_tag: dict[str, dict[str, InputStats]] = {t: {} for t in self.tags or ()}
+        self.stats: dict[str, InputStats] = self.by_tag[self.tags[0]] if self.tags else {}
         self._leader: dict[str, str] = {}
         self._first_batch = True
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -184,7 +220,8 @@ class StatsCollector:
                 self.groups[layer.name] = [layer]
                 self._leader[layer.name] = layer.name
                 layer.stats_key = layer.name
-                self.stats[layer.name] = self._new_stats(layer.shape[1])
+                for stats in (self.by_tag.values() if self.tags else [self.stats]):
+                    stats[layer.name] = self._new_stats(layer.shape[1])
 
         def hook(mod: nn.Module, args: tuple) -> None:
             hidden, top_k_index = args[0], args[1]
@@ -218,6 +255,9 @@ class StatsCollector:
             self._handles.append(module.register_forward_pre_hook(self._experts_hook(module, layers)))
 
     def end_batch(self) -> None:
+        self._batch += 1
+        if self.tags and self._batch < len(self.tags):
+            self.stats = self.by_tag[self.tags[self._batch]]
         self._first_batch = False
         self._seen.clear()
         self._fired.clear()

@@ -27,6 +27,12 @@ class PruningMethod:
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
 
+    @classmethod
+    def supports_dual(cls) -> bool:
+        """Whether dual importance (``domain_weight``, `hf_prune.core.sources`) applies: the method reads the
+        activation statistics that are then kept per calibration source."""
+        return cls.needs_norms or cls.needs_hessian
+
     def prune_group(
         self,
         weights: Sequence[torch.Tensor],

@@ -58,7 +58,8 @@ from ..core.distributed import (
     world,
 )
 from ..core.model import PrunableLayer, find_blocks, iter_prunable
-from ..core.stats import InputStats, StatsCollector
+from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags
+from ..core.stats import InputStats, StatsCollector, combine_input_stats
 from ..errors import NumericalError
 from ..registry import get_method
 from ..report import LayerRow
@@ -129,6 +130,8 @@ class SequentialPruner:
         self.committed = 0
         self.block_sparsity: list[float] = [float(config.sparsity)] * len(self.blocks)  # type: ignore[arg-type]
         self.owl_choice: dict | None = None  # what OWL chose (hyper-parameters, search losses)
+        self.tags: list[str] | None = None  # dual importance: "general"/"domain" per calibration batch
+        self.domain_weight = 0.0
 
     @property
     def needs_calibration(self) -> bool:
@@ -150,6 +153,7 @@ class SequentialPruner:
         if self.needs_calibration:
             assert calib is not None
             everything, calib = calib, self._own_batches(calib)
+            self.tags = self._batch_tags(everything)
             with failing_together("recording the inputs of the decoder blocks"):
                 hidden, calls = record_block_inputs(self.model, self.blocks, calib, self.config.batch_size)
                 hidden = [h.to(self.device) for h in hidden]
@@ -186,7 +190,8 @@ class SequentialPruner:
                  ) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
         """Statistics of block ``i``'s layer inputs over the calibration batches of every process, and this
         process's block outputs (none with ``early_stop``)."""
-        collector = StatsCollector(layers, self.device, norms, hessian, early_stop=early_stop)
+        tags = self.tags[: len(hidden)] if self.tags else None
+        collector = StatsCollector(layers, self.device, norms, hessian, early_stop=early_stop, tags=tags)
         with failing_together(f"running block {i} ({self.prefix}.{i}) on its calibration batches"):
             collector.attach()
             try:
@@ -195,8 +200,21 @@ class SequentialPruner:
                 collector.detach()
         if world().active:
             check_same([fingerprint(layer.read_weight()) for layer in layers], f"the weights of block {i}")
+        if tags is None:
             all_reduce_stats(collector.stats, f"statistics of block {i}")
-        return collector.stats, outputs
+            return collector.stats, outputs
+        for side in (GENERAL, DOMAIN):
+            all_reduce_stats(collector.by_tag[side], f"{side} statistics of block {i}")
+        return combine_input_stats(collector.by_tag[GENERAL], collector.by_tag[DOMAIN], self.domain_weight), outputs
+
+    def _batch_tags(self, everything: torch.Tensor) -> list[str] | None:
+        """Under dual importance (`hf_prune.core.sources`), the side of each of this process's batches."""
+        mix = active_mix(everything)
+        if mix is None:
+            return None
+        self.domain_weight = float(mix.domain_weight)  # type: ignore[arg-type]
+        rows = shard_batches(torch.arange(everything.shape[0]).unsqueeze(1), self.config.batch_size).squeeze(1)
+        return batch_tags(mix, rows, self.config.batch_size)
 
     def _owl(self, hidden: list[torch.Tensor], calls: list, calib: torch.Tensor) -> None:
         """OWL's per-block sparsities (`hf_prune.oneshot.owl`): one dense sweep for the outlier ratios (and, with

@@ -54,12 +54,13 @@ from ..core.distributed import (
     world,
 )
 from ..core.model import find_blocks, input_device
-from ..core.stats import SumAcross, input_hook
+from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags
+from ..core.stats import SumAcross, fold_input
 from ..errors import NumericalError
 from .expert_scores import ExpertStats, token_contribution
 from .plan import BlockSpec
 from .reconstruct import PairedMoments
-from .scores import RunningMoments, angular_distance, span_distances, token_cosine
+from .scores import RunningMoments, angular_distance, combine_moments, span_distances, token_cosine
 
 BlockHook = Callable[[int, nn.Module], list[Any]]
 BlockDone = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
@@ -109,6 +110,15 @@ class ReduciblePairedMoments(PairedMoments):
         self.n = int(n[0])
 
 
+def _dual_tags(calibration: torch.Tensor, batch_size: int) -> list[str] | None:
+    """Under dual importance (`hf_prune.core.sources`), the side of each of this process's batches."""
+    mix = active_mix(calibration)
+    if mix is None:
+        return None
+    rows = shard_batches(torch.arange(calibration.shape[0]).unsqueeze(1), batch_size).squeeze(1)
+    return batch_tags(mix, rows, batch_size)
+
+
 def sweep_blocks(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -118,11 +128,13 @@ def sweep_blocks(
     after: BlockDone | None = None,
     desc: str = "structured: statistics",
     show_progress: bool = False,
+    after_batch: Callable[[], None] | None = None,
 ) -> None:
     """Run the calibration batches through the dense model block by block.
 
     ``before(i, block)`` may register hooks and returns their handles (removed after the block ran);
-    ``after(i, inputs, outputs)`` sees the block's per-batch input and output hidden states.
+    ``after(i, inputs, outputs)`` sees the block's per-batch input and output hidden states; ``after_batch()``
+    is called after every batch of every block.
 
     With several processes each runs its own calibration batches (`hf_prune.core.distributed.shard_batches`);
     the callers sum what the hooks collected afterwards. A failure on one process is raised on all.
@@ -138,7 +150,7 @@ def sweep_blocks(
             with on_device(block, device):
                 handles = before(i, block) if before is not None else []
                 try:
-                    out = run_block(block, hidden, calls[i], device)
+                    out = run_block(block, hidden, calls[i], device, after_batch)
                 finally:
                     for h in handles:
                         h.remove()
@@ -164,15 +176,38 @@ def collect_width_stats(
     """
     stats: dict[str, RunningMoments] = {}
     by_block = {s.index: s for s in specs}
+    tags = _dual_tags(calibration, batch_size)
+    by_tag: dict[str, dict[str, RunningMoments]] = {t: {} for t in (GENERAL, DOMAIN)}
+    batch = [0]
+
+    def hook(path: str) -> Callable:
+        def fold(module: nn.Module, args: tuple) -> None:
+            store = stats if tags is None else by_tag[tags[batch[0]]]
+            fold_input(store, path, args[0], ReducibleMoments)
+
+        return fold
 
     def before(i: int, block: nn.Module) -> list[Any]:
+        batch[0] = 0
         spec = by_block.get(i)
         paths = [] if spec is None else [p for p in (spec.attention and spec.attention.o,
                                                      spec.mlp and spec.mlp.output) if p]
-        return [model.get_submodule(p).register_forward_pre_hook(input_hook(stats, p, ReducibleMoments)) for p in paths]
+        return [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
 
-    sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress)
-    all_reduce_stats(stats, "structured input statistics")
+    def next_batch() -> None:
+        batch[0] += 1
+
+    sweep_blocks(model, calibration, batch_size, device, before=before, desc=desc, show_progress=show_progress,
+                 after_batch=next_batch)
+    if tags is None:
+        all_reduce_stats(stats, "structured input statistics")
+    else:
+        mix = active_mix(calibration)
+        assert mix is not None
+        for side in (GENERAL, DOMAIN):
+            all_reduce_stats(by_tag[side], f"structured {side} input statistics")
+        stats = {p: combine_moments(by_tag[GENERAL][p], by_tag[DOMAIN][p], float(mix.domain_weight))  # type: ignore[arg-type]
+                 for p in by_tag[GENERAL]}
     for path, s in stats.items():
         if not s.is_finite():
             raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")

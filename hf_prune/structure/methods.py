@@ -158,6 +158,10 @@ class StructuredMethod(PruningMethod):
 
     structured: ClassVar[str] = ""
 
+    @classmethod
+    def supports_dual(cls) -> bool:
+        return False
+
     def plan(
         self, model: nn.Module, calibration: torch.Tensor | None, config: Any, device: torch.device,
         show_progress: bool = True,
@@ -264,6 +268,10 @@ class _ActivationWidthMethod(_WidthMethod):
     """Scores from the inputs of the attention / MLP output projections (FLAP, Wanda-sp)."""
 
     compensates = True
+
+    @classmethod
+    def supports_dual(cls) -> bool:
+        return True  # collect_width_stats keeps general and domain moments apart under domain_weight
 
     def channel_scores(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
         raise NotImplementedError

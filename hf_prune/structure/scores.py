@@ -79,6 +79,35 @@ class RunningMoments:
         return bool(torch.isfinite(self.mean).all()) and bool(torch.isfinite(self.m2).all())
 
 
+def combine_moments(general: RunningMoments, domain: RunningMoments, domain_weight: float) -> RunningMoments:
+    """Dual importance of per-channel moments (`hf_prune.core.sources`): the result has the general and the domain
+    tokens' count, the mean ``(μ_G + λ μ_D) / (1 + λ)`` (raw units: FLAP's bias compensation adds it back) and the
+    variance ``s̄ · (v_G / s_G + λ v_D / s_D) / (1 + λ)``, each side's within-source variance divided by its mean
+    second moment ``s`` (so λ, not loudness, weighs the sides) and ``s̄ = (s_G + λ s_D) / (1 + λ)`` restoring the
+    units. Its ``sum_sq`` follows from these, as for any `RunningMoments`.
+
+    Example:
+        >>> g, d = RunningMoments(2), RunningMoments(2)
+        >>> g.add(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])); d.add(torch.tensor([[0.0, 2.0], [0.0, -2.0]]))
+        >>> c = combine_moments(g, d, 1.0)
+        >>> c.n, c.mean.tolist(), c.var.tolist()
+        (4, [0.0, 0.0], [1.25, 1.25])
+    """
+    lam = float(domain_weight)
+
+    def scale(m: RunningMoments) -> float:
+        second = (m.m2 / max(m.n, 1) + m.mean.square()).mean()
+        return float(second) if float(second) > 0 else 1.0
+
+    sg, sd = scale(general), scale(domain)
+    var = (general.m2 / max(general.n, 1) / sg + lam * domain.m2 / max(domain.n, 1) / sd) / (1 + lam)
+    out = type(general)(general.mean.numel(), general.mean.device)
+    out.n = general.n + domain.n
+    out.mean = (general.mean + lam * domain.mean) / (1 + lam)
+    out.m2 = var * ((sg + lam * sd) / (1 + lam)) * out.n
+    return out
+
+
 def fluctuation_scores(weight: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """FLAP: ``S_j = Var(X_j) * ||W[:, j]||^2`` per input channel ``j`` of ``weight`` ``[out, in]``."""
     w = weight.float()
