@@ -177,7 +177,7 @@ def prune(
         owl_choice=pruner.owl_choice if cfg.owl else None,
         skipped=pruner.skipped,
         config=cfg.to_dict(),
-        calibration_sources=None if mix is None else mix.summary(cfg.seqlen),
+        calibration_sources=None if mix is None else mix.summary(),
     )
     attach_report(model, cfg, report)
     if verbose:
@@ -252,7 +252,7 @@ def _prune_structured(model: nn.Module, cfg: PruningConfig, calibration: Any, to
             report = prune_structured(model, cfg, calib, _resolve_device(model, device), show_progress)
     finally:
         model.train(was_training)
-    report.calibration_sources = None if mix is None else mix.summary(cfg.seqlen)
+    report.calibration_sources = None if mix is None else mix.summary()
     attach_report(model, cfg, report)
     if verbose:
         print(report)

@@ -127,18 +127,26 @@ def _read_eval_text(value: str | None) -> str:
 
 
 def _parse_weights(values: list[str] | None) -> dict[str, float] | None:
-    """``--calibration-weights general=1 domain=3`` as a dict."""
+    """``--calibration-weights general=1,domain=3`` (or the flag repeated) as a dict.
+
+    >>> _parse_weights(["general=1,domain=3"])
+    {'general': 1.0, 'domain': 3.0}
+    """
     if not values:
         return None
     out: dict[str, float] = {}
-    for value in values:
-        name, sep, number = value.partition("=")
+    for value in (v for text in values for v in text.split(",") if v.strip()):
+        name, sep, number = value.strip().partition("=")
         try:
-            out[name] = float(number)
+            weight = float(number)
         except ValueError:
             sep = ""
         if not sep or not name:
-            raise SystemExit(f"hf-prune: --calibration-weights {value!r}: expected NAME=NUMBER, e.g. general=1 domain=3")
+            raise SystemExit(f"hf-prune: --calibration-weights {value!r}: expected NAME=NUMBER, e.g. "
+                             "--calibration-weights general=1,domain=3")
+        if name in out:
+            raise SystemExit(f"hf-prune: --calibration-weights names {name!r} twice")
+        out[name] = weight
     return out
 
 
@@ -181,8 +189,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # validate flags before loading anything
     if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
         raise SystemExit(f"hf-prune prune: --output {args.output!r} exists and is not empty; pass --overwrite")
+    calibration = _calibration_source(args.calibration)  # names and weights checked before loading the model
+    if isinstance(calibration, dict) or config.domain_weight is not None or config.calibration_weights is not None:
+        from .core.sources import check_source_config
+        from .errors import CalibrationError
+
+        try:
+            check_source_config(list(calibration) if isinstance(calibration, dict) else None,
+                                config.calibration_weights, config.domain_weight, config.domain_source)
+        except CalibrationError as exc:
+            raise SystemExit(f"hf-prune prune: {exc}") from None
     model, tokenizer = _load(args.model, args.dtype, args.device_map)
-    calibration = _calibration_source(args.calibration)
     dense = None
     if args.eval and args.eval_dense:
         dense = perplexity(model, _read_eval_text(args.eval_text), tokenizer, args.eval_seqlen, max_windows=args.eval_windows)
@@ -444,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"'{EMBEDDED_TEXT}' = the embedded Wikipedia sample (first 80%%, the default), '{EMBEDDED_CODE}' = "
                    "this Python's standard library source (80%% of its files). Repeat as NAME=SOURCE for named "
                    "sources, e.g. --calibration general=wikipedia --calibration domain=python-stdlib")
-    p.add_argument("--calibration-weights", nargs="+", metavar="NAME=W",
-                   help="share of the calibration samples per named source, e.g. general=1 domain=3 (default equal)")
+    p.add_argument("--calibration-weights", action="append", metavar="NAME=W[,NAME=W]",
+                   help="share of the calibration samples per named source, e.g. general=1,domain=3 (default equal)")
     p.add_argument("--domain-weight", type=float, metavar="LAMBDA",
                    help="dual importance: keep general and domain statistics apart and combine them as general + "
                    "LAMBDA x domain (wanda, sparsegpt, ria, admm, flap, wanda-sp)")

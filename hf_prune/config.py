@@ -391,7 +391,8 @@ class PruningConfig:
                 raise ConfigError(f"domain_weight={lam!r} must be a number >= 0 (λ in general + λ · domain), or None "
                                   "for no dual importance")
             self.domain_weight = float(lam)
-            if not _supports_dual(self.method):
+            owl = self.family == "oneshot" and bool(getattr(self.options, "owl", False))
+            if not (_supports_dual(self.method) or owl):
                 raise ConfigError(
                     f"domain_weight (dual importance) does not apply to method={self.method!r}: it needs per-source "
                     f"activation statistics, which {sorted(m for m in available_methods() if _supports_dual(m))} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,6 +46,9 @@ CASES: dict[str, dict] = {
     "reap_moe": dict(method="reap", sparsity=0.25, arch="qwen3_moe"),
     "easy_ep_global_merge": dict(method="easy-ep", sparsity=0.5, expert_allocation="global", expert_merge=True,
                                  arch="mixtral"),
+    # dual importance: rank 0 runs the general batches, rank 1 the domain ones; each side summed over the ranks
+    "wanda_dual": dict(method="wanda", sparsity=0.5, domain_weight=2.0, sources=True),
+    "flap_dual": dict(method="flap", sparsity=0.2, domain_weight=0.5, sources=True),
 }
 STRUCTURED = ("flap", "taylor", "angular", "reap", "easy-ep")
 SAMPLES, SEQLEN, BATCH = 8, 32, 2
@@ -54,9 +58,12 @@ def run_case(name: str) -> dict[str, torch.Tensor]:
     """Prune a fresh tiny Llama with case ``name``; its state dict."""
     case = dict(CASES[name])
     arch = case.pop("arch", None)
+    calibration: Any = calib_ids(SAMPLES, SEQLEN)
+    if case.pop("sources", False):
+        calibration = {"general": calibration, "domain": calib_ids(SAMPLES, SEQLEN, seed=1) % 40}
     model = build("llama") if arch is None else build_moe(arch)
     cfg = PruningConfig(**case, num_calibration_samples=SAMPLES, seqlen=SEQLEN, batch_size=BATCH)
-    model.prune(cfg, calibration=calib_ids(SAMPLES, SEQLEN), verbose=False, show_progress=False)
+    model.prune(cfg, calibration=calibration, verbose=False, show_progress=False)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 

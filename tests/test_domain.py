@@ -88,17 +88,26 @@ def test_combine_input_stats_hessian_and_norms() -> None:
 
 def test_combine_moments_matches_a_naive_formula() -> None:
     torch.manual_seed(2)
-    xg, xd = torch.randn(64, 5) + 2, torch.randn(32, 5) * 4 - 1
+    xg, xd = (torch.randn(64, 5) + 2).double(), (torch.randn(32, 5) * 4 - 1).double()
     g, d = RunningMoments(5), RunningMoments(5)
     g.add(xg)
     d.add(xd)
     lam = 0.5
     c = combine_moments(g, d, lam)
-    sg, sd = xg.double().square().mean(0).mean(), xd.double().square().mean(0).mean()
-    var = (xg.double().var(0, unbiased=False) / sg + lam * xd.double().var(0, unbiased=False) / sd) / (1 + lam)
-    torch.testing.assert_close(c.var.double(), (var * (sg + lam * sd) / (1 + lam)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(c.mean, (xg.double().mean(0) + lam * xd.double().mean(0)) / (1 + lam))
+    # naive: scale each source to unit mean second moment, mix them 1 : λ, put back in the mixed units
+    sg, sd = xg.square().mean(0).mean(), xd.square().mean(0).mean()
+    second = (xg.square().mean(0) / sg + lam * xd.square().mean(0) / sd) / (1 + lam)
+    mean = (xg.mean(0) / sg.sqrt() + lam * xd.mean(0) / sd.sqrt()) / (1 + lam)
+    unit = (sg + lam * sd) / (1 + lam)
+    torch.testing.assert_close(c.var.double(), (second - mean.square()) * unit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.sum_sq.double(), second * unit * 96, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(c.mean, (xg.mean(0) + lam * xd.mean(0)) / (1 + lam))
     assert c.n == 96
+    # λ = 0 is the general side; a side without tokens contributes nothing
+    zero = combine_moments(g, d, 0.0)
+    torch.testing.assert_close(zero.var, g.var, rtol=1e-5, atol=1e-6)
+    empty = combine_moments(g, RunningMoments(5), 3.0)
+    torch.testing.assert_close(empty.var, g.var, rtol=1e-5, atol=1e-6)
 
 
 def test_stats_collector_keeps_tagged_batches_apart() -> None:
@@ -302,7 +311,7 @@ def test_cli_named_calibration_and_multi_text_eval(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["prune", str(src), "--method", "wanda", "--sparsity", "0.5", "--output", str(out),
                  "--calibration", f"general={tmp_path / 'g.txt'}", "--calibration", f"domain={tmp_path / 'd.txt'}",
-                 "--calibration-weights", "general=1", "domain=1", "--domain-weight", "2", "--num-samples", "4",
+                 "--calibration-weights", "general=1,domain=1", "--domain-weight", "2", "--num-samples", "4",
                  "--seqlen", str(SEQ), "--batch-size", "2", "--dtype", "float32"]) == 0
     assert "dual importance general + 2 x domain" in capsys.readouterr().out
     assert main(["eval", str(out), "--text", f"general={tmp_path / 'g.txt'}", "--text",
@@ -316,3 +325,30 @@ def test_cli_named_calibration_and_multi_text_eval(tmp_path, capsys) -> None:
         main(["eval", str(out), "--text", str(tmp_path / "g.txt"), "--text", str(tmp_path / "d.txt")])
     with pytest.raises(SystemExit, match="NAME=NUMBER"):
         main(["prune", str(src), "--output", str(tmp_path / "x"), "--calibration-weights", "general"])
+    with pytest.raises(SystemExit, match="twice"):
+        main(["prune", str(src), "--output", str(tmp_path / "x"), "--calibration-weights", "general=1,general=2"])
+    # a source-name mistake is refused before the model is loaded (the model path does not even exist)
+    with pytest.raises(SystemExit, match="named 'domain'"):
+        main(["prune", str(tmp_path / "missing"), "--output", str(tmp_path / "x"), "--domain-weight", "1",
+              "--calibration", f"general={tmp_path / 'g.txt'}", "--calibration", f"code={tmp_path / 'd.txt'}"])
+
+
+def test_first_rows_take_every_source() -> None:
+    from hf_prune.core.sources import first_rows, use_mix
+
+    mix = build_mixture({"a": torch.zeros(8, 4, dtype=torch.long), "b": torch.ones(8, 4, dtype=torch.long)}, None,
+                        num_samples=8, seqlen=4, seed=0, weights={"a": 3, "b": 1})
+    assert first_rows(mix.tokens, 4)[:, 0].tolist() == [0, 0, 0, 0]  # no mixture active: the first rows
+    with use_mix(mix):
+        assert first_rows(mix.tokens, 4)[:, 0].tolist() == [0, 0, 0, 1]  # 3 : 1, as the shares
+
+
+def test_dual_needs_a_sample_on_each_side_and_warns_about_reconstruct() -> None:
+    with pytest.raises(CalibrationError, match="too few for domain_weight"):
+        hf_prune.prune(build("llama"), PruningConfig(method="wanda", num_calibration_samples=1, seqlen=SEQ,
+                                                     domain_weight=1.0),
+                       calibration=sources(), show_progress=False, verbose=False)
+    with pytest.warns(UserWarning, match="reconstruct=True refits"):
+        _prune("llama", "flap", sources(), sparsity=0.2, reconstruct=True, domain_weight=1.0)
+    # OWL reads the per-source norms, so magnitude + OWL takes domain_weight
+    assert PruningConfig(method="magnitude", owl=True, domain_weight=1.0).domain_weight == 1.0

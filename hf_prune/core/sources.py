@@ -47,7 +47,8 @@ from .calibration import build_calibration
 GENERAL, DOMAIN = "general", "domain"
 
 __all__ = ["CalibrationMix", "SourceRows", "active_mix", "allocate_samples", "batch_tags", "build_mixture",
-           "check_source_config", "combine_second_moments", "dual_batch_size", "normalised_weights", "use_mix"]
+           "check_source_config", "combine_second_moments", "dual_batch_size", "first_rows", "normalised_weights",
+           "use_mix"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ class CalibrationMix:
         """Number of rows before the domain source (the domain source is always last in a dual mixture)."""
         return sum(s.samples for s in self.sources if s.name != self.domain_source)
 
-    def summary(self, seqlen: int) -> list[dict[str, Any]]:
+    def summary(self) -> list[dict[str, Any]]:
         """One entry per source for reports: name, samples, tokens, share, and its side under dual importance."""
         total = max(sum(s.samples for s in self.sources), 1)
         out = []
         for s in self.sources:
-            row: dict[str, Any] = {"name": s.name, "samples": s.samples, "tokens": s.samples * seqlen,
+            row: dict[str, Any] = {"name": s.name, "samples": s.samples, "tokens": s.samples * self.tokens.shape[1],
                                    "share": round(s.samples / total, 4)}
             if self.dual:
                 row["side"] = DOMAIN if s.name == self.domain_source else GENERAL
@@ -175,6 +176,9 @@ def build_mixture(calibration: Mapping[str, Any], tokenizer: Any, num_samples: i
                                    "calibration_weights gives one side a zero share")
         names = [n for n in names if n != domain_source] + [domain_source]  # type: ignore[list-item]
     counts = allocate_samples({n: shares[n] for n in names}, num_samples)
+    if domain_weight is not None and (counts[domain_source] == 0 or counts[domain_source] == num_samples):  # type: ignore[index]
+        raise CalibrationError(f"num_calibration_samples={num_samples} is too few for domain_weight: dual importance "
+                               "needs at least one sample from the general sources and one from the domain source")
     parts, rows, start = [], [], 0
     for position, name in enumerate(list(calibration)):
         if name not in counts or counts[name] == 0:
@@ -240,16 +244,34 @@ def use_mix(mix: CalibrationMix | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def active_mix(calibration: torch.Tensor | None = None) -> CalibrationMix | None:
-    """The dual-importance mixture of the running prune, or ``None``. With ``calibration``, only when it holds
-    the mixture's rows (a method that samples its own data gets ``None``)."""
+def active_mix(calibration: torch.Tensor | None = None, dual_only: bool = True) -> CalibrationMix | None:
+    """The dual-importance mixture of the running prune (any named-source mixture with ``dual_only=False``), or
+    ``None``. With ``calibration``, only when it holds the mixture's rows (a method that samples its own data
+    gets ``None``)."""
     mix = _ACTIVE.get()
-    if mix is None or not mix.dual:
+    if mix is None or (dual_only and not mix.dual):
         return None
     if calibration is not None and (calibration.shape != mix.tokens.shape or not torch.equal(calibration.cpu(),
                                                                                            mix.tokens.cpu())):
         return None
     return mix
+
+
+def first_rows(calibration: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` rows for a quick pass (OWL's search, FinerCut): the first ``k``, or under a named-source mixture the
+    first rows of every source in proportion to its share (the mixture is stored source after source, so its
+    first rows would all come from one source).
+
+    Example:
+        >>> first_rows(torch.arange(6).unsqueeze(1), 2).flatten().tolist()
+        [0, 1]
+    """
+    mix = active_mix(calibration, dual_only=False)
+    if mix is None or k >= calibration.shape[0]:
+        return calibration[:k]
+    counts = allocate_samples({s.name: s.samples for s in mix.sources}, k)
+    rows = [r for s in mix.sources for r in range(s.start, s.start + min(counts[s.name], s.samples))]
+    return calibration[torch.tensor(rows, dtype=torch.long)]
 
 
 def batch_tags(mix: CalibrationMix, rows: torch.Tensor, batch_size: int) -> list[str]:

@@ -105,6 +105,15 @@ class InputStats:
             self.hessian = next(summed)
 
 
+def fill_sides(by_side: dict[str, dict[str, Any]], empty_like: Callable[[Any], Any]) -> None:
+    """Add ``empty_like(stat)`` under every key that one side of ``by_side`` lacks and another has."""
+    for stats in by_side.values():
+        for other in by_side.values():
+            for key, stat in other.items():
+                if key not in stats:
+                    stats[key] = empty_like(stat)
+
+
 def combine_input_stats(general: dict[str, InputStats], domain: dict[str, InputStats], domain_weight: float
                         ) -> dict[str, InputStats]:
     """Dual importance (`hf_prune.core.sources`): per key, one `InputStats` over both sides' tokens whose
@@ -174,7 +183,9 @@ class StatsCollector:
         self.groups: dict[str, list[PrunableLayer]] = {}
         self.tags = list(tags) if tags else None
         self._batch = 0
-        self.by_tag: dict[str, dict[str, InputStats]] = {t: {} for t in self.tags or ()}
+        # every side exists even when this process runs none of its batches (several processes: the sides are
+        # summed over them, so each must hold the same keys; see `fill_sides`)
+        self.by_tag: dict[str, dict[str, InputStats]] = {t: {} for t in ("general", "domain", *(self.tags or ()))}
         self.stats: dict[str, InputStats] = self.by_tag[self.tags[0]] if self.tags else {}
         self._leader: dict[str, str] = {}
         self._first_batch = True
@@ -261,6 +272,14 @@ class StatsCollector:
         self._first_batch = False
         self._seen.clear()
         self._fired.clear()
+
+    def fill_sides(self) -> None:
+        """Give every side an (empty) statistic for each key another side has, so that the sides can be summed
+        over processes and combined even where a side saw no tokens of a layer (or no batch at all here)."""
+        fill_sides(self.by_tag, lambda like: InputStats(
+            (like.sum_sq if like.sum_sq is not None else like.hessian).shape[0],  # type: ignore[union-attr]
+            (like.sum_sq if like.sum_sq is not None else like.hessian).device,  # type: ignore[union-attr]
+            like.sum_sq is not None, like.hessian is not None))
 
     def detach(self) -> None:
         for h in self._handles:

@@ -58,7 +58,7 @@ from ..core.distributed import (
     world,
 )
 from ..core.model import PrunableLayer, find_blocks, iter_prunable
-from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags
+from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags, first_rows
 from ..core.stats import InputStats, StatsCollector, combine_input_stats
 from ..errors import NumericalError
 from ..registry import get_method
@@ -203,6 +203,7 @@ class SequentialPruner:
         if tags is None:
             all_reduce_stats(collector.stats, f"statistics of block {i}")
             return collector.stats, outputs
+        collector.fill_sides()
         for side in (GENERAL, DOMAIN):
             all_reduce_stats(collector.by_tag[side], f"{side} statistics of block {i}")
         return combine_input_stats(collector.by_tag[GENERAL], collector.by_tag[DOMAIN], self.domain_weight), outputs
@@ -299,7 +300,7 @@ class SequentialPruner:
         processes' data: the choice does not depend on how it is sharded) with Wanda masks from the dense statistics
         (weights restored after each block) and sets each one's next-token loss; returns the best (uniform on
         ties)."""
-        search = calib[: int(self.config.owl_search_samples)]
+        search = first_rows(calib, int(self.config.owl_search_samples))
         hidden, calls = record_block_inputs(self.model, self.blocks, search, self.config.batch_size)
         ids = list(search.split(self.config.batch_size))
         n_batches = len(ids)

@@ -55,7 +55,7 @@ from ..core.distributed import (
 )
 from ..core.model import find_blocks, input_device
 from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags
-from ..core.stats import SumAcross, fold_input
+from ..core.stats import SumAcross, fill_sides, fold_input
 from ..errors import NumericalError
 from .expert_scores import ExpertStats, token_contribution
 from .plan import BlockSpec
@@ -204,6 +204,7 @@ def collect_width_stats(
     else:
         mix = active_mix(calibration)
         assert mix is not None
+        fill_sides(by_tag, lambda like: ReducibleMoments(like.mean.numel(), like.mean.device))
         for side in (GENERAL, DOMAIN):
             all_reduce_stats(by_tag[side], f"structured {side} input statistics")
         stats = {p: combine_moments(by_tag[GENERAL][p], by_tag[DOMAIN][p], float(mix.domain_weight))  # type: ignore[arg-type]

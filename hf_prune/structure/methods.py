@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,6 +57,7 @@ from torch import nn
 
 from ..config import PruningConfig
 from ..core.model import PrunableLayer, find_blocks, is_conv1d
+from ..core.sources import active_mix, first_rows
 from ..errors import CalibrationError, ConfigError
 from ..oneshot.base import PruningMethod
 from ..registry import register_method
@@ -205,6 +207,10 @@ class _WidthMethod(StructuredMethod):
             width.append(WidthScores(spec.index, mlp_s, head_s, group_s, kv, c.mlp_channel, c.query_head, c.kv_group))
         layers, info = allocate_width(width, target, allocation, gqa_mode, units, round_to, self.standardized)
         if option(config, "reconstruct"):
+            if active_mix(calibration) is not None:
+                warnings.warn(f"{self.name}: reconstruct=True refits the output projections on all calibration rows "
+                              "as one set; domain_weight applies to the choice of channels and heads only",
+                              UserWarning, stacklevel=4)
             info["reconstruct"] = self._reconstruct(model, specs, layers, calibration, config, device, show_progress)
         elif self.compensates and option(config, "bias_compensation"):
             self._compensate(model, specs, layers, stats)
@@ -465,7 +471,7 @@ class FinerCut(StructuredMethod):
         calibration = require_calibration(self.name, calibration)
         tokens = int(option(config, "finercut_tokens"))
         seqlen = min(calibration.shape[1], tokens)
-        calib = calibration[: max(1, tokens // seqlen), :seqlen]
+        calib = first_rows(calibration, max(1, tokens // seqlen))[:, :seqlen]
         target, total, blocks = _budget(model, config)
         specs = block_specs(model)
         costs: dict[tuple[int, str], int] = {}

@@ -79,32 +79,62 @@ class RunningMoments:
         return bool(torch.isfinite(self.mean).all()) and bool(torch.isfinite(self.m2).all())
 
 
-def combine_moments(general: RunningMoments, domain: RunningMoments, domain_weight: float) -> RunningMoments:
-    """Dual importance of per-channel moments (`hf_prune.core.sources`): the result has the general and the domain
-    tokens' count, the mean ``(μ_G + λ μ_D) / (1 + λ)`` (raw units: FLAP's bias compensation adds it back) and the
-    variance ``s̄ · (v_G / s_G + λ v_D / s_D) / (1 + λ)``, each side's within-source variance divided by its mean
-    second moment ``s`` (so λ, not loudness, weighs the sides) and ``s̄ = (s_G + λ s_D) / (1 + λ)`` restoring the
-    units. Its ``sum_sq`` follows from these, as for any `RunningMoments`.
+class MixedMoments(RunningMoments):
+    """Per-channel moments of a weighted mixture of calibration sources (`combine_moments`): ``mean`` is the raw
+    mixture mean (FLAP's bias compensation adds it back), ``var`` and ``sum_sq`` those of the mixture of the
+    sources each normalised to its own scale. Built once, after the statistics were summed over processes."""
+
+    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(features, device)
+        self.second = torch.zeros(features, dtype=torch.float64, device=device)  # E[x²] of the normalised mixture
+
+    @property
+    def sum_sq(self) -> torch.Tensor:
+        return (self.second * self.n).float()
+
+
+def combine_moments(general: RunningMoments, domain: RunningMoments, domain_weight: float) -> MixedMoments:
+    """Dual importance of per-channel moments (`hf_prune.core.sources`): each side ``s`` is divided by its scale
+    ``c_s`` (the mean over channels of its ``E[x²]``), the two are mixed with weights ``1 : λ``, and the result is
+    put back in the units ``c̄ = (c_G + λ c_D) / (1 + λ)``:
+
+    * ``sum_sq / n = c̄ · (E_G[x²]/c_G + λ E_D[x²]/c_D) / (1 + λ)`` (Wanda-sp's ``||X_j||²``);
+    * ``var = c̄ · (E[x̂²] − E[x̂]²)`` of that normalised mixture, spread between the sources included (FLAP's
+      fluctuation: a channel at +1 on one source and −1 on the other fluctuates);
+    * ``mean = (μ_G + λ μ_D) / (1 + λ)`` in raw units (FLAP's bias compensation).
+
+    With ``λ = 0`` this is the general side (with the token count of both).
 
     Example:
         >>> g, d = RunningMoments(2), RunningMoments(2)
-        >>> g.add(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])); d.add(torch.tensor([[0.0, 2.0], [0.0, -2.0]]))
+        >>> g.add(torch.tensor([[1.0, 0.0], [1.0, 0.0]])); d.add(torch.tensor([[-1.0, 0.0], [-1.0, 0.0]]))
         >>> c = combine_moments(g, d, 1.0)
-        >>> c.n, c.mean.tolist(), c.var.tolist()
-        (4, [0.0, 0.0], [1.25, 1.25])
+        >>> c.n, c.mean.tolist(), c.var.tolist(), c.sum_sq.tolist()
+        (4, [0.0, 0.0], [1.0, 0.0], [4.0, 0.0])
     """
     lam = float(domain_weight)
 
-    def scale(m: RunningMoments) -> float:
-        second = (m.m2 / max(m.n, 1) + m.mean.square()).mean()
-        return float(second) if float(second) > 0 else 1.0
+    def normalised(m: RunningMoments) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        if not m.n:  # a side without tokens for this layer contributes nothing
+            return torch.zeros_like(m.mean), torch.zeros_like(m.mean), None
+        second = m.m2 / m.n + m.mean.square()
+        scale = float(second.mean())
+        scale = scale if scale > 0 else 1.0
+        return m.mean / scale**0.5, second / scale, scale
 
-    sg, sd = scale(general), scale(domain)
-    var = (general.m2 / max(general.n, 1) / sg + lam * domain.m2 / max(domain.n, 1) / sd) / (1 + lam)
-    out = type(general)(general.mean.numel(), general.mean.device)
+    mg, eg, sg = normalised(general)
+    md, ed, sd = normalised(domain)
+    sg = sg if sg is not None else (sd if sd is not None else 1.0)
+    sd = sd if sd is not None else sg
+    wg, wd = (1.0 if general.n else 0.0), (lam if domain.n else 0.0)
+    total = wg + wd if wg + wd > 0 else 1.0
+    unit = (sg + lam * sd) / (1 + lam)
+    mean_hat, second_hat = (wg * mg + wd * md) / total, (wg * eg + wd * ed) / total
+    out = MixedMoments(general.mean.numel(), general.mean.device)
     out.n = general.n + domain.n
-    out.mean = (general.mean + lam * domain.mean) / (1 + lam)
-    out.m2 = var * ((sg + lam * sd) / (1 + lam)) * out.n
+    out.mean = (wg * general.mean + wd * domain.mean) / total
+    out.m2 = (second_hat - mean_hat.square()).clamp_min(0) * unit * out.n
+    out.second = second_hat * unit
     return out
 
 
