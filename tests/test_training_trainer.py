@@ -114,6 +114,18 @@ def test_one_shot_start_mask_stays_constant(tmp_path) -> None:
         assert not torch.equal(w, weights0[name][0]), f"{name}: not trained"
 
 
+def test_one_shot_start_takes_named_sources_and_dual_importance(tmp_path) -> None:
+    """PruningCallback's initial one-shot goes through hf_prune.prune: named sources and domain_weight work."""
+    cfg = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=8, seqlen=16, batch_size=4,
+                        domain_weight=1.0)
+    calibration = {"general": calib_ids(4, 16), "domain": calib_ids(4, 16, seed=1) % 40}
+    cb = PruningCallback(cfg, calibration=calibration, verbose=False)
+    trainer = make_trainer("llama", tmp_path, [cb])
+    trainer.train()
+    assert_masked_zero(cb)
+    assert cb.masks.mask_sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
 class IntegrityProbe(TrainerCallback):
     """Runs after PruningCallback: masked weights zero after every optimizer step, AdamW moments zero."""
 
