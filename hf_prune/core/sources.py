@@ -204,7 +204,8 @@ def build_mixture(calibration: Mapping[str, Any], tokenizer: Any, num_samples: i
 
 
 def dual_batch_size(mix: CalibrationMix, batch_size: int) -> int:
-    """The largest batch size ≤ ``batch_size`` whose batches never straddle the general/domain boundary."""
+    """``batch_size`` itself, or under dual importance its largest divisor that also divides the number of general
+    rows, so that no batch straddles the general/domain boundary."""
     return math.gcd(batch_size, mix.general_rows()) if mix.dual else batch_size
 
 
