@@ -12,6 +12,7 @@ Protocol (one process, bf16 model, a fresh copy per row):
 * calibration settings, each ``--samples`` windows of ``--seqlen`` tokens in total: ``general`` (all Wikipedia),
   ``domain`` (all code), ``mix`` (named sources, 50/50 samples: ``calibration={"general": ..., "domain": ...}``),
   ``dual`` (the same 50/50 rows, statistics kept per source and combined as general + λ·domain, ``--lambdas``);
+  with ``--double`` also ``dual ×2``: twice the samples, so each source has as many as a single-source setting;
 * perplexity on the first ``--eval-windows`` 512-token windows of each held-out text;
 * the issue's target: a domain-aware setting with domain PPL ≤ 1.02 × the domain-only calibration's and general
   PPL ≤ 1.05 × the general-only calibration's, per method.
@@ -49,6 +50,9 @@ def main() -> None:  # noqa: C901 - one straight protocol
     ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results file")
+    ap.add_argument("--double", action="store_true", help="add 'dual λ=<first lambda> ×2': twice --samples, so "
+                    "that each source gets as many samples as the single-source settings")
+    ap.add_argument("--only", nargs="+", metavar="METHOD:STRUCTURE", help="run only these rows, e.g. wanda:2:4")
     args = ap.parse_args()
     rows_spec = ROWS
     if args.quick:
@@ -71,14 +75,20 @@ def main() -> None:  # noqa: C901 - one straight protocol
     for lam in args.lambdas:
         settings[f"dual λ={lam:g}"] = {"calibration": {"general": [wiki_train], "domain": [code_train]},
                                        "domain_weight": lam}
+    if args.double:
+        settings[f"dual λ={args.lambdas[0]:g} ×2"] = {"calibration": {"general": [wiki_train], "domain": [code_train]},
+                                                      "domain_weight": args.lambdas[0], "samples": 2 * args.samples}
+    if args.only:
+        rows_spec = [r for r in rows_spec if f"{r[0]}:{r[1]}" in args.only]
 
     def ppl(model) -> dict[str, float]:  # type: ignore[no-untyped-def]
         return {k: round(hf_prune.perplexity(model, ids, seqlen=512, max_windows=args.eval_windows, batch_size=4,
                                              show_progress=False).ppl, 3) for k, ids in evals.items()}
 
     previous = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else {}
+    earlier = previous.get("commands") or ([previous["command"]] if "command" in previous else [])
     out: dict = {"machine": machine(), "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-                 "command": command_line("benchmarks/domain.py"),
+                 "commands": [*earlier, command_line("benchmarks/domain.py")],
                  "protocol": {"samples": args.samples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
                               "eval_tokens": {k: int(v.numel()) for k, v in evals.items()},
                               "calibration_chars": {"general": len(wiki_train), "domain": len(code_train)}},
@@ -97,7 +107,8 @@ def main() -> None:  # noqa: C901 - one straight protocol
                 continue
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
             cfg = PruningConfig(method=method, structure=structure, sparsity=sparsity,
-                                num_calibration_samples=args.samples, seqlen=args.seqlen, batch_size=4,
+                                num_calibration_samples=spec.get("samples", args.samples), seqlen=args.seqlen,
+                                batch_size=4,
                                 domain_weight=spec.get("domain_weight"))
             t0 = time.perf_counter()
             report = hf_prune.prune(model, cfg, calibration=spec["calibration"], tokenizer=tok, show_progress=False,
@@ -140,7 +151,8 @@ def markdown(out: dict) -> str:
     p = out["protocol"]
     lines = [f"# Domain-aware pruning on SmolLM2-135M ({out['date']})", "",
              f"Machine: {out['machine']}, Python {out['python']}  ",
-             f"Command: `{out['command']}`  ",
+             "Commands (later ones add or redo rows, `--resume`): " + ", ".join(f"`{c}`" for c in out["commands"])
+             + "  ",
              f"Calibration: {p['samples']} × {p['seqlen']} tokens per setting (mix and dual: half from each source). "
              f"Evaluation: the first {p['eval_windows']} 512-token windows of held-out Wikipedia (general) and of "
              "held-out standard-library files (domain).  ",
@@ -187,7 +199,7 @@ def plot(out: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("general PPL / general-only calibration's")
     ax.set_ylabel("domain PPL / domain-only calibration's")
-    ax.set_title("Domain-aware calibration on SmolLM2-135M (target: lower left of the dashed lines)")
+    ax.set_title("SmolLM2-135M, general vs domain calibration\n(target: below and left of the dashed lines)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
