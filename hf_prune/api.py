@@ -200,8 +200,8 @@ def _calibration_tokens(model: nn.Module, cfg: PruningConfig, calibration: Any, 
     with named sources (a dict) also the `CalibrationMix` that says which rows came from which source."""
     _require_calibration(cfg, calibration)
     named = isinstance(calibration, Mapping)
-    check_source_config(list(calibration) if named else None, cfg.calibration_weights, cfg.domain_weight,
-                        cfg.domain_source)
+    if not named:  # build_mixture checks named sources itself
+        check_source_config(None, cfg.calibration_weights, cfg.domain_weight, cfg.domain_source)
     sources = list(calibration.values()) if named else [calibration]
     if tokenizer is None and any(_is_text(s) for s in sources):
         tokenizer = _guess_tokenizer(model)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError, HfPruneError, UnsupportedModelError
+from .sources import active_mix, batch_tags
 from .stats import Reducible
 
 logger = logging.getLogger("hf_prune")
@@ -49,7 +50,7 @@ logger = logging.getLogger("hf_prune")
 __all__ = [
     "DistributedError", "World", "world", "is_main_process", "shard_batches", "sum_across", "all_reduce_stats",
     "all_gather_objects", "broadcast_object", "broadcast_tensor", "agree", "failing_together", "check_same",
-    "fingerprint", "check_not_sharded", "is_dtensor",
+    "fingerprint", "check_not_sharded", "is_dtensor", "dual_batch_tags",
 ]
 
 
@@ -137,6 +138,16 @@ def shard_batches(calibration: torch.Tensor, batch_size: int, at: World | None =
     first = at.rank * base + min(at.rank, extra)
     count = base + (1 if at.rank < extra else 0)
     return calibration[first * batch_size : min((first + count) * batch_size, n)]
+
+
+def dual_batch_tags(calibration: torch.Tensor, batch_size: int) -> tuple[list[str], float] | None:
+    """Under dual importance (`hf_prune.core.sources`): the side (``"general"``/``"domain"``) of each batch this
+    process runs of ``calibration`` (its `shard_batches` share), and λ; ``None`` without dual importance."""
+    mix = active_mix(calibration)
+    if mix is None:
+        return None
+    rows = shard_batches(torch.arange(calibration.shape[0]).unsqueeze(1), batch_size).squeeze(1)
+    return batch_tags(mix, rows, batch_size), float(mix.domain_weight)  # type: ignore[arg-type]
 
 
 def _backend_device(t: torch.Tensor) -> torch.device:

@@ -52,13 +52,14 @@ from ..core.distributed import (
     broadcast_tensor,
     check_not_sharded,
     check_same,
+    dual_batch_tags,
     failing_together,
     fingerprint,
     shard_batches,
     world,
 )
 from ..core.model import PrunableLayer, find_blocks, iter_prunable
-from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags, first_rows
+from ..core.sources import DOMAIN, GENERAL, first_rows
 from ..core.stats import InputStats, StatsCollector, combine_input_stats
 from ..errors import NumericalError
 from ..registry import get_method
@@ -153,7 +154,9 @@ class SequentialPruner:
         if self.needs_calibration:
             assert calib is not None
             everything, calib = calib, self._own_batches(calib)
-            self.tags = self._batch_tags(everything)
+            dual = dual_batch_tags(everything, self.config.batch_size)
+            if dual is not None:
+                self.tags, self.domain_weight = dual
             with failing_together("recording the inputs of the decoder blocks"):
                 hidden, calls = record_block_inputs(self.model, self.blocks, calib, self.config.batch_size)
                 hidden = [h.to(self.device) for h in hidden]
@@ -207,15 +210,6 @@ class SequentialPruner:
         for side in (GENERAL, DOMAIN):
             all_reduce_stats(collector.by_tag[side], f"{side} statistics of block {i}")
         return combine_input_stats(collector.by_tag[GENERAL], collector.by_tag[DOMAIN], self.domain_weight), outputs
-
-    def _batch_tags(self, everything: torch.Tensor) -> list[str] | None:
-        """Under dual importance (`hf_prune.core.sources`), the side of each of this process's batches."""
-        mix = active_mix(everything)
-        if mix is None:
-            return None
-        self.domain_weight = float(mix.domain_weight)  # type: ignore[arg-type]
-        rows = shard_batches(torch.arange(everything.shape[0]).unsqueeze(1), self.config.batch_size).squeeze(1)
-        return batch_tags(mix, rows, self.config.batch_size)
 
     def _owl(self, hidden: list[torch.Tensor], calls: list, calib: torch.Tensor) -> None:
         """OWL's per-block sparsities (`hf_prune.oneshot.owl`): one dense sweep for the outlier ratios (and, with

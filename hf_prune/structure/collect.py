@@ -48,13 +48,14 @@ from ..core.distributed import (
     all_gather_objects,
     all_reduce_stats,
     check_same,
+    dual_batch_tags,
     failing_together,
     shard_batches,
     sum_across,
     world,
 )
 from ..core.model import find_blocks, input_device
-from ..core.sources import DOMAIN, GENERAL, active_mix, batch_tags
+from ..core.sources import DOMAIN, GENERAL
 from ..core.stats import SumAcross, fill_sides, fold_input
 from ..errors import NumericalError
 from .expert_scores import ExpertStats, token_contribution
@@ -108,15 +109,6 @@ class ReduciblePairedMoments(PairedMoments):
             [torch.tensor([float(self.n)], dtype=torch.float64, device=self.xx.device), self.xx, self.x, self.xd,
              self.d])
         self.n = int(n[0])
-
-
-def _dual_tags(calibration: torch.Tensor, batch_size: int) -> list[str] | None:
-    """Under dual importance (`hf_prune.core.sources`), the side of each of this process's batches."""
-    mix = active_mix(calibration)
-    if mix is None:
-        return None
-    rows = shard_batches(torch.arange(calibration.shape[0]).unsqueeze(1), batch_size).squeeze(1)
-    return batch_tags(mix, rows, batch_size)
 
 
 def sweep_blocks(
@@ -176,7 +168,8 @@ def collect_width_stats(
     """
     stats: dict[str, RunningMoments] = {}
     by_block = {s.index: s for s in specs}
-    tags = _dual_tags(calibration, batch_size)
+    dual = dual_batch_tags(calibration, batch_size)
+    tags = None if dual is None else dual[0]
     by_tag: dict[str, dict[str, RunningMoments]] = {t: {} for t in (GENERAL, DOMAIN)}
     batch = [0]
 
@@ -202,13 +195,10 @@ def collect_width_stats(
     if tags is None:
         all_reduce_stats(stats, "structured input statistics")
     else:
-        mix = active_mix(calibration)
-        assert mix is not None
         fill_sides(by_tag, lambda like: ReducibleMoments(like.mean.numel(), like.mean.device))
         for side in (GENERAL, DOMAIN):
             all_reduce_stats(by_tag[side], f"structured {side} input statistics")
-        stats = {p: combine_moments(by_tag[GENERAL][p], by_tag[DOMAIN][p], float(mix.domain_weight))  # type: ignore[arg-type]
-                 for p in by_tag[GENERAL]}
+        stats = {p: combine_moments(by_tag[GENERAL][p], by_tag[DOMAIN][p], dual[1]) for p in by_tag[GENERAL]}
     for path, s in stats.items():
         if not s.is_finite():
             raise NumericalError(f"{path}: NaN/Inf in the calibration statistics of this layer's input")
@@ -294,11 +284,11 @@ class _ExpertHooks:
         n, k = index.shape
         flat = original(hidden.repeat_interleave(k, dim=0), index.reshape(n * k, 1),
                         torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device))
-        y = flat.view(n, k, -1)
-        out = (y.float() * weights.float().unsqueeze(-1)).sum(1).to(flat.dtype)
+        y = flat.view(n, k, -1).float()  # converted once: the sum, the norms and the peaks all read it
+        out = (y * weights.float().unsqueeze(-1)).sum(1).to(flat.dtype)
         peak = torch.zeros(self.stats.experts, dtype=torch.float32, device=hidden.device)
-        peak.scatter_reduce_(0, index.reshape(-1).long(), flat.float().abs().amax(-1), reduce="amax")
-        self.pending.update(index=index.detach(), gates=weights.detach().float(), norms=y.float().norm(dim=-1),
+        peak.scatter_reduce_(0, index.reshape(-1).long(), y.abs().amax(-1).reshape(-1), reduce="amax")
+        self.pending.update(index=index.detach(), gates=weights.detach().float(), norms=y.norm(dim=-1),
                             peak=peak, routed=out)
         return out
 
