@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from oneshot import HERE, command_line, machine
+from oneshot import HERE, command_line, machine, pyplot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_prune
@@ -171,13 +171,8 @@ def markdown(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     markers = {"general": "o", "domain": "s", "mix": "^"}

@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from moe_testbed import testbed_dir  # noqa: E402
-from oneshot import command_line, machine  # noqa: E402
+from oneshot import command_line, machine, pyplot  # noqa: E402
 
 LLMC_PY = REPO / ".bench" / "llmc-venv" / "bin" / "python"
 SCORES = ("expert-frequency", "ean", "reap", "easy-ep", "random")
@@ -357,13 +357,8 @@ def markdown(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for score in SCORES:

@@ -61,6 +61,20 @@ def machine() -> str:
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
+def pyplot():  # type: ignore[no-untyped-def]
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` (with a message) when matplotlib is
+    not installed: the plots of the benchmark scripts are optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'hf_prune[plot]')")
+        return None
+    return plt
+
+
 def command_line(script: str) -> str:
     """This invocation as a shell command for the results files, with the ``chrt -r 1`` prefix when the process
     runs under the round-robin real-time policy."""

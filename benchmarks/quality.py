@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from oneshot import HERE, REPO, command_line, evaluate, machine, run
+from oneshot import HERE, REPO, command_line, evaluate, machine, pyplot, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_prune.assets import default_model_dir, default_splits
@@ -155,13 +155,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install 'hf_prune[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sparsities = sorted({s for st, s in results["grid"] if st == "unstructured"})
