@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import SAMPLE_TEXT, build, tiny_tokenizer
+from tiny_models import SAMPLE_TEXT, save_tiny
 
 from hf_prune.cli import main
 
@@ -15,8 +15,7 @@ from hf_prune.cli import main
 @pytest.fixture()
 def model_dir(tmp_path):
     path = tmp_path / "tiny-llama"
-    build("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    save_tiny(path)
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     return path
 
@@ -93,8 +92,7 @@ def test_prune_moe_experts_from_the_command_line(tmp_path, capsys) -> None:
     from tiny_models import build_moe
 
     src = tmp_path / "tiny-mixtral"
-    build_moe("mixtral").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    save_tiny(src, build_moe("mixtral"))
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     out = tmp_path / "out"
     assert main(["prune", str(src), "--method", "reap", "--sparsity", "0.25", "--expert-allocation", "global",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import SAMPLE_TEXT, VOCAB, build, tiny_tokenizer
+from tiny_models import SAMPLE_TEXT, VOCAB, build, save_tiny, tiny_tokenizer
 
 import hf_prune
 from hf_prune import PruningConfig
@@ -304,8 +304,7 @@ def test_cli_named_calibration_and_multi_text_eval(tmp_path, capsys) -> None:
     from hf_prune.cli import main
 
     src = tmp_path / "tiny"
-    build("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    save_tiny(src)
     (tmp_path / "g.txt").write_text(SAMPLE_TEXT)
     (tmp_path / "d.txt").write_text(SAMPLE_TEXT.upper())
     out = tmp_path / "out"

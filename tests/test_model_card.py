@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from tiny_models import SAMPLE_TEXT, build, calib_ids, tiny_tokenizer
+from tiny_models import SAMPLE_TEXT, build, calib_ids, save_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_prune
@@ -152,8 +152,7 @@ def test_cli_prune_eval_rewrites_card_with_perplexity(tmp_path: Path) -> None:
     from hf_prune.cli import main
 
     src = tmp_path / "tiny"
-    build("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    save_tiny(src)
     (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
     out = tmp_path / "out"
     assert main(["prune", str(src), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out),

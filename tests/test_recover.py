@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build, calib_ids
+from tiny_models import build, calib_ids, save_tiny
 
 import hf_prune
 from hf_prune import ConfigError
@@ -80,13 +80,12 @@ def test_dense_model_warns() -> None:
 def test_cli_recover(tmp_path, capsys) -> None:
     import json
 
-    from tiny_models import SAMPLE_TEXT, tiny_tokenizer
+    from tiny_models import SAMPLE_TEXT
 
     from hf_prune.cli import main
 
     src, pruned, out = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "recovered"
-    build("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    save_tiny(src)
     (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
     assert main(["prune", str(src), "--method", "wanda", "--sparsity", "0.5", "--calibration",
                  str(tmp_path / "text.txt"), "-o", str(pruned), "--num-samples", "4", "--seqlen", "32",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import SAMPLE_TEXT, VOCAB, build, tiny_tokenizer
+from tiny_models import SAMPLE_TEXT, VOCAB, build, save_tiny
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 import hf_prune
@@ -112,8 +112,7 @@ def test_removing_everything_is_refused_before_mutation() -> None:
 
 def test_cli_structured(tmp_path, capsys) -> None:
     src = tmp_path / "tiny"
-    build("llama").save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    save_tiny(src)
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     out = tmp_path / "out"
     rc = main(["prune", str(src), "--method", "flap", "--sparsity", "0.25", "--calibration", str(tmp_path / "calib.txt"),

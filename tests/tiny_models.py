@@ -111,6 +111,14 @@ def calib_ids(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+def save_tiny(folder: Path, model: torch.nn.Module | None = None) -> Path:
+    """Save ``model`` (default: the tiny Llama) with the tiny tokenizer into ``folder``, as a user's checkpoint
+    folder for the CLI; returns ``folder``."""
+    (build("llama") if model is None else model).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Pruning removes weights from a neural network. "
     "Sparse models can be smaller and faster when the hardware or kernels exploit the zeros. "
