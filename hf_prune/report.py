@@ -285,6 +285,13 @@ class StructuredReport(Report):
                          f"(target {self.target_fraction:.1%}) = "
                          f"{self.params_removed:,} parameters, {self.achieved_fraction:.2%} of "
                          f"{self.decoder_params_before:,} decoder-block parameters")
+        elif self.structure == "hidden":
+            info = (self.config or {}).get("plan_info", {})
+            tied = ("tied embeddings kept" if info.get("tied") else
+                    f"embeddings untied ({info.get('untied_reason')})" if info.get("was_tied") else "untied embeddings")
+            lines.append(f"{self.method} (hidden): hidden size {info.get('hidden_before')} -> {info.get('hidden_after')}"
+                         f", removed {self.params_removed:,} parameters ({self.params_removed / max(self.params_before, 1):.2%}"
+                         f" of the model, {self.achieved_fraction:.2%} of the decoder blocks); {tied}")
         else:
             lines.append(
                 f"{self.method} ({self.structure}): removed {self.params_removed:,} parameters = "

@@ -147,6 +147,11 @@ class PruningCallback(TrainerCallback):
         return getattr(self.algorithm, "lottery_round", 0)
 
     # ------------------------------------------------------------------ lifecycle
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.method_class.on_trainer_init(model, self.config)
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_supported(args, model)
         cfg = self.config
@@ -158,6 +163,7 @@ class PruningCallback(TrainerCallback):
         self.end_step = cfg.end_step if cfg.end_step is not None else int(state.max_steps)
         self.algorithm = self.method_class(cfg, self.masks, self.end_step)
         self.algorithm.check(int(state.max_steps))
+        self.algorithm.set_training_args(args)
         self.algorithm.attach(model)
         self.last_update_step, self.history = None, []
         if state.global_step > 0:

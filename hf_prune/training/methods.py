@@ -92,6 +92,14 @@ class TrainingMethod:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (end_step defaults to the Trainer's max_steps={max_steps})") from None
 
+    @classmethod
+    def on_trainer_init(cls, model: Any, config: PruningConfig) -> None:
+        """The Trainer is being built (before its optimizer exists): methods that add trainable modules add them
+        here, so the optimizer includes them."""
+
+    def set_training_args(self, args: Any) -> None:
+        """The Trainer's ``TrainingArguments``, before `attach`."""
+
     def attach(self, model: Any) -> None:
         """The run's model, before `begin` (fresh run) or `load_state` (resumed): methods that need more than the
         weight masks (hooks, adapters) set up here; raise `ConfigError` before anything is changed."""

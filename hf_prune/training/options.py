@@ -111,3 +111,43 @@ class LotteryOptions(ScheduleOptions):
                 f"lottery_rewind_step={self.lottery_rewind_step} must be <= start_step={self.start_step}: survivors "
                 "are rewound to weights saved before the first round prunes"
             )
+
+
+def _open_fraction(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    return None if ok else "a number in (0, 1]"
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "True or False"
+
+
+@dataclass
+class PatOptions(MethodOptions):
+    """Pruning-aware tuning: hidden dimensions learned through a shared mask in Hybrid Sparsification Modules."""
+
+    pat_rank: int = option(8, "PAT: rank of each Hybrid Sparsification Module's low-rank adapter (the paper: 20)",
+                           check=positive_int)
+    pat_multiple: int = option(8, "PAT: the kept hidden size is rounded to a multiple of this", check=positive_int)
+    pat_freeze: float = option(0.8, "PAT: fraction of the training steps after which the mask is made hard (exactly "
+                               "the kept dimensions) and frozen; the rest of training adapts to it",
+                               check=_open_fraction)
+    pat_mask_lr: float = option(0.02, "PAT: Adam step size of the mask logits m (their own optimizer; their "
+                                "gradient: the task loss plus the mask loss)", check=non_negative)
+    pat_mask_weight: float = option(1.0, "PAT: weight of the mask loss (kept-dimension count and polarisation)",
+                                    check=non_negative)
+    pat_identity_weight: float = option(1.0, "PAT: weight of the identity loss MSE(A A^T, I) on the HSM adapters",
+                                        check=non_negative)
+    pat_train_base: bool = option(False, "PAT: also train the base weights of a plain (non-peft) model; by default "
+                                  "they are frozen and only the HSMs train, as in the paper", check=_flag)
+    pat_untie: bool = option(False, "PAT: give the embeddings a full HSM (with a low-rank adapter) and untie "
+                             "lm_head from them; by default tied embeddings get a diagonal HSM and stay tied",
+                             check=_flag)
+
+    def check_config(self, config: PruningConfig) -> None:
+        if config.structure != "unstructured":
+            raise ConfigError(f"method='pat' removes hidden dimensions; structure={config.structure!r} does not "
+                              "apply, leave it 'unstructured'")
+        if not float(config.sparsity or 0) > 0:  # type: ignore[arg-type]
+            raise ConfigError("method='pat' needs sparsity > 0: the fraction of hidden dimensions to remove "
+                              "(e.g. 0.25: 576 -> 432 on SmolLM2)")

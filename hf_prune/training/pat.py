@@ -1,0 +1,440 @@
+"""Pruning-aware tuning (PAT, Liu et al., AAAI 2025): learn which hidden dimensions to drop while fine-tuning, then
+remove them from every weight. The result has a smaller ``hidden_size`` and reloads with stock transformers.
+
+    Trainer(model=model, args=args, train_dataset=ds,
+            callbacks=[PruningCallback(PruningConfig(method="pat", sparsity=0.25))]).train()
+    model.save_pretrained("out")     # SmolLM2: hidden_size 576 -> 432; AutoModelForCausalLM.from_pretrained("out")
+
+What happens (`PruningCallback` drives it):
+
+* ``Trainer(...)`` construction (``on_init_end``, before the optimizer exists): Hybrid Sparsification Modules
+  (`hf_prune.training.hsm`) are attached, with forward hooks, after the embeddings and after every attention and MLP
+  output projection, before the residual adds. They live in ``model.hf_prune_pat``, so the Trainer's optimizer
+  trains their adapters and scales. The base weights of a plain model are frozen (``pat_train_base=False``, as in
+  the paper); a `peft.PeftModel` keeps its LoRA adapters trainable. Tied embeddings get a diagonal HSM so they can
+  stay tied (``pat_untie=True`` for a full one). The callback must be passed to ``Trainer(callbacks=[...])``; one
+  added later finds no HSMs in the optimizer and stops with a message (or call `prepare` before building the
+  Trainer);
+* every forward in training: one shared mask ``sigmoid(T m) + bias`` scales every HSM's output; a forward hook on
+  the model adds the mask loss and the identity loss (`hf_prune.training.hsm`) to ``outputs.loss``, so the
+  Trainer's own loss path (and trl's ``SFTTrainer``) trains them (divided like the task loss under gradient
+  accumulation);
+* every optimizer step: the mask logits ``m`` take an Adam step of size ``pat_mask_lr`` along their gradient (the
+  task loss's and the mask loss's). They have their own optimizer, not the Trainer's, so the user's learning rate
+  and schedule do not set how fast dimensions are decided; ``T`` and ``bias`` follow the step;
+* after ``pat_freeze`` of the steps (0.8): the mask becomes hard, exactly the top ``K`` logits, ``K`` the kept
+  hidden size rounded to ``pat_multiple`` (8), and is frozen; the remaining steps adapt to it;
+* end of training: every HSM, its scale included, is folded into the neighbouring weights and the dropped
+  dimensions are cut from every weight (`hf_prune.structure.hidden.cut_hidden_`). The smaller model computes what
+  the trained model with its hard mask computed. The callback's report is a `hf_prune.report.StructuredReport`
+  (``structure="hidden"``).
+
+Checkpoints hold the mask logits, the hard mask and every HSM tensor (a `peft.PeftModel` checkpoint holds only the
+adapter), so ``resume_from_checkpoint`` continues exactly; a checkpoint without them is refused. Not supported:
+FSDP2-sharded models, MoE, LayerNorm models (see `hf_prune.structure.hidden`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PruningConfig
+from ..core.distributed import is_dtensor
+from ..core.memory import lifetime_peak_rss_mb
+from ..errors import ConfigError, UnsupportedModelError
+from ..registry import register_method
+from ..report import BlockRow, StructuredReport
+from ..structure.arch import num_params
+from ..structure.hidden import HiddenLayout, cut_hidden_, hidden_layout_with
+from . import hsm as H
+from .loraprune import base_model_of
+from .methods import TrainingOnlyMethod
+from .options import PatOptions
+from .state import MaskState, world_size
+
+logger = logging.getLogger("hf_prune")
+
+ATTR = "hf_prune_pat"
+LOG_KEPT = "prune/pat_kept_dims"
+LOG_MASK_LOSS = "prune/pat_mask_loss"
+LOG_IDENTITY = "prune/pat_identity_loss"
+LOG_TEMPERATURE = "prune/pat_temperature"
+
+
+def _lora_wrappers(model: nn.Module) -> dict[str, Any]:
+    """The peft LoRA layers of ``model`` (empty without peft or adapters)."""
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        return {}
+    from ..peft import slicing
+
+    wrappers = slicing.lora_wrappers(model)
+    return {p: w for p, w in wrappers.items() if ".base_layer" not in p}
+
+
+class PatModules(nn.Module):
+    """The HSMs of one model and their shared mask: ``hsms[key]`` follows ``paths[key]``.
+
+    ``logits`` (the mask logits ``m``) is a plain tensor, not a parameter, so the Trainer's optimizer does not
+    update it (`PruningAwareTuning.before_optimizer_step` does); ``keep`` is the frozen hard mask once set.
+    """
+
+    def __init__(self, layout: HiddenLayout, rank: int, target: int, untie: bool, device: torch.device) -> None:
+        super().__init__()
+        d = layout.hidden
+        self.hidden, self.target = d, target
+        self.paths: dict[str, str] = {"embed": layout.embed}
+        hsms = {"embed": H.HybridSparsificationModule(d, 0 if layout.tied and not untie else rank)}
+        for i, path in enumerate(layout.outputs):
+            key = f"{'attn' if i % 2 == 0 else 'mlp'}_{i // 2}"
+            self.paths[key] = path
+            hsms[key] = H.HybridSparsificationModule(d, rank)
+        self.hsms = nn.ModuleDict(hsms).to(device)
+        self.logits = torch.zeros(d, device=device, requires_grad=True)
+        self.keep: torch.Tensor | None = None
+        self.moments: torch.Tensor | None = None  # Adam's first and second moments of the logits
+        self.adam_steps = 0
+        self.temp, self.bias = 1.0, 0.5
+        self.hooks: list[Any] = []
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """The mask every HSM applies now: the frozen hard mask, else the soft mask in training and ``1[m >= 0]``
+        in evaluation."""
+        if self.keep is not None:
+            if self.keep.device != device:
+                self.keep = self.keep.to(device)
+            return self.keep
+        if self.logits.device != device:
+            self.logits = self.logits.detach().to(device).requires_grad_(True)
+        if self.training and torch.is_grad_enabled():
+            return H.soft_mask(self.logits, self.temp, self.bias)
+        return H.hard_mask(self.logits.detach())
+
+    def losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask loss, mean identity loss)``; the mask loss is ``None`` once the mask is frozen."""
+        ident = [H.identity_loss(m.lora_A.weight) for m in self.hsms.values() if m.rank > 0]
+        mask = None if self.keep is not None else H.mask_loss(self.logits, self.target)
+        return mask, (torch.stack(ident).mean() if ident else None)
+
+    @torch.no_grad()
+    def adam_step(self, grad: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8) -> None:
+        """One Adam step of the mask logits (their own optimizer: the step size is ``lr`` per step whatever the
+        scale of their gradient, so every logit can reach +-0.5 within tens of steps)."""
+        if self.moments is None:
+            self.moments = torch.zeros(2, self.hidden, device=grad.device)
+        self.adam_steps += 1
+        m, v = self.moments[0], self.moments[1]
+        m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+        v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        m_hat = m / (1 - betas[0] ** self.adam_steps)
+        v_hat = v / (1 - betas[1] ** self.adam_steps)
+        self.logits -= lr * m_hat / (v_hat.sqrt() + eps)
+
+    def freeze(self) -> None:
+        """Make the mask hard: exactly ``target`` dimensions, the largest logits."""
+        self.keep = H.top_k_mask(self.logits, self.target).to(self.logits.device)
+        self.logits = self.logits.detach()
+
+    def kept(self) -> int:
+        return int(self.keep.sum()) if self.keep is not None else int((self.logits >= 0).sum())
+
+
+def _site_hook(pat: PatModules, key: str) -> Any:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):  # a projection returns a tensor; be safe with wrappers
+            return (pat.hsms[key](output[0], pat.mask(output[0].device)), *output[1:])
+        return pat.hsms[key](output, pat.mask(output.device))
+
+    hook._hf_prune_pat = True  # type: ignore[attr-defined]
+    return hook
+
+
+def installed(model: nn.Module) -> PatModules | None:
+    """The `PatModules` attached to ``model`` (a `peft.PeftModel` or a transformers model), if any."""
+    found = getattr(base_model_of(model), ATTR, None)
+    return found if isinstance(found, PatModules) else None
+
+
+def prepare(model: nn.Module, config: PruningConfig) -> PatModules:
+    """Attach PAT's HSMs to ``model`` (idempotent) and freeze a plain model's base weights unless
+    ``pat_train_base``. `PruningCallback` calls it when the Trainer is built; call it yourself before building
+    the Trainer when the callback is added later. Raises before changing anything when the model cannot be
+    pruned this way (`ConfigError`, `UnsupportedModelError`).
+
+    Example:
+        >>> import hf_prune
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                      num_attention_heads=4, vocab_size=100))
+        >>> pat = prepare(model, hf_prune.PruningConfig(method="pat", sparsity=0.25))
+        >>> pat.target, len(pat.hsms), pat.hsms["embed"].rank   # tied embeddings: a diagonal HSM
+        (24, 5, 0)
+    """
+    existing = installed(model)
+    if existing is not None:
+        return existing
+    if config.method != "pat":
+        raise ConfigError(f"prepare() is PAT's; got method={config.method!r}")
+    base = base_model_of(model)
+    if any(is_dtensor(p) for p in base.parameters()):
+        raise UnsupportedModelError("method='pat' does not support FSDP2-sharded models; train with DDP or on one "
+                                    "process")
+    wrappers = _lora_wrappers(base)
+    if wrappers:
+        from ..peft import slicing
+
+        slicing.check_sliceable(wrappers)
+    layout = hidden_layout_with(base, wrappers)
+    target = H.kept_dims(layout.hidden, float(config.sparsity), int(config.pat_multiple))  # type: ignore[arg-type]
+    if target < max(int(config.pat_multiple), 1):
+        raise ConfigError(
+            f"method='pat' with sparsity={config.sparsity} keeps {target} of {layout.hidden} hidden dimensions after "
+            f"rounding to a multiple of pat_multiple={config.pat_multiple}: too few to keep a working model; lower "
+            "sparsity or pat_multiple"
+        )
+    if target >= layout.hidden:
+        raise ConfigError(
+            f"method='pat' with sparsity={config.sparsity} removes no hidden dimension of {layout.hidden} after "
+            f"rounding to a multiple of pat_multiple={config.pat_multiple}; raise sparsity or lower pat_multiple"
+        )
+    device = base.get_submodule(layout.embed).weight.device
+    if not wrappers and not config.pat_train_base:
+        for p in base.parameters():
+            p.requires_grad_(False)
+    pat = PatModules(layout, int(config.pat_rank), target, bool(config.pat_untie), device)
+    base.add_module(ATTR, pat)
+    for key, path in pat.paths.items():
+        pat.hooks.append(base.get_submodule(path).register_forward_hook(_site_hook(pat, key)))
+    return pat
+
+
+def remove(model: nn.Module) -> None:
+    """Detach PAT's HSMs and hooks from ``model`` without folding them (the model is as before `prepare`, except
+    that frozen base weights stay frozen)."""
+    base = base_model_of(model)
+    pat = installed(base)
+    if pat is None:
+        return
+    for h in pat.hooks:
+        h.remove()
+    delattr(base, ATTR)
+
+
+@torch.no_grad()
+def fold(model: nn.Module, untie: bool = False) -> dict[str, Any]:
+    """Fold the HSMs of ``model`` (its mask frozen hard: `PatModules.freeze`) into the neighbouring weights and cut
+    the dropped hidden dimensions from every weight (`hf_prune.structure.hidden.cut_hidden_`); the HSMs and hooks
+    are removed. The model then computes what it computed with its HSMs in evaluation mode. Returns what
+    `cut_hidden_` returns, plus ``kept_dims`` (the kept indices)."""
+    base = base_model_of(model)
+    pat = installed(base)
+    if pat is None:
+        raise ConfigError("fold(): this model has no PAT modules (hf_prune.training.pat.prepare)")
+    if pat.keep is None:
+        raise ConfigError("fold(): the PAT mask is not hard yet; call freeze() on hf_prune.training.pat.installed("
+                          "model) first")
+    wrappers = _lora_wrappers(base)
+    for h in pat.hooks:
+        h.remove()
+    delattr(base, ATTR)
+    mask = pat.keep.detach().float().cpu()
+    keep = torch.nonzero(mask > 0).flatten()
+    transforms = {path: pat.hsms[key].transform(mask).cpu() for key, path in pat.paths.items() if key != "embed"}
+    embed = pat.hsms["embed"]
+    embed_map = embed.scale.detach().float().cpu() * mask if embed.rank == 0 else embed.transform(mask).cpu()
+    info = cut_hidden_(base, keep, transforms, embed_map, wrappers, untie=untie)
+    return {**info, "kept_dims": keep.tolist()}
+
+
+@register_method("pat", options=PatOptions)
+class PruningAwareTuning(TrainingOnlyMethod):
+    """PAT: a shared hidden-dimension mask learned with HSMs during fine-tuning, folded and cut at the end."""
+
+    weight_masks: ClassVar[bool] = False
+
+    def __init__(self, config: PruningConfig, masks: MaskState | None = None, end_step: int | None = None) -> None:
+        super().__init__(config, masks, end_step)
+        self.model: nn.Module | None = None
+        self.pat: PatModules | None = None
+        self.loss_hook: Any = None
+        self.step = 0
+        self.loss_scale = 1.0  # 1 / gradient accumulation steps where the Trainer does not divide the loss
+        self.world = 1
+        self.last: dict[str, float] = {}
+        assert self.end_step is not None
+        self.freeze_step = max(1, int(math.ceil(float(config.pat_freeze) * self.end_step)))
+
+    @classmethod
+    def on_trainer_init(cls, model: nn.Module, config: PruningConfig) -> None:
+        prepare(model, config)
+
+    def check(self, max_steps: int) -> None:
+        if self.end_step is not None and self.end_step < 2:
+            raise ConfigError(f"method='pat' needs at least 2 training steps (end_step / max_steps), got "
+                              f"{self.end_step}")
+
+    def set_training_args(self, args: Any) -> None:
+        self.loss_scale = 1.0 / max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+        self.world = world_size() if getattr(args, "average_tokens_across_devices", False) else 1
+
+    def attach(self, model: nn.Module) -> None:
+        pat = installed(model)
+        if pat is None:
+            raise ConfigError(
+                "method='pat' adds trainable modules, which must exist before the Trainer builds its optimizer: "
+                "pass the callback when building the Trainer (Trainer(..., callbacks=[PruningCallback(...)])), or "
+                "call hf_prune.training.pat.prepare(model, config) before Trainer(...)"
+            )
+        self.model, self.pat = base_model_of(model), pat
+        self.loss_hook = self.model.register_forward_hook(self._add_losses, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self.loss_hook is not None:
+            self.loss_hook.remove()
+            self.loss_hook = None
+
+    def _add_losses(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        pat = self.pat
+        loss = getattr(output, "loss", None)
+        if pat is None or loss is None or not module.training or not torch.is_grad_enabled():
+            return None
+        mask, ident = pat.losses()
+        cfg = self.config
+        extra = loss.new_zeros(())
+        if mask is not None and cfg.pat_mask_weight:
+            extra = extra + float(cfg.pat_mask_weight) * mask.to(loss.device)
+            self.last[LOG_MASK_LOSS] = float(mask.detach())
+        if ident is not None and cfg.pat_identity_weight:
+            extra = extra + float(cfg.pat_identity_weight) * ident.to(loss.device)
+            self.last[LOG_IDENTITY] = float(ident.detach())
+        if kwargs.get("num_items_in_batch") is not None:
+            # the model normalised its loss over the whole accumulated batch, so the Trainer does not divide it by
+            # the accumulation steps (and multiplies it by the processes when tokens are averaged across them)
+            extra = extra * (self.loss_scale / self.world)
+        output.loss = loss + extra
+        return output
+
+    def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
+        self._schedule(0)
+        return False
+
+    def _schedule(self, step: int) -> None:
+        assert self.pat is not None and self.end_step is not None
+        self.step = step
+        self.pat.temp = H.temperature(step, self.end_step)
+        self.pat.bias = H.mask_bias(step, self.end_step)
+
+    def before_optimizer_step(self) -> None:
+        pat = self.pat
+        if pat is None or pat.keep is not None:
+            return
+        grad = pat.logits.grad
+        if grad is None:
+            return
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(grad)
+            grad /= world_size()
+        pat.adam_step(grad, float(self.config.pat_mask_lr))
+        pat.logits.grad = None
+
+    def update(self, step: int, optimizer: Any) -> bool:
+        assert self.pat is not None
+        self._schedule(step)
+        if self.pat.keep is None and step >= self.freeze_step:
+            self.pat.freeze()
+            self.target = float(self.config.sparsity)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def achieved(self) -> float:
+        if self.pat is None:
+            return 0.0
+        return 1.0 - self.pat.kept() / self.pat.hidden
+
+    def log_values(self) -> dict[str, float]:
+        if self.pat is None:
+            return {}
+        return {LOG_KEPT: float(self.pat.kept()), LOG_TEMPERATURE: round(self.pat.temp, 4),
+                **{k: round(v, 6) for k, v in self.last.items()}}
+
+    # ------------------------------------------------------------------ the end: fold and cut
+    def end(self, model: nn.Module) -> StructuredReport:
+        pat, base = self.pat, self.model
+        assert pat is not None and base is not None
+        if pat.keep is None:
+            warnings.warn(f"pat: training ended at step {self.step}, before the mask was frozen (step "
+                          f"{self.freeze_step}); it is made hard now, without training after it. Train for more "
+                          "steps or lower pat_freeze", stacklevel=2)
+            pat.freeze()
+        self.detach()
+        start = time.perf_counter()
+        blocks_before = self._block_params(base)
+        params_before = num_params(base) - num_params(pat)
+        info = fold(base, untie=bool(self.config.pat_untie))
+        blocks_after = self._block_params(base)
+        cfg = self.config
+        rows = [BlockRow(block=i, params_before=b, params_after=a)
+                for i, (b, a) in enumerate(zip(blocks_before, blocks_after, strict=True))]
+        self.target = float(cfg.sparsity)  # type: ignore[arg-type]
+        return StructuredReport(
+            method=cfg.method, structure="hidden", target_fraction=1.0 - pat.target / pat.hidden, blocks=rows,
+            params_before=params_before, params_after=num_params(base), decoder_params_before=sum(blocks_before),
+            seconds=time.perf_counter() - start, peak_rss_mb=lifetime_peak_rss_mb(),
+            device=str(next(base.parameters()).device), kind="structured", reload_path="stock",
+            config={**cfg.to_dict(), "plan_info": {**info, "freeze_step": self.freeze_step}},
+        )
+
+    @staticmethod
+    def _block_params(base: nn.Module) -> list[int]:
+        from ..core.model import find_blocks
+
+        return [num_params(b) for b in find_blocks(base)[1]]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        pat = self.pat
+        return {**super().state(), "pat_step": self.step, "pat_frozen": pat is not None and pat.keep is not None,
+                "pat_adam_steps": 0 if pat is None else pat.adam_steps}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        pat = self.pat
+        if pat is None:
+            return {}
+        out = {"pat/logits": pat.logits.detach().cpu()}
+        if pat.moments is not None:
+            out["pat/moments"] = pat.moments.cpu()
+        if pat.keep is not None:
+            out["pat/keep"] = pat.keep.detach().cpu()
+        out.update({f"pat/hsm/{k}": v.detach().cpu() for k, v in pat.hsms.state_dict().items()})
+        return out
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(meta, tensors)
+        pat = self.pat
+        assert pat is not None
+        if "pat/logits" not in tensors:
+            from .checkpoint import MissingPruningStateError
+
+            raise MissingPruningStateError("resuming method='pat': the checkpoint holds no PAT state (mask logits "
+                                           "and HSM weights); resume from a checkpoint written with the callback")
+        device = pat.logits.device
+        pat.logits = tensors["pat/logits"].to(device).float().requires_grad_(True)
+        pat.keep = tensors["pat/keep"].to(device).float() if "pat/keep" in tensors else None
+        if pat.keep is not None:
+            pat.logits = pat.logits.detach()
+        pat.moments = tensors["pat/moments"].to(device).float() if "pat/moments" in tensors else None
+        pat.adam_steps = int(meta.get("pat_adam_steps", 0))
+        hsm_state = {k[len("pat/hsm/"):]: v for k, v in tensors.items() if k.startswith("pat/hsm/")}
+        with torch.no_grad():
+            for k, v in pat.hsms.state_dict().items():
+                v.copy_(hsm_state[k].to(v.device, v.dtype))
+        self._schedule(int(meta.get("pat_step", 0)))
