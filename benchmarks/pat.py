@@ -12,9 +12,12 @@ Protocol (each run in its own process, so peak RSS is that run's alone; the trai
   (alpha 2r, no dropout, ``target_modules="all-linear"``), AdamW at ``--lr``, cosine after 5% warm-up, ``--steps``
   steps of ``--batch-size`` x ``--grad-accum`` windows of ``--seqlen`` tokens from the first 80% of the gensim
   Wikipedia sample;
+* ``dims``: no training; the HSMs are identities and the dropped dimensions are the lowest residual-stream energy
+  (what PAT's warm-up measures) or random ones;
 * ``dense+lora``: LoRA alone, nothing removed;
 * ``pat+lora``: the same LoRA plus `PruningCallback(method="pat", sparsity=--sparsity)` (HSM rank ``--lora-r``);
-  ``pat``: the HSMs alone (base frozen, no LoRA);
+  ``pat+lora-paper``: the same with the paper's mask rule (``pat_mask_rule="count_loss"``, logits from 0:
+  ``pat_warmup=0``); ``pat``: the HSMs alone (base frozen, no LoRA);
 * ``flap+lora``: one-shot FLAP (``reconstruct=True``, 128 calibration windows of 512 tokens) removing the fraction of
   decoder parameters that leaves the same total parameter count as PAT's result, then the same LoRA training;
 * every model is merged (``merge_and_unload``) and evaluated on the first ``--eval-windows`` 512-token windows of the
@@ -41,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from loraprune import data, lora, trainer_for  # noqa: E402
 from oneshot import command_line, machine  # noqa: E402
 
-RUNS = ("dense+lora", "pat+lora", "pat", "flap+lora", "speed")
+RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat", "flap+lora", "speed")
 
 RELOAD = """
 import sys, json, torch
@@ -80,6 +83,8 @@ def worker(args) -> dict:
     out = Path(args.work) / name.replace("+", "_")
     if name == "speed":
         return speed(args)
+    if name == "dims":
+        return dims(args)
     tok, train_text, train, eval_ids, build_calibration = data(args)
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
     params_dense = sum(p.numel() for p in model.parameters())
@@ -87,8 +92,10 @@ def worker(args) -> dict:
     hidden = model.config.hidden_size
     callbacks = []
     if name.startswith("pat"):
+        paper = {"pat_mask_rule": "count_loss", "pat_warmup": 0.0} if name.endswith("-paper") else {}
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
-            method="pat", sparsity=args.sparsity, pat_rank=args.lora_r, pat_mask_lr=args.mask_lr), verbose=False))
+            method="pat", sparsity=args.sparsity, pat_rank=args.lora_r, pat_mask_lr=args.mask_lr, **paper),
+            verbose=False))
     elif name == "flap+lora":
         target = pat_params(default_model_dir(), kept_dims(hidden, args.sparsity, 8))
         fraction = (params_dense - target) / decoder_before
@@ -138,6 +145,43 @@ def worker(args) -> dict:
     return row
 
 
+def dims(args) -> dict:
+    """Which hidden dimensions to drop, without any training: the lowest residual-stream energy (what PAT's warm-up
+    measures, here on 16 x 512 training tokens) against random ones; the HSMs are identities, folded and cut."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune
+    from hf_prune.assets import default_model_dir
+    from hf_prune.training import pat as P
+
+    tok, train_text, train, eval_ids, _ = data(args)
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    cfg = hf_prune.PruningConfig(method="pat", sparsity=args.sparsity)
+    probe = copy.deepcopy(base)
+    pat = P.prepare(probe, cfg)
+    pat.start_warmup(probe)
+    probe.train()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for batch in train[: 16 * 512 // args.seqlen].split(8):
+            probe(batch)
+    energy = pat.energy.clone()
+    row = {"run": "dims", "ppl": {}}
+    for label, score in (("energy", energy.float()), ("random", torch.rand(len(energy),
+                                                                             generator=torch.Generator().manual_seed(0)))):
+        model = copy.deepcopy(base)
+        pat = P.prepare(model, cfg)
+        with torch.no_grad():
+            pat.logits.copy_(score)
+        pat.freeze()
+        P.fold(model)
+        model.to(torch.bfloat16)
+        row["ppl"][label] = hf_prune.perplexity(model, eval_ids, seqlen=512, batch_size=8,
+                                                max_windows=args.eval_windows, show_progress=False).ppl
+    return row
+
+
 def speed(args) -> dict:
     from speed import load, measure_interleaved
 
@@ -157,7 +201,7 @@ def markdown(results: dict) -> str:
              "| run | hidden | params | decoder params removed | PPL (merged) | trainable | train s | prune s "
              "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        if r["run"] == "speed":
+        if r["run"] in ("speed", "dims"):
             continue
         lines.append(f"| {r['run']} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
                      f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
@@ -168,6 +212,10 @@ def markdown(results: dict) -> str:
             lines.append(f"\n{r['run']}: reloaded with stock transformers in a subprocess (hf_prune imported: "
                          f"{s['hf_prune_imported']}), hidden_size {s['hidden_size']}, max |logit diff| on the "
                          f"probe {s['max_abs_diff_first_logits']:.2e}; embeddings tied: {r['tied']}")
+    dm = next((r for r in results["rows"] if r["run"] == "dims"), None)
+    if dm:
+        lines += ["", "Which dimensions, without training (identity HSMs, folded and cut, PPL): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in dm["ppl"].items())]
     sp = next((r for r in results["rows"] if r["run"] == "speed"), None)
     if sp:
         p = sp["results"]["pat"]

@@ -38,8 +38,8 @@ from .structure import experts as _expert_methods  # noqa: E402,F401
 from .structure import methods as _structured_methods  # noqa: E402,F401
 from .training import PruningCallback  # noqa: E402
 from .training import loraprune as _loraprune  # noqa: E402,F401
-from .training import pat as _pat  # noqa: E402,F401
 from .training import methods as _training_methods  # noqa: E402,F401
+from .training import pat as _pat  # noqa: E402,F401
 from .training.recover import recover  # noqa: E402
 
 _transformers_integration.install()

@@ -242,7 +242,7 @@ def test_trainer_learns_mask_then_folds_plain_model(tmp_path) -> None:
         assert _rel(_bare(model).eval()(ids).logits, cap.logits) <= 1e-4
     # the mask and losses reached the Trainer's logs, the mask loss through outputs.loss
     logged = [h for h in trainer.state.log_history if P.LOG_KEPT in h]
-    assert logged and any(P.LOG_MASK_LOSS in h for h in logged) and any(P.LOG_IDENTITY in h for h in logged)
+    assert logged and any(P.LOG_IDENTITY in h for h in logged) and not any(P.LOG_MASK_LOSS in h for h in logged)
     assert logged[-1][P.LOG_KEPT] == 48
     # the base weights were not trained: a reader keeps exactly its original kept columns
     kept = torch.tensor(info["kept_dims"])
@@ -250,6 +250,19 @@ def test_trainer_learns_mask_then_folds_plain_model(tmp_path) -> None:
     model.save_pretrained(tmp_path / "out")
     re = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert re.config.hidden_size == 48 and re.config.pruning_config["method"] == "pat"
+
+
+def test_paper_count_rule_trains_and_folds(tmp_path) -> None:
+    model = _model("mistral")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    cap = _Capture(ids)
+    cb, trainer = _train(model, tmp_path, _cfg(pat_mask_rule="count_loss"), capture=cap, max_steps=10)
+    assert model.config.hidden_size == 48 and len(cb.report.config["plan_info"]["kept_dims"]) == 48
+    with torch.no_grad():
+        assert _rel(_bare(model).eval()(ids).logits, cap.logits) <= 1e-4
+    logged = [h for h in trainer.state.log_history if P.LOG_KEPT in h and "loss" in h]
+    assert any(P.LOG_MASK_LOSS in h for h in logged if h["step"] < 8)
+    assert not any(P.LOG_MASK_LOSS in h for h in logged if h["step"] > 8)  # frozen at step 8: no mask loss after
 
 
 def test_train_base_option_trains_the_base(tmp_path) -> None:
@@ -299,22 +312,37 @@ def test_sft_trainer(tmp_path) -> None:
                              processing_class=tok, callbacks=[cb])
     trainer.train()
     assert model.config.hidden_size == 48
-    assert any(P.LOG_MASK_LOSS in h for h in trainer.state.log_history)
+    assert any(P.LOG_IDENTITY in h for h in trainer.state.log_history)
 
 
 def test_mask_loss_enters_the_loss_and_gradient_accumulation_divides_it(tmp_path) -> None:
-    """The Trainer's loss includes the PAT losses; with accumulation the per-step loss is the same size."""
+    """The Trainer's loss includes the PAT losses (the paper's count rule); with accumulation the per-step loss is
+    the same size. At step 1 every logit is 0: 10 |64 - 48| / 48 + polarisation 0.25."""
+    rule, first = "count_loss", 10 * 16 / 48 + 0.25
     losses = {}
     for ga in (1, 2):
         torch.manual_seed(0)
         model = _model("llama")
-        _, trainer = _train(model, tmp_path / str(ga), max_steps=2, gradient_accumulation_steps=ga,
-                            per_device_train_batch_size=4 // ga, logging_steps=1)
-        first = trainer.state.log_history[0]
-        losses[ga] = (first["loss"], first[P.LOG_MASK_LOSS])
-    # at step 1 every dimension is kept: mask loss = 10 * (64 - 48) / 48 + polarisation 0.25 = 3.58
-    assert losses[1][1] == pytest.approx(10 * 16 / 48 + 0.25, rel=1e-3)
+        _, trainer = _train(model, tmp_path / str(ga), _cfg(pat_mask_rule=rule), max_steps=2,
+                            gradient_accumulation_steps=ga, per_device_train_batch_size=4 // ga, logging_steps=1)
+        first_log = trainer.state.log_history[0]
+        losses[ga] = (first_log["loss"], first_log[P.LOG_MASK_LOSS])
+    assert losses[1][1] == pytest.approx(first, rel=1e-3)
     assert losses[1][0] > losses[1][1] and losses[2][0] == pytest.approx(losses[1][0], rel=0.05)
+
+
+def test_top_k_rule_keeps_exactly_k_leading_and_eval_uses_top_k() -> None:
+    model = _model("llama")
+    pat = P.prepare(model, _cfg())
+    with torch.no_grad():
+        pat.logits.copy_(torch.randn(64))
+    centred = pat.centred()
+    assert int((centred > 0).sum()) == 48
+    pat.eval()
+    assert torch.equal(pat.mask(torch.device("cpu")), H.top_k_mask(pat.logits, 48))
+    pat.train()
+    soft = pat.mask(torch.device("cpu"))
+    assert soft.requires_grad and int((soft > pat.bias + 0.5).sum()) == 48
 
 
 def test_resume_continues_exactly(tmp_path) -> None:
@@ -347,11 +375,26 @@ def test_resume_continues_exactly(tmp_path) -> None:
         trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-5"))
 
 
+class _StopAt(tf.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
 def test_training_ended_before_freeze_warns_and_still_folds(tmp_path) -> None:
+    from transformers import Trainer
+
     model = _model("llama")
+    cb = hf_prune.PruningCallback(_cfg(), verbose=False)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=20), train_dataset=token_dataset(64),
+                      callbacks=[cb, _StopAt(5)])
     with pytest.warns(UserWarning, match="before the mask was frozen"):
-        _train(model, tmp_path, _cfg(pat_freeze=1.0), max_steps=4, max_grad_norm=1.0)
-    assert model.config.hidden_size == 48
+        trainer.train()
+    assert model.config.hidden_size == 48 and cb.report.config["plan_info"]["hidden_after"] == 48
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -370,7 +413,7 @@ def test_bad_targets_refused_before_anything_changes(kw, match) -> None:
         assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1]
 
 
-@pytest.mark.parametrize("arch, match", [("gpt2", "LayerNorm"), ("opt", "LayerNorm"), ("qwen3_moe", "dense")])
+@pytest.mark.parametrize("arch, match", [("gpt2", "LayerNorm"), ("opt", "LayerNorm"), ("qwen3_moe", "model types")])
 def test_architectures_whose_hidden_dim_cannot_be_cut(arch: str, match: str) -> None:
     model = build(arch)
     with pytest.raises(UnsupportedModelError, match=match):

@@ -48,7 +48,7 @@ from torch import nn
 from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
 from .arch import block_specs
-from .modeling_hf_prune import in_features, keep_inputs, out_features
+from .modeling_hf_prune import keep_inputs
 
 logger = logging.getLogger("hf_prune")
 

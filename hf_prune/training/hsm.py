@@ -7,9 +7,11 @@ hidden-dimension mask shared by every HSM of the model. A diagonal HSM (``rank=0
 
 The mask scalar of dimension ``j`` is ``sigmoid(T m_j) + bias`` with ``m`` initialised to 0 (every dimension at
 1): the temperature ``T = 1 / (1 - log(step) / log(total))`` rises from 1 towards infinity and the bias
-``max(0.5 - step / total, 0)`` decays, so the soft mask hardens to ``1[m >= 0]``. The mask loss drives the number
-of kept dimensions to the target and pushes each ``m_j`` away from 0; the identity loss keeps ``A`` near
-orthonormal rows.
+``max(0.5 - step / total, 0)`` decays, so the soft mask hardens to ``1[m >= 0]``. The paper's mask loss drives the
+number of kept dimensions to the target and pushes each ``m_j`` away from 0 (`mask_loss`); the identity loss keeps
+``A`` near orthonormal rows. hf_prune's default instead centres the logits on the top-``K`` threshold
+(`top_k_threshold`: ``sigmoid(T (m_j - θ))``), so exactly ``K`` dimensions lead at every step and only the
+polarisation part of the loss is needed (`polarisation_loss`); see `hf_prune.training.pat` for why.
 
 Example:
     >>> import torch
@@ -120,13 +122,25 @@ def mask_loss(logits: torch.Tensor, target: int) -> torch.Tensor:
     """
     binary = hard_mask(logits).detach() + logits - logits.detach()
     count = (10.0 / target) * (binary.sum() - target).abs()
+    return count + polarisation_loss(logits)
+
+
+def top_k_threshold(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The midpoint between the ``k``-th and ``(k+1)``-th largest logits (detached): ``m - θ`` has exactly ``k``
+    positive entries (barring ties)."""
+    top = torch.topk(logits.detach().float(), min(k + 1, logits.numel())).values
+    return (top[k - 1] + top[k]) / 2 if k < logits.numel() else top[-1] - 1.0
+
+
+def polarisation_loss(logits: torch.Tensor) -> torch.Tensor:
+    """``mean((m⁺ - 0.5)²) + mean((m⁻ + 0.5)²)``: the mask loss without its count term (an empty side adds 0)."""
     pos, neg = logits[logits >= 0], logits[logits < 0]
     polar = logits.new_zeros(())
     if pos.numel():
         polar = polar + ((pos - 0.5) ** 2).mean()
     if neg.numel():
         polar = polar + ((neg + 0.5) ** 2).mean()
-    return count + polar
+    return polar
 
 
 def identity_loss(a: torch.Tensor) -> torch.Tensor:
