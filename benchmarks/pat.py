@@ -183,16 +183,19 @@ def dims(args) -> dict:
 
 
 def speed(args) -> dict:
+    """Dense and PAT's saved model in interleaved rounds, in bf16 (the benchmarks' default dtype) and fp32."""
     from speed import load, measure_interleaved
 
     from hf_prune.assets import default_model_dir
 
     folder = Path(args.work) / "pat_lora" / "model"
-    models = {"dense": load(default_model_dir()), "pat": load(str(folder))}
-    res = measure_interleaved(models, "dense", rounds=args.rounds, show_progress=False)
-    return {"run": "speed", "model_dir": str(folder),
-            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
-            "results": res}
+    row: dict = {"run": "speed", "model_dir": str(folder)}
+    for dtype, key in (("bf16", "results"), ("fp32", "results_fp32")):
+        models = {"dense": load(default_model_dir(), dtype), "pat": load(str(folder), dtype)}
+        row["params"] = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+        row[key] = measure_interleaved(models, "dense", rounds=args.rounds, show_progress=False)
+        del models
+    return row
 
 
 def markdown(results: dict) -> str:
@@ -218,13 +221,17 @@ def markdown(results: dict) -> str:
             f"{k} {v:.1f}" for k, v in dm["ppl"].items())]
     sp = next((r for r in results["rows"] if r["run"] == "speed"), None)
     if sp:
-        p = sp["results"]["pat"]
-        d = sp["results"]["dense"]
-        lines += ["", "| model | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense |",
-                  "|---|---|---|---|---|---|"]
-        for key, res in (("dense", d), ("pat", p)):
-            lines.append(f"| {key} | {sp['params'][key]:,} | {res['prefill_tok_s']:.1f} | {res['decode_tok_s']:.2f} "
-                         f"| {res['prefill_tok_s_x']:.3f}x | {res['decode_tok_s_x']:.3f}x |")
+        lines += ["", f"Speed ({sp['results']['pat']['settings']['statistic']}; prefill of "
+                      f"{sp['results']['pat']['settings'].get('prefill_tokens', 512)} tokens, batch-1 decode):", "",
+                  "| dtype | model | params | prefill tok/s | decode tok/s | prefill vs dense | decode vs dense |",
+                  "|---|---|---|---|---|---|---|"]
+        for dtype, key in (("bf16", "results"), ("fp32", "results_fp32")):
+            for name in ("dense", "pat"):
+                res = sp.get(key, {}).get(name)
+                if res:
+                    lines.append(f"| {dtype} | {name} | {sp['params'][name]:,} | {res['prefill_tok_s']:.1f} | "
+                                 f"{res['decode_tok_s']:.2f} | {res['prefill_tok_s_x']:.3f}x | "
+                                 f"{res['decode_tok_s_x']:.3f}x |")
     return "\n".join(lines)
 
 

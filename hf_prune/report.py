@@ -252,7 +252,10 @@ class StructuredReport(Report):
 
     @property
     def achieved_fraction(self) -> float:
-        """Parameters removed / decoder-block parameters before pruning (what ``sparsity`` targets)."""
+        """Parameters removed / decoder-block parameters before pruning (what ``sparsity`` targets). Hidden-size
+        pruning also shrinks the embeddings: there, the decoder blocks' own parameters removed."""
+        if self.structure == "hidden" and self.blocks:
+            return 1.0 - sum(b.params_after for b in self.blocks) / max(sum(b.params_before for b in self.blocks), 1)
         return self.params_removed / max(self.decoder_params_before, 1)
 
     # one-shot reports call it sparsity; the CLI and benchmarks read either name

@@ -173,7 +173,7 @@ print(json.dumps({"hf_prune": "hf_prune" in sys.modules, "hidden": m.config.hidd
 """
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen3"])
 def test_folded_model_reloads_with_stock_transformers_in_a_subprocess(arch: str, tmp_path) -> None:
     torch.manual_seed(0)
     model = _model(arch).eval()
@@ -316,19 +316,22 @@ def test_sft_trainer(tmp_path) -> None:
 
 
 def test_mask_loss_enters_the_loss_and_gradient_accumulation_divides_it(tmp_path) -> None:
-    """The Trainer's loss includes the PAT losses (the paper's count rule); with accumulation the per-step loss is
-    the same size. At step 1 every logit is 0: 10 |64 - 48| / 48 + polarisation 0.25."""
-    rule, first = "count_loss", 10 * 16 / 48 + 0.25
-    losses = {}
+    """The Trainer's loss includes the PAT mask loss (the paper's count rule): the logged loss of step 1 differs
+    from a run with pat_mask_weight=0 by exactly the mask loss, with and without gradient accumulation (the model
+    normalises by num_items_in_batch there, so the Trainer does not divide and hf_prune must). At step 1 every
+    logit is 0: 10 |64 - 48| / 48 + polarisation 0.25."""
+    expected = 10 * 16 / 48 + 0.25
     for ga in (1, 2):
-        torch.manual_seed(0)
-        model = _model("llama")
-        _, trainer = _train(model, tmp_path / str(ga), _cfg(pat_mask_rule=rule), max_steps=2,
-                            gradient_accumulation_steps=ga, per_device_train_batch_size=4 // ga, logging_steps=1)
-        first_log = trainer.state.log_history[0]
-        losses[ga] = (first_log["loss"], first_log[P.LOG_MASK_LOSS])
-    assert losses[1][1] == pytest.approx(first, rel=1e-3)
-    assert losses[1][0] > losses[1][1] and losses[2][0] == pytest.approx(losses[1][0], rel=0.05)
+        logged = {}
+        for weight in (1.0, 0.0):
+            torch.manual_seed(0)
+            model = _model("llama")
+            cfg = _cfg(pat_mask_rule="count_loss", pat_warmup=0.0, pat_mask_weight=weight)
+            _, trainer = _train(model, tmp_path / f"{ga}-{weight}", cfg, max_steps=2, gradient_accumulation_steps=ga,
+                                per_device_train_batch_size=4 // ga, logging_steps=1)
+            logged[weight] = trainer.state.log_history[0]
+        assert logged[1.0][P.LOG_MASK_LOSS] == pytest.approx(expected, rel=1e-3)
+        assert logged[1.0]["loss"] - logged[0.0]["loss"] == pytest.approx(expected, rel=1e-3), ga
 
 
 def test_top_k_rule_keeps_exactly_k_leading_and_eval_uses_top_k() -> None:
@@ -428,6 +431,33 @@ def test_config_errors() -> None:
         _cfg(pat_freeze=0.0)
     with pytest.raises(ConfigError, match="cannot run one-shot|prunes during training"):
         hf_prune.prune(_model("llama"), _cfg())
+
+
+def test_training_ended_during_warmup_starts_from_the_energy(tmp_path) -> None:
+    from transformers import Trainer
+
+    model = _model("llama")
+    cb = hf_prune.PruningCallback(_cfg(pat_warmup=0.5), verbose=False)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=20), train_dataset=token_dataset(64),
+                      callbacks=[cb, _StopAt(2)])
+    with pytest.warns(UserWarning, match="before the mask was frozen"):
+        trainer.train()
+    # the warm-up's energy decided, not the all-zero logits' tie-break (which keeps dimensions 0..47)
+    assert cb.report.config["plan_info"]["kept_dims"] != list(range(48))
+
+
+def test_user_optimizer_without_the_hsms_is_refused(tmp_path) -> None:
+    from transformers import Trainer
+
+    model = _model("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=token_dataset(8),
+                      optimizers=(opt, None), callbacks=[hf_prune.PruningCallback(_cfg(), verbose=False)])
+    with pytest.raises(ConfigError, match="does not train the HSMs"):
+        trainer.train()
+    with pytest.raises(ConfigError, match="label_smoothing_factor"):
+        Trainer(model=_model("llama"), args=training_args(tmp_path, max_steps=4, label_smoothing_factor=0.1),
+                train_dataset=token_dataset(8), callbacks=[hf_prune.PruningCallback(_cfg(), verbose=False)]).train()
 
 
 def test_callback_added_after_the_trainer_was_built(tmp_path) -> None:

@@ -169,6 +169,8 @@ def _fold_lora_output(wrapper: Any, t: torch.Tensor, keep: torch.Tensor) -> None
     for b in wrapper.lora_B.values():
         w = b.weight
         b.weight = _new_param((t.to(w.device) @ w.data.float())[keep], w)
+        if getattr(b, "bias", None) is not None:
+            b.bias = _new_param((t.to(w.device) @ b.bias.data.float())[keep], b.bias)
         b.out_features = len(keep)
     wrapper.out_features = len(keep)
 
@@ -196,18 +198,29 @@ def cut_hidden_(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torc
     """
     layout = hidden_layout_with(model, wrappers)
     d = layout.hidden
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu().sort().values
     d2 = int(keep.numel())
     if d2 == 0 or d2 > d or int(keep.unique().numel()) != d2 or int(keep.min()) < 0 or int(keep.max()) >= d:
         raise ConfigError(f"keep must be distinct hidden indices in [0, {d}), got {d2} of them")
     ratio = d / d2
     wrappers = wrappers or {}
+    # everything that can fail is checked before the first weight changes
+    get = model.get_submodule
+    eps_names = {path: _norm_eps_name(get(path)) for path in layout.norms}
+    for path in layout.outputs:
+        module = get(path)
+        base = module.get_base_layer() if path in wrappers else module
+        if not isinstance(base, nn.Linear):
+            raise UnsupportedModelError(f"{path}: {type(base).__name__} output projections are not supported here "
+                                        "(nn.Linear only)")
+    for path, t in transforms.items():
+        if tuple(t.shape) != (d, d):
+            raise ConfigError(f"transforms[{path!r}] must be [{d}, {d}], got {list(t.shape)}")
     slicing = None
     if wrappers:
         from ..peft import slicing as _slicing  # optional: only when the model carries LoRA adapters
 
         slicing = _slicing
-    get = model.get_submodule
     embed = get(layout.embed)
     # the embedding scale (Gemma: sqrt(hidden_size), read from the config at every forward)
     c, c2 = (math.sqrt(d), math.sqrt(d2)) if layout.embed_scale else (1.0, 1.0)
@@ -267,6 +280,9 @@ def cut_hidden_(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torc
             hbase.in_features = d2
         if hpath in wrappers and slicing is not None:
             slicing.slice_lora_(wrappers[hpath], None, keep)
+            if tied:  # the final norm now carries 1 / (g c / c'): the LoRA path must see what it saw before
+                for a in wrappers[hpath].lora_A.values():
+                    a.weight.data.mul_((diag[keep] * (c / c2)).to(a.weight.device, a.weight.dtype)[None, :])
     # norms
     for path in layout.norms:
         norm = get(path)
@@ -276,13 +292,22 @@ def cut_hidden_(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torc
         if path == layout.final_norm and tied:
             eff = eff * (c2 / c) / diag[keep].to(eff.device)
         norm.weight = _new_param(eff - 1.0 if layout.norm_offset else eff, norm.weight)
-        eps_name = _norm_eps_name(norm)
+        eps_name = eps_names[path]
         setattr(norm, eps_name, float(getattr(norm, eps_name)) * ratio)
     config = model.config
     config.hidden_size = d2
     config.head_dim = layout.head_dim
     if hasattr(config, "rms_norm_eps"):
-        config.rms_norm_eps = float(config.rms_norm_eps) * ratio
+        old_eps = float(config.rms_norm_eps)
+        config.rms_norm_eps = old_eps * ratio
+        # other RMSNorms built from the same config field (Qwen3's per-head q/k norms) get it on reload: give them
+        # the same value now, so the model in memory is the one that reloads
+        hidden_norms = {id(get(p)) for p in layout.norms}
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__ and id(module) not in hidden_norms:
+                for name in ("variance_epsilon", "eps"):
+                    if getattr(module, name, None) == old_eps:
+                        setattr(module, name, old_eps * ratio)
     if layout.tied and not tied:
         config.tie_word_embeddings = False
         sub = getattr(config, "get_text_config", lambda: config)()

@@ -163,7 +163,7 @@ class PruningCallback(TrainerCallback):
         self.end_step = cfg.end_step if cfg.end_step is not None else int(state.max_steps)
         self.algorithm = self.method_class(cfg, self.masks, self.end_step)
         self.algorithm.check(int(state.max_steps))
-        self.algorithm.set_training_args(args)
+        self.algorithm.set_trainer(args, optimizer)
         self.algorithm.attach(model)
         self.last_update_step, self.history = None, []
         if state.global_step > 0:

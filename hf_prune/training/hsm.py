@@ -9,9 +9,9 @@ The mask scalar of dimension ``j`` is ``sigmoid(T m_j) + bias`` with ``m`` initi
 1): the temperature ``T = 1 / (1 - log(step) / log(total))`` rises from 1 towards infinity and the bias
 ``max(0.5 - step / total, 0)`` decays, so the soft mask hardens to ``1[m >= 0]``. The paper's mask loss drives the
 number of kept dimensions to the target and pushes each ``m_j`` away from 0 (`mask_loss`); the identity loss keeps
-``A`` near orthonormal rows. hf_prune's default instead centres the logits on the top-``K`` threshold
-(`top_k_threshold`: ``sigmoid(T (m_j - θ))``), so exactly ``K`` dimensions lead at every step and only the
-polarisation part of the loss is needed (`polarisation_loss`); see `hf_prune.training.pat` for why.
+``A`` near orthonormal rows. hf_prune's default instead centres the standardised logits on the top-``K``
+threshold (`top_k_threshold`: ``sigmoid(T (m_j - θ) / std(m))``), so exactly ``K`` dimensions lead at every step and
+``T`` alone sharpens the mask: no mask loss is needed; see `hf_prune.training.pat` for why.
 
 Example:
     >>> import torch
@@ -64,7 +64,7 @@ class HybridSparsificationModule(nn.Module):
 
     def transform(self, mask: torch.Tensor) -> torch.Tensor:
         """The ``[d, d]`` matrix ``diag(s ⊙ mask) (I + B A)`` this module applies (float32)."""
-        gate = (self.scale.detach().float() * mask.float())
+        gate = self.scale.detach().float() * mask.float().to(self.scale.device)
         t = torch.eye(self.hidden, device=gate.device)
         if self.rank > 0:
             t = t + self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()

@@ -97,8 +97,8 @@ class TrainingMethod:
         """The Trainer is being built (before its optimizer exists): methods that add trainable modules add them
         here, so the optimizer includes them."""
 
-    def set_training_args(self, args: Any) -> None:
-        """The Trainer's ``TrainingArguments``, before `attach`."""
+    def set_trainer(self, args: Any, optimizer: Any) -> None:
+        """The Trainer's ``TrainingArguments`` and optimizer, before `attach`."""
 
     def attach(self, model: Any) -> None:
         """The run's model, before `begin` (fresh run) or `load_state` (resumed): methods that need more than the

@@ -135,14 +135,15 @@ class PatOptions(MethodOptions):
     pat_warmup: float = option(0.05, "PAT: fraction of the training steps at the start during which the mask is 1 and "
                                "the residual stream's energy per hidden dimension is measured; the mask logits then "
                                "start from it (0: logits start at 0, as in the paper)", check=_unit_interval)
-    pat_mask_lr: float = option(0.02, "PAT: step size of the mask logits m in their own optimizer (SGD on the task "
-                                "gradient for pat_mask_rule='topk', where only the ranking matters; Adam on task + "
-                                "mask loss for 'count_loss')", check=non_negative)
+    pat_mask_lr: float = option(0.02, "PAT: Adam step size of the mask logits m, which have their own optimizer "
+                                "(their gradient: the task loss, plus the mask loss for pat_mask_rule='count_loss')",
+                                check=non_negative)
     pat_mask_rule: str = option("topk", "PAT: how the kept count is reached: 'topk' (the soft mask is centred on the "
                                 "top-K threshold of the standardised logits, so K dimensions lead at every step and T "
                                 "alone sharpens it; no mask loss) or 'count_loss' (the paper: sigmoid(T m) with a "
                                 "straight-through count loss and polarisation)", choices=("topk", "count_loss"))
-    pat_mask_weight: float = option(1.0, "PAT: weight of the mask loss (kept-dimension count and polarisation)",
+    pat_mask_weight: float = option(1.0, "PAT: weight of the mask loss (kept-dimension count and polarisation; "
+                                    "pat_mask_rule='count_loss' only: the top-K rule needs none)",
                                     check=non_negative)
     pat_identity_weight: float = option(1.0, "PAT: weight of the identity loss MSE(A A^T, I) on the HSM adapters",
                                         check=non_negative)

@@ -100,17 +100,18 @@ class PatModules(nn.Module):
     """
 
     def __init__(self, layout: HiddenLayout, rank: int, target: int, untie: bool, device: torch.device,
-                 rule: str = "topk") -> None:
+                 rule: str = "topk", devices: dict[str, torch.device] | None = None) -> None:
         super().__init__()
         d = layout.hidden
+        devices = devices or {}
         self.hidden, self.target, self.rule = d, target, rule
         self.paths: dict[str, str] = {"embed": layout.embed}
-        hsms = {"embed": H.HybridSparsificationModule(d, 0 if layout.tied and not untie else rank)}
+        hsms = {"embed": H.HybridSparsificationModule(d, 0 if layout.tied and not untie else rank).to(device)}
         for i, path in enumerate(layout.outputs):
             key = f"{'attn' if i % 2 == 0 else 'mlp'}_{i // 2}"
             self.paths[key] = path
-            hsms[key] = H.HybridSparsificationModule(d, rank)
-        self.hsms = nn.ModuleDict(hsms).to(device)
+            hsms[key] = H.HybridSparsificationModule(d, rank).to(devices.get(path, device))
+        self.hsms = nn.ModuleDict(hsms)
         self.logits = torch.zeros(d, device=device, requires_grad=True)
         self.keep: torch.Tensor | None = None
         self.moments: torch.Tensor | None = None  # Adam's first and second moments of the logits
@@ -128,16 +129,14 @@ class PatModules(nn.Module):
         if self.warming:
             return torch.ones(self.hidden, device=device)
         if self.keep is not None:
-            if self.keep.device != device:
-                self.keep = self.keep.to(device)
-            return self.keep
-        if self.logits.device != device:
-            self.logits = self.logits.detach().to(device).requires_grad_(True)
+            return self.keep.to(device)
         if self.training and torch.is_grad_enabled():
-            return H.soft_mask(self.centred(), self.temp, self.bias)
-        if self.rule == "topk":
-            return H.top_k_mask(self.logits, self.target).to(device)
-        return H.hard_mask(self.logits.detach())
+            mask = H.soft_mask(self.centred(), self.temp, self.bias)
+        elif self.rule == "topk":
+            mask = H.top_k_mask(self.logits, self.target)
+        else:
+            mask = H.hard_mask(self.logits.detach())
+        return mask.to(device)
 
     def centred(self) -> torch.Tensor:
         """The logits the soft mask sees: ``(m - θ) / std(m)`` (top-K rule: centred on the top-K threshold and
@@ -151,7 +150,7 @@ class PatModules(nn.Module):
     def losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(mask loss, mean identity loss)``; the mask loss is ``None`` once the mask is frozen."""
         ident = [H.identity_loss(m.lora_A.weight) for m in self.hsms.values() if m.rank > 0]
-        if self.keep is not None:
+        if self.keep is not None or self.warming:
             mask = None
         elif self.rule == "topk":
             mask = None  # the count is exact by construction and T alone sharpens the mask
@@ -169,7 +168,10 @@ class PatModules(nn.Module):
             if self.warming and module.training and args:
                 x = args[0].detach()
                 energy = x.float().pow(2).reshape(-1, x.shape[-1]).mean(0)
-                self.energy += (energy / energy.mean().clamp_min(1e-30)).double().cpu()
+                energy = (energy / energy.mean().clamp_min(1e-30)).double()
+                if self.energy.device != energy.device:
+                    self.energy = self.energy.to(energy.device)
+                self.energy += energy
 
         for path in self.norm_paths:
             self.stat_hooks.append(base.get_submodule(path).register_forward_pre_hook(hook))
@@ -181,20 +183,32 @@ class PatModules(nn.Module):
         for h in self.stat_hooks:
             h.remove()
         self.stat_hooks, self.warming = [], False
-        if self.energy is None or not bool((self.energy > 0).all()):
+        self.moments, self.adam_steps = None, 0
+        if self.energy is None:
             return
         energy = self.energy.clone()
-        if world_size() > 1:
+        if world_size() > 1:  # every rank takes part, then every rank decides alike
             import torch.distributed as dist
 
             energy = energy.to(self.logits.device)
             dist.all_reduce(energy)
+        energy = energy.cpu()
+        if not bool((energy > 0).all()):
+            logger.warning("hf_prune: pat: the warm-up measured no energy on some hidden dimensions; the mask "
+                           "logits start at 0")
+            return
         z = energy.float().log().cpu()
         z = (z - z.mean()) / (z.std() + 1e-12)
         if self.rule != "topk":
             z = z - H.top_k_threshold(z, self.target)
             z = 0.5 * z / z.abs().max().clamp_min(1e-12)
         self.logits = z.to(self.logits.device).requires_grad_(True)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this object installed (the HSM sites and the warm-up statistics)."""
+        for h in self.hooks + self.stat_hooks:
+            h.remove()
+        self.hooks, self.stat_hooks, self.warming = [], [], False
 
     @torch.no_grad()
     def adam_step(self, grad: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -288,10 +302,12 @@ def prepare(model: nn.Module, config: PruningConfig) -> PatModules:
             f"rounding to a multiple of pat_multiple={config.pat_multiple}; raise sparsity or lower pat_multiple"
         )
     device = base.get_submodule(layout.embed).weight.device
+    devices = {path: next(base.get_submodule(path).parameters()).device for path in layout.outputs}
     if not wrappers and not config.pat_train_base:
         for p in base.parameters():
             p.requires_grad_(False)
-    pat = PatModules(layout, int(config.pat_rank), target, bool(config.pat_untie), device, str(config.pat_mask_rule))
+    pat = PatModules(layout, int(config.pat_rank), target, bool(config.pat_untie), device, str(config.pat_mask_rule),
+                     devices)
     base.add_module(ATTR, pat)
     for key, path in pat.paths.items():
         pat.hooks.append(base.get_submodule(path).register_forward_hook(_site_hook(pat, key)))
@@ -305,8 +321,7 @@ def remove(model: nn.Module) -> None:
     pat = installed(base)
     if pat is None:
         return
-    for h in pat.hooks:
-        h.remove()
+    pat.remove_hooks()
     delattr(base, ATTR)
 
 
@@ -324,15 +339,15 @@ def fold(model: nn.Module, untie: bool = False) -> dict[str, Any]:
         raise ConfigError("fold(): the PAT mask is not hard yet; call freeze() on hf_prune.training.pat.installed("
                           "model) first")
     wrappers = _lora_wrappers(base)
-    for h in pat.hooks:
-        h.remove()
-    delattr(base, ATTR)
     mask = pat.keep.detach().float().cpu()
     keep = torch.nonzero(mask > 0).flatten()
     transforms = {path: pat.hsms[key].transform(mask).cpu() for key, path in pat.paths.items() if key != "embed"}
     embed = pat.hsms["embed"]
-    embed_map = embed.scale.detach().float().cpu() * mask if embed.rank == 0 else embed.transform(mask).cpu()
-    info = cut_hidden_(base, keep, transforms, embed_map, wrappers, untie=untie)
+    embed_map = (embed.scale.detach().float().cpu() * mask if embed.rank == 0
+                 else embed.transform(mask).cpu())
+    info = cut_hidden_(base, keep, transforms, embed_map, wrappers, untie=untie)  # validates before it cuts
+    pat.remove_hooks()
+    delattr(base, ATTR)
     return {**info, "kept_dims": keep.tolist()}
 
 
@@ -350,7 +365,8 @@ class PruningAwareTuning(TrainingOnlyMethod):
         self.step = 0
         self.loss_scale = 1.0  # 1 / gradient accumulation steps where the Trainer does not divide the loss
         self.world = 1
-        self.last: dict[str, float] = {}
+        self.optimizer: Any = None
+        self.last: dict[str, torch.Tensor] = {}
         assert self.end_step is not None
         self.freeze_step = max(1, int(math.ceil(float(config.pat_freeze) * self.end_step)))
         self.warmup_step = min(int(math.ceil(float(config.pat_warmup) * self.end_step)), self.freeze_step - 1)
@@ -359,14 +375,21 @@ class PruningAwareTuning(TrainingOnlyMethod):
     def on_trainer_init(cls, model: nn.Module, config: PruningConfig) -> None:
         prepare(model, config)
 
-    def check(self, max_steps: int) -> None:
+    def check(self, max_steps: int) -> None:  # no schedule options: T, bias and the freeze follow max_steps
         if self.end_step is not None and self.end_step < 2:
             raise ConfigError(f"method='pat' needs at least 2 training steps (end_step / max_steps), got "
                               f"{self.end_step}")
 
-    def set_training_args(self, args: Any) -> None:
+    def set_trainer(self, args: Any, optimizer: Any) -> None:
+        if float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) > 0:
+            raise ConfigError(
+                "method='pat' adds its losses to the model's outputs.loss, and with label_smoothing_factor > 0 the "
+                "Trainer computes the loss itself (outputs.loss is None), so they would be dropped; set "
+                "label_smoothing_factor=0"
+            )
         self.loss_scale = 1.0 / max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
         self.world = world_size() if getattr(args, "average_tokens_across_devices", False) else 1
+        self.optimizer = optimizer
 
     def attach(self, model: nn.Module) -> None:
         pat = installed(model)
@@ -376,6 +399,17 @@ class PruningAwareTuning(TrainingOnlyMethod):
                 "pass the callback when building the Trainer (Trainer(..., callbacks=[PruningCallback(...)])), or "
                 "call hf_prune.training.pat.prepare(model, config) before Trainer(...)"
             )
+        groups = getattr(self.optimizer, "param_groups", None)
+        if groups is not None:
+            in_optimizer = {id(p) for g in groups for p in g["params"]}
+            missing = [n for n, p in pat.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+            if missing:
+                raise ConfigError(
+                    f"method='pat': the Trainer's optimizer does not train the HSMs (e.g. {missing[0]}): it was built "
+                    "before they existed (Trainer(optimizers=...) or a callback added after the Trainer was built). "
+                    "Pass the callback to Trainer(callbacks=[...]) and let the Trainer build its optimizer, or call "
+                    "hf_prune.training.pat.prepare(model, config) before building the optimizer"
+                )
         self.model, self.pat = base_model_of(model), pat
         self.loss_hook = self.model.register_forward_hook(self._add_losses, with_kwargs=True)
 
@@ -398,10 +432,10 @@ class PruningAwareTuning(TrainingOnlyMethod):
         extra = loss.new_zeros(())
         if mask is not None and cfg.pat_mask_weight:
             extra = extra + float(cfg.pat_mask_weight) * mask.to(loss.device)
-            self.last[LOG_MASK_LOSS] = float(mask.detach())
+            self.last[LOG_MASK_LOSS] = mask.detach()
         if ident is not None and cfg.pat_identity_weight:
             extra = extra + float(cfg.pat_identity_weight) * ident.to(loss.device)
-            self.last[LOG_IDENTITY] = float(ident.detach())
+            self.last[LOG_IDENTITY] = ident.detach()
         if kwargs.get("num_items_in_batch") is not None:
             # the model normalised its loss over the whole accumulated batch, so the Trainer does not divide it by
             # the accumulation steps (and multiplies it by the processes when tokens are averaged across them)
@@ -434,7 +468,8 @@ class PruningAwareTuning(TrainingOnlyMethod):
 
             dist.all_reduce(grad)
             grad /= world_size()
-        pat.adam_step(grad, float(self.config.pat_mask_lr))
+        if bool(torch.isfinite(grad).all()):  # fp16 overflow steps (skipped by the GradScaler) are skipped here too
+            pat.adam_step(grad, float(self.config.pat_mask_lr))
         pat.logits.grad = None
 
     def update(self, step: int, optimizer: Any) -> bool:
@@ -459,19 +494,19 @@ class PruningAwareTuning(TrainingOnlyMethod):
             return {}
         return {LOG_KEPT: float(self.pat.kept()), LOG_TEMPERATURE: round(self.pat.temp, 4),
                 LOG_UNDECIDED: float(self.pat.undecided()),
-                **{k: round(v, 6) for k, v in self.last.items()}}
+                **{k: round(float(v), 6) for k, v in self.last.items()}}
 
     # ------------------------------------------------------------------ the end: fold and cut
     def end(self, model: nn.Module) -> StructuredReport:
         pat, base = self.pat, self.model
         assert pat is not None and base is not None
+        if pat.warming:
+            pat.end_warmup()
         if pat.keep is None:
             warnings.warn(f"pat: training ended at step {self.step}, before the mask was frozen (step "
                           f"{self.freeze_step}); it is made hard now, without training after it. Train for more "
                           "steps or lower pat_freeze", stacklevel=2)
             pat.freeze()
-        if pat.warming:
-            pat.end_warmup()
         self.detach()
         start = time.perf_counter()
         blocks_before = self._block_params(base)
