@@ -96,6 +96,16 @@ def test_mask_loss_matches_naive_and_straight_through_gradient() -> None:
     assert torch.allclose(m.grad, 5 + polar, atol=1e-6)
 
 
+def test_top_k_spread_is_local_to_the_threshold() -> None:
+    m = torch.cat([torch.linspace(-1, 1, 100), torch.tensor([1000.0, -1000.0])])  # two far-out logits
+    k = 51
+    theta, spread = H.top_k_threshold(m, k), H.top_k_spread(m, k)
+    z = (m - theta) / spread
+    assert int((z > 0).sum()) == k
+    assert spread < 0.25 < float(m.std())  # the tails do not widen it
+    assert 15 <= int((z.abs() < 1).sum()) <= 25  # about 10% of the dimensions on each side within one unit
+
+
 def test_identity_loss_and_top_k() -> None:
     q, _ = torch.linalg.qr(torch.randn(16, 4))
     assert float(H.identity_loss(q.t())) < 1e-10

@@ -9,9 +9,10 @@ The mask scalar of dimension ``j`` is ``sigmoid(T m_j) + bias`` with ``m`` initi
 1): the temperature ``T = 1 / (1 - log(step) / log(total))`` rises from 1 towards infinity and the bias
 ``max(0.5 - step / total, 0)`` decays, so the soft mask hardens to ``1[m >= 0]``. The paper's mask loss drives the
 number of kept dimensions to the target and pushes each ``m_j`` away from 0 (`mask_loss`); the identity loss keeps
-``A`` near orthonormal rows. hf_prune's default instead centres the standardised logits on the top-``K``
-threshold (`top_k_threshold`: ``sigmoid(T (m_j - θ) / std(m))``), so exactly ``K`` dimensions lead at every step and
-``T`` alone sharpens the mask: no mask loss is needed; see `hf_prune.training.pat` for why.
+``A`` near orthonormal rows. hf_prune's default instead centres the logits on the top-``K``
+threshold (`top_k_threshold`: ``sigmoid(T (m_j - θ) / σ)``, ``σ`` the local spread around it, `top_k_spread`), so
+exactly ``K`` dimensions lead at every step and ``T`` alone sharpens the mask: no mask loss is needed; see
+`hf_prune.training.pat` for why.
 
 Example:
     >>> import torch
@@ -130,6 +131,18 @@ def top_k_threshold(logits: torch.Tensor, k: int) -> torch.Tensor:
     positive entries (barring ties)."""
     top = torch.topk(logits.detach().float(), min(k + 1, logits.numel())).values
     return (top[k - 1] + top[k]) / 2 if k < logits.numel() else top[-1] - 1.0
+
+
+def top_k_spread(logits: torch.Tensor, k: int, window: float = 0.1) -> torch.Tensor:
+    """Half the gap between the logits ranked ``window * d`` above and below the top-``k`` threshold (detached): the
+    local scale of the logits around the threshold. Dividing ``m - θ`` by it puts about ``window`` of the dimensions
+    within one unit on each side, whatever the tails do (a few far-out logits would inflate a standard deviation
+    and leave most dimensions undecided)."""
+    values = torch.sort(logits.detach().float(), descending=True).values
+    n = values.numel()
+    w = max(1, int(round(window * n)))
+    hi, lo = values[max(k - 1 - w, 0)], values[min(k + w, n - 1)]
+    return ((hi - lo) / 2).clamp_min(1e-12)
 
 
 def polarisation_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class PatOptions(MethodOptions):
                                 "(their gradient: the task loss, plus the mask loss for pat_mask_rule='count_loss')",
                                 check=non_negative)
     pat_mask_rule: str = option("topk", "PAT: how the kept count is reached: 'topk' (the soft mask is centred on the "
-                                "top-K threshold of the standardised logits, so K dimensions lead at every step and T "
+                                "top-K threshold of the logits, scaled by their local spread, so K dimensions lead at every step and T "
                                 "alone sharpens it; no mask loss) or 'count_loss' (the paper: sigmoid(T m) with a "
                                 "straight-through count loss and polarisation)", choices=("topk", "count_loss"))
     pat_mask_weight: float = option(1.0, "PAT: weight of the mask loss (kept-dimension count and polarisation; "

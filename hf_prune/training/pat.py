@@ -28,9 +28,12 @@ What happens (`PruningCallback` drives it):
   dropping the 144 lowest-energy dimensions with no training gives PPL 185, random ones 2.4 million, and logits
   learned from 0 as in the paper gave 305-1536 after 60 steps (`/tmp`-style probes recorded in
   ``benchmarks/results/pat.md``);
-* the mask rule (``pat_mask_rule``). ``"topk"`` (default): the soft mask is ``sigmoid(T (m - θ) / std(m)) + bias``
-  with ``θ`` the top-``K`` threshold of ``m``: exactly ``K`` dimensions lead at every step and the mask sharpens
-  with ``T`` alone, so there is no mask loss. ``"count_loss"``: the paper's ``sigmoid(T m) + bias`` with its mask
+* the mask rule (``pat_mask_rule``). ``"topk"`` (default): the soft mask is ``sigmoid(T (m - θ) / σ) + bias``
+  with ``θ`` the top-``K`` threshold of ``m`` and ``σ`` half the gap between the logits ranked 10% of ``d`` above
+  and below it: exactly ``K`` dimensions lead at every step and the mask sharpens with ``T`` alone (about
+  ``0.2 · 2.2 / T`` of the dimensions stay between 0.1 and 0.9), so there is no mask loss. A standard deviation
+  instead of ``σ`` left 368 of 576 dimensions undecided the step before the freeze on SmolLM2 (a few far-out
+  logits inflate it) and the loss jumped from 4.2 to 5.8 when the mask became hard. ``"count_loss"``: the paper's ``sigmoid(T m) + bias`` with its mask
   loss (straight-through count + polarisation). Either way ``m`` takes Adam steps of size ``pat_mask_lr`` along
   its gradient. Why the default differs: on SmolLM2 the paper's count term made the logits near the boundary
   oscillate (kept 380 -> 420 -> 430 -> 420) without polarising, and hardening at the freeze step raised the
@@ -139,12 +142,12 @@ class PatModules(nn.Module):
         return mask.to(device)
 
     def centred(self) -> torch.Tensor:
-        """The logits the soft mask sees: ``(m - θ) / std(m)`` (top-K rule: centred on the top-K threshold and
-        standardised, so the sharpness follows ``T`` alone) or ``m`` (the paper's rule)."""
+        """The logits the soft mask sees: ``(m - θ) / σ`` (top-K rule: centred on the top-K threshold and scaled by
+        the local spread around it, so the sharpness follows ``T`` alone) or ``m`` (the paper's rule)."""
         if self.rule == "topk":
             m = self.logits
             theta = H.top_k_threshold(m, self.target).to(m.device)
-            return (m - theta) / (m.detach().std() + 1e-12)
+            return (m - theta) / H.top_k_spread(m, self.target).to(m.device)
         return self.logits
 
     def losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
