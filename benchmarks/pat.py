@@ -17,7 +17,8 @@ Protocol (each run in its own process, so peak RSS is that run's alone; the trai
 * ``dense+lora``: LoRA alone, nothing removed;
 * ``pat+lora``: the same LoRA plus `PruningCallback(method="pat", sparsity=--sparsity)` (HSM rank ``--lora-r``);
   ``pat+lora-paper``: the same with the paper's mask rule (``pat_mask_rule="count_loss"``, logits from 0:
-  ``pat_warmup=0``); ``pat``: the HSMs alone (base frozen, no LoRA);
+  ``pat_warmup=0``); ``pat+lora-early``: the default, frozen after 10% of the steps (``pat_freeze=0.1``) so that
+  90% of them train the final shape; ``pat``: the HSMs alone (base frozen, no LoRA);
 * ``flap+lora``: one-shot FLAP (``reconstruct=True``, 128 calibration windows of 512 tokens) removing the fraction of
   decoder parameters that leaves the same total parameter count as PAT's result, then the same LoRA training;
 * every model is merged (``merge_and_unload``) and evaluated on the first ``--eval-windows`` 512-token windows of the
@@ -44,7 +45,7 @@ sys.path.insert(0, str(HERE))
 from loraprune import data, lora, trainer_for  # noqa: E402
 from oneshot import command_line, machine  # noqa: E402
 
-RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat", "flap+lora", "speed")
+RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat+lora-early", "pat", "flap+lora", "speed")
 
 RELOAD = """
 import sys, json, torch
@@ -93,6 +94,8 @@ def worker(args) -> dict:
     callbacks = []
     if name.startswith("pat"):
         paper = {"pat_mask_rule": "count_loss", "pat_warmup": 0.0} if name.endswith("-paper") else {}
+        if name.endswith("-early"):  # the warm-up's energy mask, frozen after 10% of the steps
+            paper = {"pat_freeze": 0.1}
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
             method="pat", sparsity=args.sparsity, pat_rank=args.lora_r, pat_mask_lr=args.mask_lr, **paper),
             verbose=False))
