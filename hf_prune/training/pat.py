@@ -24,10 +24,9 @@ What happens (`PruningCallback` drives it):
   ``bias`` follow the step;
 * warm-up (``pat_warmup``, 5% of the steps): the mask is exactly 1 and forward pre-hooks on the hidden RMSNorms
   measure the residual stream's energy ``E[x_j²]`` per dimension on the training batches; the logits then start
-  from its standardised logarithm. Why: which dimensions go matters more than anything else here. On SmolLM2,
-  dropping the 144 lowest-energy dimensions with no training gives PPL 185, random ones 2.4 million, and logits
-  learned from 0 as in the paper gave 305-1536 after 60 steps (`/tmp`-style probes recorded in
-  ``benchmarks/results/pat.md``);
+  from its standardised logarithm. Why: which dimensions go matters more than anything else here. On SmolLM2
+  (``benchmarks/results/pat.md``), dropping the 144 lowest-energy dimensions with no training gives PPL 190,
+  random ones 18470, and 300 steps with logits learned from 0 as in the paper end at 323 (57-74 with the warm-up);
 * the mask rule (``pat_mask_rule``). ``"topk"`` (default): the soft mask is ``sigmoid(T (m - θ) / σ) + bias``
   with ``θ`` the top-``K`` threshold of ``m`` and ``σ`` half the gap between the logits ranked 10% of ``d`` above
   and below it: exactly ``K`` dimensions lead at every step and the mask sharpens with ``T`` alone (about
