@@ -127,7 +127,7 @@ def test_training_config_round_trip_and_defaults_unchanged() -> None:
 
 def test_registry_marks_training_only_methods() -> None:
     assert {"gmp", "movement", "soft_movement", "lottery"} <= set(available_methods())
-    assert set(available_methods(training=True)) == {"gmp", "movement", "soft_movement", "lottery", "loraprune"}
+    assert set(available_methods(training=True)) == {"gmp", "movement", "soft_movement", "lottery", "loraprune", "pat"}
     assert {"magnitude", "wanda", "sparsegpt"} <= set(available_methods(training=False))
     assert is_training_only("lottery") and not is_training_only("sparsegpt")
 

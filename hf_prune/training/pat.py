@@ -271,7 +271,7 @@ def prepare(model: nn.Module, config: PruningConfig) -> PatModules:
         >>> import hf_prune
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        ...                                      num_attention_heads=4, vocab_size=100))
+        ...                                      num_attention_heads=4, vocab_size=100, tie_word_embeddings=True))
         >>> pat = prepare(model, hf_prune.PruningConfig(method="pat", sparsity=0.25))
         >>> pat.target, len(pat.hsms), pat.hsms["embed"].rank   # tied embeddings: a diagonal HSM
         (24, 5, 0)
