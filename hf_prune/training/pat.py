@@ -63,6 +63,7 @@ from torch import nn
 from ..config import PruningConfig
 from ..core.distributed import is_dtensor
 from ..core.memory import lifetime_peak_rss_mb
+from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
 from ..registry import register_method
 from ..report import BlockRow, StructuredReport
@@ -529,8 +530,6 @@ class PruningAwareTuning(TrainingOnlyMethod):
 
     @staticmethod
     def _block_params(base: nn.Module) -> list[int]:
-        from ..core.model import find_blocks
-
         return [num_params(b) for b in find_blocks(base)[1]]
 
     # ------------------------------------------------------------------ checkpoints
