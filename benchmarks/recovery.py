@@ -46,7 +46,11 @@ def ppl(model, eval_ids, windows: int) -> float:
 
 
 def zero_patterns(model) -> dict[str, torch.Tensor]:
-    return {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2 and bool((p == 0).any())}
+    """Zero patterns of the matrices one-shot pruning touched: the embeddings and the (tied) head are left out,
+    since full fine-tuning trains them and their few exact zeros are not pruning's."""
+    skip = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return {n: p == 0 for n, p in model.named_parameters()
+            if p.dim() == 2 and id(p) not in skip and bool((p == 0).any())}
 
 
 def markdown(results: dict) -> str:
