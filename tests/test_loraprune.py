@@ -71,14 +71,53 @@ def test_estimate_from_real_lora_gradients_matches_first_order_change() -> None:
     assert torch.allclose(after - before, -lr * g, atol=1e-7)
 
 
+def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
+    """loraprune_average="gradient": the adapters' gradients are averaged over steps, and a unit's importance is
+    the Taylor importance of G_hat formed from the averages (the absolute value after the average)."""
+    from hf_prune.training.loraprune import LoraGroupTerms, LoraPrune
+
+    torch.manual_seed(0)
+    pm = _lora("llama")
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    from hf_prune.training.state import MaskState
+
+    cfg = _config(loraprune_average="gradient", loraprune_beta=0.25)
+    algo = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=8)
+    algo.attach(pm)
+    seen: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    for _ in range(2):
+        pm.zero_grad(set_to_none=True)
+        ids = torch.randint(0, 100, (2, 12))
+        pm(input_ids=ids, labels=ids).loss.backward()
+        seen.append({p: (w.lora_A["default"].weight.grad.clone(), w.lora_B["default"].weight.grad.clone())
+                     for p, w in algo.wrappers.items()})
+        algo.before_optimizer_step()
+    path = next(p for p in algo.wrappers if "down_proj" in p)
+    averaged = [0.25 * g1 + 0.75 * g2 for g1, g2 in zip(seen[0][path], seen[1][path])]
+    for held, want in zip(algo.grad_ema[path]["default"], averaged):
+        assert torch.allclose(held, want, atol=1e-7)
+    w = algo.wrappers[path]
+    a, b = w.lora_A["default"].weight, w.lora_B["default"].weight
+    want = lora_importance(w.get_base_layer().weight, a, b, *averaged, float(w.scaling["default"]))
+    got = LoraGroupTerms(algo.wrappers, grads=algo.grad_ema).importance(path)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    # averaging the signed gradient before the absolute value is not averaging the importance
+    per_step = sum(lora_importance(w.get_base_layer().weight, a, b, *seen[i][path], 1.0) for i in range(2))
+    assert not torch.allclose(got / got.sum(), per_step / per_step.sum(), rtol=1e-2)
+    algo.detach()
+
+
 # ------------------------------------------------------------------------------------------ the training run
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "phi3", "gpt_neox", "opt"])
-def test_loraprune_removes_units_and_merged_model_reloads(tmp_path, arch: str) -> None:
+@pytest.mark.parametrize("arch, average", [("llama", "importance"), ("qwen3", "importance"), ("gpt2", "gradient"),
+                                           ("phi3", "importance"), ("gpt_neox", "gradient"), ("opt", "importance")])
+def test_loraprune_removes_units_and_merged_model_reloads(tmp_path, arch: str, average: str) -> None:
     from transformers import AutoModelForCausalLM
 
     pm = _lora(arch)
     before = sum(p.numel() for n, p in pm.get_base_model().named_parameters() if "lora_" not in n)
-    cb, _ = _train(pm, tmp_path)
+    cb, _ = _train(pm, tmp_path, _config(loraprune_average=average))
     report = cb.report
     assert report.kind == "structured" and report.method == "loraprune"
     assert report.achieved_fraction == pytest.approx(0.2, abs=0.06)
@@ -203,13 +242,14 @@ def test_end_step_after_max_steps_prunes_the_rest_with_a_warning(tmp_path) -> No
     assert cb.report.achieved_fraction == pytest.approx(0.2, abs=0.06)
 
 
-def test_resume_restores_importance_and_masks(tmp_path) -> None:
+@pytest.mark.parametrize("average", ["importance", "gradient"])
+def test_resume_restores_importance_and_masks(tmp_path, average: str) -> None:
     from transformers import Trainer
 
     def run(out, resume=None, max_steps=10):
         torch.manual_seed(0)
         pm = _lora("llama")
-        cb = hf_prune.PruningCallback(_config(), verbose=False)
+        cb = hf_prune.PruningCallback(_config(loraprune_average=average), verbose=False)
         trainer = Trainer(model=pm, args=training_args(out, max_steps=max_steps, save_strategy="steps", save_steps=5),
                           train_dataset=token_dataset(32), callbacks=[cb])
         trainer.train(resume_from_checkpoint=resume)

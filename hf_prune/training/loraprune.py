@@ -16,7 +16,11 @@ What happens, per optimizer step (`PruningCallback` drives it):
   the same dependency groups as the Taylor width method (`hf_prune.structure.units`: an MLP channel is its
   gate/up rows and down column; a query head its q rows and o columns; a kv group adds its k and v rows), and
   folded into a moving average ``I <- beta I + (1 - beta) I_step`` (``loraprune_beta=0.9``). Projections without
-  a LoRA adapter add nothing (LoRA on every projection, ``target_modules="all-linear"``, is what the paper does);
+  a LoRA adapter add nothing (LoRA on every projection, ``target_modules="all-linear"``, is what the paper does).
+  ``loraprune_average="gradient"`` averages the LoRA gradients ``G_A``, ``G_B`` instead and forms ``G_hat`` and
+  ``I`` from the averages at each mask update: the absolute value comes after the average, as in one-shot
+  Taylor's accumulated gradient, so per-step gradient noise does not add up into the score (and no ``[out, in]``
+  matrix is formed between updates);
 * masks: on update steps (``update_every``) the schedule (``schedule="cubic"`` from ``start_step``, the warm-up,
   to ``end_step``; the steps after ``end_step`` are the cool-down) gives the fraction of decoder-block parameters
   to remove, and `hf_prune.structure.allocate.allocate_width` picks the lowest-importance units (already removed
@@ -83,10 +87,14 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 class LoraGroupTerms:
     """`hf_prune.structure.units.GroupTerms` over LoRA-estimated importances; each layer's ``[out, in]``
-    importance is computed once per step and dropped with `clear`."""
+    importance is computed once per step and dropped with `clear`.
 
-    def __init__(self, wrappers: dict[str, Any]) -> None:
+    ``grads``: ``{path: {adapter: (G_A, G_B)}}`` to use instead of the adapters' ``.grad`` (averaged gradients)."""
+
+    def __init__(self, wrappers: dict[str, Any],
+                 grads: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
         self.wrappers = wrappers
+        self.grads = grads
         self.cache: dict[str, torch.Tensor | None] = {}
 
     def importance(self, path: str) -> torch.Tensor | None:
@@ -107,9 +115,10 @@ class LoraGroupTerms:
             if name not in w.lora_A:
                 continue
             a, b = w.lora_A[name].weight, w.lora_B[name].weight
-            if a.grad is None or b.grad is None:
+            pair = (a.grad, b.grad) if self.grads is None else self.grads.get(path, {}).get(name, (None, None))
+            if pair[0] is None or pair[1] is None:
                 continue
-            imp = lora_importance(weight, a, b, a.grad, b.grad, float(w.scaling[name]))
+            imp = lora_importance(weight, a, b, pair[0], pair[1], float(w.scaling[name]))
             total = imp if total is None else total + imp
         return total
 
@@ -134,6 +143,9 @@ class LoraPrune(TrainingOnlyMethod):
     def __init__(self, config: PruningConfig, masks: MaskState | None = None, end_step: int | None = None) -> None:
         super().__init__(config, masks, end_step)
         self.beta = float(config.loraprune_beta)
+        self.average = str(config.loraprune_average)
+        # loraprune_average="gradient": moving averages of the LoRA gradients {path: {adapter: (G_A, G_B)}}
+        self.grad_ema: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.model: nn.Module | None = None  # the transformers model inside the PeftModel
         self.wrappers: dict[str, Any] = {}  # LoRA layers on the projections of the pruned groups
         self.swapped: dict[str, Any] = {}  # every outermost LoRA layer of the decoder blocks
@@ -258,6 +270,9 @@ class LoraPrune(TrainingOnlyMethod):
     def before_optimizer_step(self) -> None:
         if self.target >= float(self.config.sparsity) - 1e-9:  # type: ignore[arg-type]
             return  # the final units are chosen; no later update reads the importance
+        if self.average == "gradient":
+            self._average_gradients()
+            return
         terms = LoraGroupTerms(self.wrappers)
         scores = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
         if not all(bool(torch.isfinite(v).all()) for now in scores.values() for v in now.values()):
@@ -272,8 +287,41 @@ class LoraPrune(TrainingOnlyMethod):
                     1 - self.beta) * value
         self.steps_seen += 1
 
+    def _average_gradients(self) -> None:
+        """``loraprune_average="gradient"``: fold this step's LoRA gradients into their moving averages."""
+        now: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for path, w in self.wrappers.items():
+            for name in w.active_adapters:
+                if name not in w.lora_A:
+                    continue
+                ga, gb = w.lora_A[name].weight.grad, w.lora_B[name].weight.grad
+                if ga is not None and gb is not None:
+                    now.setdefault(path, {})[name] = (ga.detach().float(), gb.detach().float())
+        if not all(bool(torch.isfinite(g).all()) for pairs in now.values() for pair in pairs.values() for g in pair):
+            logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step is "
+                           "left out of the averaged gradients")
+            return
+        for path, pairs in now.items():
+            held = self.grad_ema.setdefault(path, {})
+            for name, (ga, gb) in pairs.items():
+                old = held.get(name)
+                if old is None or self.steps_seen == 0 or old[0].shape != ga.shape or old[1].shape != gb.shape:
+                    held[name] = (ga.clone(), gb.clone())
+                else:
+                    held[name] = tuple(o.to(g.device).mul_(self.beta).add_(g, alpha=1 - self.beta)
+                                       for o, g in ((old[0], ga), (old[1], gb)))  # type: ignore[assignment]
+        self.steps_seen += 1
+
+    def _refresh(self) -> None:
+        """``loraprune_average="gradient"``: the group importance from the averaged gradients and today's A, B."""
+        if self.average != "gradient" or not self.grad_ema:
+            return
+        terms = LoraGroupTerms(self.wrappers, grads=self.grad_ema)
+        self.ema = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
+
     def importance(self) -> dict[int, dict[str, torch.Tensor]]:
-        """The moving averages of the group importance: ``{block: {"mlp" | "head" | "group": scores}}``."""
+        """The group importance the masks are chosen by: ``{block: {"mlp" | "head" | "group": scores}}`` (the
+        moving averages; with ``loraprune_average="gradient"``, as formed at the last mask update)."""
         return {i: dict(v) for i, v in self.ema.items()}
 
     # ------------------------------------------------------------------ masks
@@ -286,6 +334,7 @@ class LoraPrune(TrainingOnlyMethod):
                            "(start the schedule after a few steps: start_step > 0, initial_sparsity=0)", step)
             return False
         self.target = target
+        self._refresh()
         self._install(broadcast_object(self._allocate(target)))
         return True
 
@@ -384,6 +433,7 @@ class LoraPrune(TrainingOnlyMethod):
                           f"{final} (end_step={self.end_step} is after the last step); the rest is removed now, "
                           "without recovery training. Set end_step before max_steps to leave a cool-down",
                           stacklevel=2)
+            self._refresh()
             self._install(broadcast_object(self._allocate(final)))
             self.target = final
         self.detach()
@@ -422,16 +472,27 @@ class LoraPrune(TrainingOnlyMethod):
         return {**super().state(), "loraprune_steps": self.steps_seen, "plans": plans}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.average == "gradient":  # the group scores are formed from these at each update
+            return {f"loraprune_grad/{path}/{name}/{ab}": t.cpu() for path, pairs in self.grad_ema.items()
+                    for name, pair in pairs.items() for ab, t in zip("ab", pair)}
         return {f"loraprune/{i}/{kind}": t for i, ema in self.ema.items() for kind, t in ema.items()}
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load_state(meta, tensors)
         self.steps_seen = int(meta.get("loraprune_steps", 0))
-        self.ema = {}
+        self.ema, self.grad_ema = {}, {}
+        grads: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             if key.startswith("loraprune/"):
                 _, i, kind = key.split("/")
                 self.ema.setdefault(int(i), {})[kind] = t.float().cpu()
+            elif key.startswith("loraprune_grad/"):
+                path, name, ab = key[len("loraprune_grad/"):].rsplit("/", 2)
+                grads.setdefault((path, name), {})[ab] = t.float()
+        for (path, name), pair in grads.items():
+            w = self.wrappers.get(path)
+            device = w.lora_A[name].weight.device if w is not None and name in w.lora_A else torch.device("cpu")
+            self.grad_ema.setdefault(path, {})[name] = (pair["a"].to(device), pair["b"].to(device))
         plans = {int(i): LayerPlan(**p) for i, p in (meta.get("plans") or {}).items()}
         self._install(plans)
 

@@ -65,8 +65,14 @@ class ScheduleOptions(Schedule, RankGroupOptions):
 class LoraPruneOptions(Schedule, WidthUnitOptions):
     """LoRAPrune: heads and MLP channels ranked by LoRA-estimated importance during LoRA training."""
 
-    loraprune_beta: float = option(0.9, "LoRAPrune: moving average of the group importance, I <- beta * I + "
-                                   "(1 - beta) * I_step", check=_unit_interval)
+    loraprune_beta: float = option(0.9, "LoRAPrune: weight of the moving average, X <- beta * X + (1 - beta) * "
+                                   "X_step (X: what loraprune_average names)", check=_unit_interval)
+    loraprune_average: str = option(
+        "importance", "LoRAPrune: what the moving average runs over. 'importance': each step's group importance "
+        "sum|G_hat * W'| (the paper; the absolute value of every step's noisy gradient, a Fisher-like score); "
+        "'gradient': the LoRA gradients G_A, G_B (one extra copy of the adapters), with G_hat and the importance "
+        "formed from the averages at each mask update, like one-shot Taylor's accumulated gradient (cheaper per "
+        "step)", choices=("importance", "gradient"))
 
     def check_config(self, config: PruningConfig) -> None:
         super().check_config(config)
