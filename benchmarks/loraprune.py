@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from oneshot import command_line, machine  # noqa: E402
 
-RUNS = ("loraprune", "taylor+lora", "flap+lora")
+RUNS = ("loraprune", "loraprune-gradient", "taylor+lora", "flap+lora")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,16 +98,17 @@ def worker(args) -> dict:
     tok, train_text, train, eval_ids, build_calibration = data(args)
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
     decoder_before = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    name, row = args.worker, {"run": args.worker}
+    name, row = args.worker, {"run": args.worker, "machine": machine()}
     out = Path(args.work) / name.replace("+", "_")
     if name == "importance":
         return importance_check(model, train, args, out)
     callbacks = []
-    if name == "loraprune":
+    if name.startswith("loraprune"):
         start, end = max(1, args.steps // 10), max(2, int(args.steps * 0.7))
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
             method="loraprune", sparsity=args.sparsity, start_step=start, end_step=end,
-            update_every=args.update_every), verbose=False))
+            update_every=args.update_every, loraprune_average="gradient" if name.endswith("-gradient") else
+            "importance"), verbose=False))
     else:
         method = name.split("+")[0]
         n = args.taylor_samples if method == "taylor" else args.calib_samples
@@ -137,6 +138,15 @@ def worker(args) -> dict:
 
 
 def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
+    """Spearman rank correlation of the LoRA-estimated group importance against true-gradient Taylor group
+    importance on the same batches, after ``steps // 10`` LoRA steps (where LoRAPrune's schedule starts), for
+    both ways of averaging over batches and several batch counts:
+
+    * ``importance`` (the paper, ``loraprune_average="importance"``): the sum over batches of each batch's
+      ``sum_group |G_hat ⊙ W'|``, against the same with the true gradient ``G`` of the base weights;
+    * ``gradient`` (``loraprune_average="gradient"``): ``sum_group |G_hat(sum G_A, sum G_B) ⊙ W'|`` against
+      ``sum_group |(sum G) ⊙ W'|``, one-shot Taylor's importance of the accumulated gradient.
+    """
     from hf_prune.peft.slicing import base_layers_in_place, lora_wrappers
     from hf_prune.structure.arch import block_specs
     from hf_prune.structure.units import attention_group_terms, mlp_group_terms
@@ -153,57 +163,94 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
         w.get_base_layer().weight.requires_grad_(True)
 
     class TrueTerms(LoraGroupTerms):
+        """``|G ⊙ W'|`` with the base weight's true gradient (``.grad``, or ``grads[path]`` when given)."""
+
+        def __init__(self, wrappers, grads=None):
+            super().__init__(wrappers)
+            self.true_grads = grads
+
         def _compute(self, path: str):
             w = self.wrappers[path]
             base_w = w.get_base_layer().weight
-            g = base_w.grad.float()
+            g = (base_w.grad if self.true_grads is None else self.true_grads[path]).float()
             weight = base_w.detach().float()
             if getattr(w, "fan_in_fan_out", False):
                 weight, g = weight.t(), g.t()
             a, b = w.lora_A["default"].weight.detach().float(), w.lora_B["default"].weight.detach().float()
             return (g * (weight + w.scaling["default"] * b @ a)).abs()
 
-    sums: dict[str, dict[str, list[torch.Tensor]]] = {"lora": {}, "true": {}}
+    def group_scores(terms) -> dict[str, torch.Tensor]:
+        vals: dict[str, list[torch.Tensor]] = {}
+        for spec in specs:
+            if spec.mlp is not None:
+                vals.setdefault("mlp channels", []).append(mlp_group_terms(terms, spec.mlp)[1])
+            if spec.attention is not None:
+                vals.setdefault("query heads", []).append(attention_group_terms(terms, spec.attention)[0][1])
+            terms.clear()
+        return {k: torch.cat(v) for k, v in vals.items()}
+
+    per_batch: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "true": {}}
+    lora_sum: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    true_sum: dict[str, torch.Tensor] = {}
+    counts = sorted({n for n in (8, 16, 32, 64) if n < args.check_batches} | {args.check_batches})
     pm.train()
     batches = train[-args.check_batches * args.batch_size:].split(args.batch_size)
-    for batch in batches:
+    row: dict = {"run": "importance", "batches": len(batches), "warmup_steps": warm, "by_batches": {}}
+    for n, batch in enumerate(batches, 1):
         pm.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = pm(input_ids=batch, labels=batch).loss
         loss.backward()
         for label, terms in (("lora", LoraGroupTerms(wrappers)), ("true", TrueTerms(wrappers))):
-            for spec in specs:
-                vals = {"mlp channels": mlp_group_terms(terms, spec.mlp)[1] if spec.mlp else None}
-                if spec.attention is not None:
-                    vals["query heads"] = attention_group_terms(terms, spec.attention)[0][1]
-                for kind, v in vals.items():
-                    if v is not None:
-                        sums[label].setdefault(kind, []).append(v)
-                terms.clear()
-    row = {"run": "importance", "batches": len(batches), "warmup_steps": warm}
-    for kind in sums["lora"]:
-        per_block = len(sums["lora"][kind]) // len(batches)
-        est = torch.stack([torch.stack(sums["lora"][kind][b * per_block:(b + 1) * per_block]) for b in
-                           range(len(batches))]).sum(0).flatten()
-        true = torch.stack([torch.stack(sums["true"][kind][b * per_block:(b + 1) * per_block]) for b in
-                            range(len(batches))]).sum(0).flatten()
-        row[f"spearman {kind}"] = spearman(est, true)
-        row[f"units {kind}"] = int(est.numel())
+            for kind, v in group_scores(terms).items():
+                per_batch[label][kind] = per_batch[label].get(kind, 0) + v
+        for path, w in wrappers.items():
+            ga, gb = w.lora_A["default"].weight.grad.float(), w.lora_B["default"].weight.grad.float()
+            old = lora_sum.get(path, {}).get("default")
+            lora_sum.setdefault(path, {})["default"] = (ga.clone(), gb.clone()) if old is None else (
+                old[0] + ga, old[1] + gb)
+            g = w.get_base_layer().weight.grad.float()
+            true_sum[path] = g.clone() if path not in true_sum else true_sum[path] + g
+        if n in counts:
+            est = group_scores(LoraGroupTerms(wrappers, grads=lora_sum))
+            true = group_scores(TrueTerms(wrappers, true_sum))
+            row["by_batches"][n] = {
+                **{f"importance {k}": spearman(per_batch["lora"][k], per_batch["true"][k]) for k in est},
+                **{f"gradient {k}": spearman(est[k], true[k]) for k in est}}
+            print(f"importance check, {n} batches: {row['by_batches'][n]}", flush=True)
+    last = row["by_batches"][len(batches)]
+    for key, value in last.items():
+        row[f"spearman {key}"] = value
+    for kind, v in per_batch["lora"].items():
+        row[f"units {kind}"] = int(v.numel())
     return row
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
+    machines = sorted({r.get("machine", results["machine"]) for r in results["rows"]})
+    tag = {m: "" if len(machines) == 1 else f" [{chr(ord('a') + i)}]" for i, m in enumerate(machines)}
+    lines = [f"Machine: {results['machine']}  " if len(machines) == 1 else
+             "Machines: " + "; ".join(f"[{chr(ord('a') + i)}] {m}" for i, m in enumerate(machines)) + "  ",
+             f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
              f"Protocol: {results['protocol']}", "",
              "| run | decoder params removed | PPL (merged) | trainable | train s | prune s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["run"] == "importance":
             continue
-        lines.append(f"| {r['run']} | {r['removed_fraction']:.1%} | {r['ppl']:.2f} | {r['trainable_params']:,} | "
-                     f"{r['train_seconds']:.0f} | {r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['run']}{tag[r.get('machine', results['machine'])]} | {r['removed_fraction']:.1%} | "
+                     f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+                     f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     imp = next((r for r in results["rows"] if r["run"] == "importance"), None)
-    if imp:
+    if imp and imp.get("by_batches"):
+        kinds = list(next(iter(imp["by_batches"].values())))
+        lines += ["", f"LoRA-estimated vs true-gradient Taylor group importance on the same batches, after "
+                      f"{imp['warmup_steps']} LoRA steps (Spearman; 'importance': sum over batches of each batch's "
+                      "|G ⊙ W'|, the paper's average; 'gradient': |(sum of the batches' G) ⊙ W'|, one-shot Taylor's):",
+                  "", "| batches | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for n, vals in imp["by_batches"].items():
+            lines.append(f"| {n} | " + " | ".join(f"{vals[k]:.3f}" for k in kinds) + " |")
+    elif imp:
         lines += ["", f"LoRA-estimated vs true Taylor group importance ({imp['batches']} batches after "
                       f"{imp['warmup_steps']} LoRA steps), Spearman: " + ", ".join(
                           f"{k.split(' ', 1)[1]} {v:.3f}" for k, v in imp.items() if k.startswith("spearman"))]
@@ -226,6 +273,7 @@ def main() -> None:
     p.add_argument("--check-batches", type=int, default=8)
     p.add_argument("--runs", default=",".join(("importance", *RUNS)))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--append", action="store_true", help="add (or redo) rows in the existing results file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", default=str(HERE.parent / ".bench" / "loraprune"))
     p.add_argument("--out", default=str(HERE / "results" / "loraprune.json"))
@@ -246,16 +294,23 @@ def main() -> None:
                "protocol": (f"{args.sparsity:.0%} of decoder parameters, {args.steps} LoRA steps r={args.lora_r} x "
                             f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}; "
                             f"PPL on {args.eval_windows} x 512 held-out windows"), "rows": []}
+    out = Path(args.out)
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        results["rows"] = old["rows"]
+        results["command"] = old["command"] + "; " + results["command"]
+        if old.get("machine") != results["machine"]:
+            for r in results["rows"]:
+                r.setdefault("machine", old.get("machine"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("runs", "quick", "worker", "work", "out")]
+                   if k not in ("runs", "quick", "worker", "work", "out", "append")]
     for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
         cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--work", args.work]
         print(f"== {name}", flush=True)
         subprocess.run(cmd, check=True)
         row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
         print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
-        results["rows"].append(row)
-        out = Path(args.out)
+        results["rows"] = [r for r in results["rows"] if r["run"] != name] + [row]
         atomic_write_text(str(out), json.dumps(results, indent=2))
         atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
     print(markdown(results))
