@@ -56,10 +56,10 @@ def zero_patterns(model) -> dict[str, torch.Tensor]:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
              f"Protocol: {results['protocol']}; dense PPL {results['dense_ppl']:.2f}.", "",
-             "| pruned | recovery | trainable | trainable % | PPL before | PPL after | gap recovered | s | peak RSS MB "
-             "| zeros equal |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| pruned | recovery | lr | trainable | trainable % | PPL before | PPL after | gap recovered | s | peak RSS MB "
+             "| zeros equal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['pruned']} | {r['train']}{' r=' + str(r['lora_r']) if r.get('lora_r') else ''} | "
+        lines.append(f"| {r['pruned']} | {r['train']}{' r=' + str(r['lora_r']) if r.get('lora_r') else ''} | {r['learning_rate']:g} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_fraction']:.3f} | {r['ppl_pruned']:.2f} | "
                      f"{r['ppl']:.2f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{'yes' if r['zeros_equal'] else 'NO'} |")
@@ -77,6 +77,10 @@ def main() -> None:
     p.add_argument("--structures", default="unstructured,2:4")
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=128)
+    for mode in ("norms", "lora", "all"):
+        p.add_argument(f"--lr-{mode}", type=float, help=f"learning rate of the {mode} runs (default: recover's)")
+    p.add_argument("--append", action="store_true", help="keep the rows of the results file; redo those with the "
+                   "same pruning, mode, rank and learning rate")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "peft.json"))
     args = p.parse_args()
@@ -98,6 +102,10 @@ def main() -> None:
                             f"{args.steps} steps x {args.batch_size} x {args.grad_accum} windows of {args.seqlen} "
                             f"tokens; PPL on {args.eval_windows} x 512 held-out windows"),
                "dense_ppl": ppl(dense, eval_ids, args.eval_windows), "rows": []}
+    out = Path(args.out)
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        results["rows"], results["command"] = old["rows"], old["command"] + "; " + results["command"]
     print(f"dense PPL {results['dense_ppl']:.3f}", flush=True)
     for structure in [s.strip() for s in args.structures.split(",") if s.strip()]:
         pruned = copy.deepcopy(dense)
@@ -113,6 +121,7 @@ def main() -> None:
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             model = copy.deepcopy(pruned)
             report = hf_prune.recover(model, [calib_text], tok, train=mode, steps=args.steps, lora_r=args.lora_r,
+                                      learning_rate=getattr(args, f"lr_{mode}"),
                                       batch_size=args.batch_size, seqlen=args.seqlen, seed=1,
                                       gradient_accumulation_steps=args.grad_accum, bf16=True, show_progress=False)
             after = ppl(model, eval_ids, args.eval_windows)
@@ -122,9 +131,9 @@ def main() -> None:
             row = {"pruned": label, "ppl_pruned": ppl_pruned, "ppl": after,
                    "gap_recovered": (ppl_pruned - after) / gap if gap > 0 else float("nan"),
                    "zeros_equal": equal, **report.to_dict()}
-            results["rows"].append(row)
+            key = lambda r: (r["pruned"], r["train"], r.get("lora_r"), r["learning_rate"])  # noqa: E731
+            results["rows"] = [r for r in results["rows"] if key(r) != key(row)] + [row]
             print(f"  {mode}: PPL {after:.3f} ({row['gap_recovered']:.1%} of the gap), {report}", flush=True)
-            out = Path(args.out)
             atomic_write_text(str(out), json.dumps(results, indent=2))
             atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
     print(markdown(results))

@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what trains: norms and biases, plus a masked LoRA adapter, or everything with a constant "
                         "mask (default norms)")
     r.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    r.add_argument("--lr", type=float, help="learning rate (default: 1e-3 norms, 2e-4 lora, 2e-5 all)")
+    r.add_argument("--lr", type=float, help="learning rate (default: 1e-3 norms, 5e-4 lora, 2e-5 all)")
     r.add_argument("--lora-r", type=int, default=16, help="rank of the masked LoRA adapter (default 16)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--seqlen", type=int, default=512)
