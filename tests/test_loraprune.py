@@ -104,8 +104,19 @@ def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
     got = LoraGroupTerms(algo.wrappers, grads=algo.grad_ema).importance(path)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
     # averaging the signed gradient before the absolute value is not averaging the importance
-    per_step = sum(lora_importance(w.get_base_layer().weight, a, b, *seen[i][path], 1.0) for i in range(2))
-    assert not torch.allclose(got / got.sum(), per_step / per_step.sum(), rtol=1e-2)
+    per_step = sum(c * lora_importance(w.get_base_layer().weight, a, b, *seen[i][path], float(w.scaling["default"]))
+                   for i, c in ((0, 0.25), (1, 0.75)))
+    assert not torch.allclose(got, per_step, rtol=1e-2)
+    # a mask update ranks by the group sums of that importance
+    from hf_prune.structure.units import attention_group_terms, mlp_group_terms
+
+    terms = LoraGroupTerms(algo.wrappers, grads={p: dict(v) for p, v in algo.grad_ema.items()})
+    assert algo.update(4, None) and algo.removed_fraction > 0
+    for spec in algo.specs:
+        held = algo.importance()[spec.index]
+        assert torch.allclose(held["mlp"], mlp_group_terms(terms, spec.mlp)[1], rtol=1e-5)
+        assert torch.allclose(held["head"], attention_group_terms(terms, spec.attention)[0][1], rtol=1e-5)
+        terms.clear()
     algo.detach()
 
 
@@ -235,11 +246,13 @@ def test_gates_zero_the_removed_units_output(tmp_path) -> None:
     assert seen == {"zero": True, "some": True}
 
 
-def test_end_step_after_max_steps_prunes_the_rest_with_a_warning(tmp_path) -> None:
+@pytest.mark.parametrize("average", ["importance", "gradient"])
+def test_end_step_after_max_steps_prunes_the_rest_with_a_warning(tmp_path, average: str) -> None:
     pm = _lora("llama")
     with pytest.warns(UserWarning, match="the rest is removed now"):
-        cb, _ = _train(pm, tmp_path, _config(end_step=40), max_steps=6)
+        cb, _ = _train(pm, tmp_path, _config(end_step=40, loraprune_average=average), max_steps=6)
     assert cb.report.achieved_fraction == pytest.approx(0.2, abs=0.06)
+    assert cb.algorithm.importance()  # the final allocation ranked by measured scores
 
 
 @pytest.mark.parametrize("average", ["importance", "gradient"])
@@ -262,6 +275,7 @@ def test_resume_restores_importance_and_masks(tmp_path, average: str) -> None:
     assert resumed.report.blocks == full.report.blocks
     kept = lambda cb: {i: (p.mlp_keep, p.heads_keep) for i, p in cb.algorithm.plans.items()}  # noqa: E731
     assert kept(resumed) == kept(full)
+    assert full.algorithm.importance()
     for i, ema in full.algorithm.importance().items():
         for kind, value in ema.items():
             assert torch.allclose(resumed.algorithm.importance()[i][kind], value, rtol=1e-4, atol=1e-9)

@@ -33,7 +33,8 @@ What happens, per optimizer step (`PruningCallback` drives it):
   are cut along with their layers (`hf_prune.peft.slicing`), so the `PeftModel` keeps training, saving and
   merging with stock peft. The callback's report is a `hf_prune.report.StructuredReport`.
 
-Checkpoints hold the moving averages and the kept units; resume and 2-process DDP work as for the other training
+Checkpoints hold the moving averages (and, with ``loraprune_average="gradient"``, the averaged LoRA gradients) and
+the kept units; resume and 2-process DDP work as for the other training
 methods (the importance comes from the all-reduced gradients; rank 0's masks are broadcast). FSDP2 is refused.
 """
 
@@ -87,7 +88,8 @@ def base_model_of(model: nn.Module) -> nn.Module:
 
 class LoraGroupTerms:
     """`hf_prune.structure.units.GroupTerms` over LoRA-estimated importances; each layer's ``[out, in]``
-    importance is computed once per step and dropped with `clear`.
+    importance is computed once per use (each step, or each mask update with averaged gradients) and dropped
+    with `clear`.
 
     ``grads``: ``{path: {adapter: (G_A, G_B)}}`` to use instead of the adapters' ``.grad`` (averaged gradients)."""
 
@@ -297,7 +299,8 @@ class LoraPrune(TrainingOnlyMethod):
                 ga, gb = w.lora_A[name].weight.grad, w.lora_B[name].weight.grad
                 if ga is not None and gb is not None:
                     now.setdefault(path, {})[name] = (ga.detach().float(), gb.detach().float())
-        if not all(bool(torch.isfinite(g).all()) for pairs in now.values() for pair in pairs.values() for g in pair):
+        finite = [torch.isfinite(g).all() for pairs in now.values() for pair in pairs.values() for g in pair]
+        if finite and not bool(torch.stack(finite).all()):  # one device sync
             logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step is "
                            "left out of the averaged gradients")
             return
@@ -336,6 +339,8 @@ class LoraPrune(TrainingOnlyMethod):
         self.target = target
         self._refresh()
         self._install(broadcast_object(self._allocate(target)))
+        if self.target >= float(self.config.sparsity) - 1e-9:  # type: ignore[arg-type]
+            self.grad_ema = {}  # the final units are chosen: never read again
         return True
 
     def _allocate(self, fraction: float) -> dict[int, LayerPlan]:
@@ -472,10 +477,11 @@ class LoraPrune(TrainingOnlyMethod):
         return {**super().state(), "loraprune_steps": self.steps_seen, "plans": plans}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        if self.average == "gradient":  # the group scores are formed from these at each update
-            return {f"loraprune_grad/{path}/{name}/{ab}": t.cpu() for path, pairs in self.grad_ema.items()
-                    for name, pair in pairs.items() for ab, t in zip("ab", pair)}
-        return {f"loraprune/{i}/{kind}": t for i, ema in self.ema.items() for kind, t in ema.items()}
+        out = {f"loraprune/{i}/{kind}": t for i, ema in self.ema.items() for kind, t in ema.items()}
+        # loraprune_average="gradient": the averaged gradients the next update forms the group scores from
+        out.update({f"loraprune_grad/{path}/{name}/{ab}": t.cpu() for path, pairs in self.grad_ema.items()
+                    for name, pair in pairs.items() for ab, t in zip("ab", pair)})
+        return out
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load_state(meta, tensors)
@@ -487,7 +493,8 @@ class LoraPrune(TrainingOnlyMethod):
                 _, i, kind = key.split("/")
                 self.ema.setdefault(int(i), {})[kind] = t.float().cpu()
             elif key.startswith("loraprune_grad/"):
-                path, name, ab = key[len("loraprune_grad/"):].rsplit("/", 2)
+                path, rest = key[len("loraprune_grad/"):].split("/", 1)  # module paths have no "/"
+                name, ab = rest.rsplit("/", 1)
                 grads.setdefault((path, name), {})[ab] = t.float()
         for (path, name), pair in grads.items():
             w = self.wrappers.get(path)

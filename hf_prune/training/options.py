@@ -70,7 +70,7 @@ class LoraPruneOptions(Schedule, WidthUnitOptions):
     loraprune_average: str = option(
         "importance", "LoRAPrune: what the moving average runs over. 'importance': each step's group importance "
         "sum|G_hat * W'| (the paper; the absolute value of every step's noisy gradient, a Fisher-like score); "
-        "'gradient': the LoRA gradients G_A, G_B (one extra copy of the adapters), with G_hat and the importance "
+        "'gradient': the LoRA gradients G_A, G_B (an fp32 copy of the adapters' size), with G_hat and the importance "
         "formed from the averages at each mask update, like one-shot Taylor's accumulated gradient (cheaper per "
         "step)", choices=("importance", "gradient"))
 
