@@ -57,11 +57,12 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
              f"Protocol: {results['protocol']}; dense PPL {results['dense_ppl']:.2f}.", "",
              "| pruned | recovery | lr | trainable | trainable % | PPL before | PPL after | gap recovered | s | peak RSS MB "
-             "| zeros equal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| added in training MB | zeros equal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         lines.append(f"| {r['pruned']} | {r['train']}{' r=' + str(r['lora_r']) if r.get('lora_r') else ''} | {r['learning_rate']:g} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_fraction']:.3f} | {r['ppl_pruned']:.2f} | "
                      f"{r['ppl']:.2f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{'' if r.get('start_rss_mb') is None else format(r['peak_rss_mb'] - r['start_rss_mb'], '.0f')} | "
                      f"{'yes' if r['zeros_equal'] else 'NO'} |")
     return "\n".join(lines)
 

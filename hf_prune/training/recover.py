@@ -62,6 +62,9 @@ class RecoveryReport:
     zeros_before: int
     zeros_after: int
     lora_r: int | None = None
+    #: the process's RSS when training started (the model and whatever else the process holds): ``peak_rss_mb -
+    #: start_rss_mb`` is what training added (gradients, optimizer state, activations)
+    start_rss_mb: float | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -79,7 +82,8 @@ class RecoveryReport:
                 f"steps at lr {self.learning_rate:g}, {self.trainable_params:,} of {self.total_params:,} parameters "
                 f"trained ({self.trainable_fraction:.3%}); loss {self.first_loss:.3f} -> {self.last_loss:.3f}; "
                 f"zeros {self.zeros_before:,} -> {self.zeros_after:,}; {self.seconds:.1f} s, peak RSS "
-                f"{self.peak_rss_mb:.0f} MB")
+                f"{self.peak_rss_mb:.0f} MB" + (f" (+{self.peak_rss_mb - self.start_rss_mb:.0f} MB in training)"
+                                                if self.start_rss_mb is not None else ""))
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -264,7 +268,7 @@ def recover(
     report = RecoveryReport(
         train=train, steps=steps, learning_rate=float(lr), trainable_params=trainable, total_params=total,
         first_loss=float(losses[0]) if losses else math.nan, last_loss=float(losses[-1]) if losses else math.nan,
-        seconds=seconds, peak_rss_mb=mem.peak_rss_mb, zeros_before=zeros_before,
+        seconds=seconds, peak_rss_mb=mem.peak_rss_mb, start_rss_mb=mem.start_rss_mb, zeros_before=zeros_before,
         zeros_after=sum(int(m.sum()) for m in after.values()), lora_r=lora_r if train == "lora" else None,
     )
     if show_progress:
