@@ -14,6 +14,8 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
   measured runs;
 * ``loraprune``: `PruningCallback(method="loraprune", sparsity=--sparsity)`, cubic schedule from 10% of the steps
   (warm-up) to 70% (the rest is the cool-down), masks updated every ``--update-every`` steps;
+  ``loraprune-gradient``: the same with ``loraprune_average="gradient"``; ``loraprune-early``: the ramp ends at 30%
+  of the steps (a 70% cool-down);
 * ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
   512 tokens, it needs gradients; FLAP: 128 windows, ``reconstruct=True``) to the same fraction of decoder
   parameters, then the same LoRA training for the same steps;
@@ -41,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from oneshot import command_line, machine  # noqa: E402
 
-RUNS = ("loraprune", "loraprune-gradient", "taylor+lora", "flap+lora")
+RUNS = ("loraprune", "loraprune-gradient", "loraprune-early", "taylor+lora", "flap+lora")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,10 +106,11 @@ def worker(args) -> dict:
         return importance_check(model, train, args, out)
     callbacks = []
     if name.startswith("loraprune"):
-        start, end = max(1, args.steps // 10), max(2, int(args.steps * 0.7))
+        # "-early": the ramp ends at 30% of the steps (70% cool-down) instead of 70%
+        start, end = max(1, args.steps // 10), max(2, int(args.steps * (0.3 if "-early" in name else 0.7)))
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
             method="loraprune", sparsity=args.sparsity, start_step=start, end_step=end,
-            update_every=args.update_every, loraprune_average="gradient" if name.endswith("-gradient") else
+            update_every=args.update_every, loraprune_average="gradient" if "-gradient" in name else
             "importance"), verbose=False))
     else:
         method = name.split("+")[0]
