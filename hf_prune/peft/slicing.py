@@ -35,9 +35,13 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def lora_wrappers(model: nn.Module) -> dict[str, Any]:
-    """``{module path: LoRA layer}`` of every peft LoRA layer in ``model`` (paths relative to ``model``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+def lora_wrappers(model: nn.Module, outermost: bool = False) -> dict[str, Any]:
+    """``{module path: LoRA layer}`` of every peft LoRA layer in ``model`` (paths relative to ``model``).
+
+    ``outermost``: leave out LoRA layers nested in another one's ``base_layer`` (peft nests parameter wrappers on
+    fused experts); swapping the outer ones out (`base_layers_in_place`) takes what they nest along."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, LoraLayer) and not (outermost and ".base_layer" in name)}
 
 
 def is_projection(wrapper: Any) -> bool:

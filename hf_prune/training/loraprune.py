@@ -168,8 +168,8 @@ class LoraPrune(TrainingOnlyMethod):
         prefix, blocks = find_blocks(base)
         # the LoRA layers on plain linear / Conv1D projections of the decoder blocks (not nested parameter
         # wrappers on fused experts, not lm_head): these are swapped out to find the layout and cut at the end
-        outer = {p: w for p, w in slicing.lora_wrappers(base).items()
-                 if p.startswith(f"{prefix}.") and ".base_layer" not in p}  # swapped out (with what they nest)
+        outer = {p: w for p, w in slicing.lora_wrappers(base, outermost=True).items()
+                 if p.startswith(f"{prefix}.")}  # swapped out (with what they nest)
         wrappers = {p: w for p, w in outer.items() if slicing.is_projection(w)}
         if not wrappers:
             raise ConfigError(

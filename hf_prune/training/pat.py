@@ -91,8 +91,7 @@ def _lora_wrappers(model: nn.Module) -> dict[str, Any]:
         return {}
     from ..peft import slicing
 
-    wrappers = slicing.lora_wrappers(model)
-    return {p: w for p, w in wrappers.items() if ".base_layer" not in p}
+    return slicing.lora_wrappers(model, outermost=True)
 
 
 class PatModules(nn.Module):
