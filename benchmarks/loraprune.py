@@ -253,10 +253,6 @@ def markdown(results: dict) -> str:
                   "", "| batches | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         for n, vals in imp["by_batches"].items():
             lines.append(f"| {n} | " + " | ".join(f"{vals[k]:.3f}" for k in kinds) + " |")
-    elif imp:
-        lines += ["", f"LoRA-estimated vs true Taylor group importance ({imp['batches']} batches after "
-                      f"{imp['warmup_steps']} LoRA steps), Spearman: " + ", ".join(
-                          f"{k.split(' ', 1)[1]} {v:.3f}" for k, v in imp.items() if k.startswith("spearman"))]
     return "\n".join(lines)
 
 

@@ -74,15 +74,15 @@ def test_estimate_from_real_lora_gradients_matches_first_order_change() -> None:
 def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
     """loraprune_average="gradient": the adapters' gradients are averaged over steps, and a unit's importance is
     the Taylor importance of G_hat formed from the averages (the absolute value after the average)."""
+    from hf_prune.structure.units import attention_group_terms, mlp_group_terms
     from hf_prune.training.loraprune import LoraGroupTerms, LoraPrune
+    from hf_prune.training.state import MaskState
 
     torch.manual_seed(0)
     pm = _lora("llama")
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    from hf_prune.training.state import MaskState
-
     cfg = _config(loraprune_average="gradient", loraprune_beta=0.25)
     algo = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=8)
     algo.attach(pm)
@@ -108,8 +108,6 @@ def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
                    for i, c in ((0, 0.25), (1, 0.75)))
     assert not torch.allclose(got, per_step, rtol=1e-2)
     # a mask update ranks by the group sums of that importance
-    from hf_prune.structure.units import attention_group_terms, mlp_group_terms
-
     terms = LoraGroupTerms(algo.wrappers, grads={p: dict(v) for p, v in algo.grad_ema.items()})
     assert algo.update(4, None) and algo.removed_fraction > 0
     for spec in algo.specs:

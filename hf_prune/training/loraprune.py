@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +87,13 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
+def adapter_pairs(wrapper: Any) -> Iterator[tuple[str, nn.Parameter, nn.Parameter]]:
+    """``(adapter name, lora_A weight, lora_B weight)`` of a LoRA layer's active LoRA adapters."""
+    for name in wrapper.active_adapters:
+        if name in wrapper.lora_A:
+            yield name, wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+
+
 class LoraGroupTerms:
     """`hf_prune.structure.units.GroupTerms` over LoRA-estimated importances; each layer's ``[out, in]``
     importance is computed once per use (each step, or each mask update with averaged gradients) and dropped
@@ -113,10 +121,7 @@ class LoraGroupTerms:
         if getattr(w, "fan_in_fan_out", False) or type(base).__name__ == "Conv1D":
             weight = weight.t()
         total = None
-        for name in w.active_adapters:
-            if name not in w.lora_A:
-                continue
-            a, b = w.lora_A[name].weight, w.lora_B[name].weight
+        for name, a, b in adapter_pairs(w):
             pair = (a.grad, b.grad) if self.grads is None else self.grads.get(path, {}).get(name, (None, None))
             if pair[0] is None or pair[1] is None:
                 continue
@@ -270,8 +275,8 @@ class LoraPrune(TrainingOnlyMethod):
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        if self.target >= float(self.config.sparsity) - 1e-9:  # type: ignore[arg-type]
-            return  # the final units are chosen; no later update reads the importance
+        if self._final_chosen():
+            return  # no later update reads the importance
         if self.average == "gradient":
             self._average_gradients()
             return
@@ -284,21 +289,23 @@ class LoraPrune(TrainingOnlyMethod):
         for i, now in scores.items():
             ema = self.ema.setdefault(i, {})
             for kind, value in now.items():
-                old = ema.get(kind)
-                ema[kind] = value.clone() if old is None or self.steps_seen == 0 else self.beta * old + (
-                    1 - self.beta) * value
+                ema[kind] = self._fold(ema.get(kind), value)
         self.steps_seen += 1
+
+    def _fold(self, old: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+        """One step of the moving average ``beta * old + (1 - beta) * value`` (``value`` itself at the first step,
+        or where the shapes no longer match)."""
+        if old is None or self.steps_seen == 0 or old.shape != value.shape:
+            return value.clone()
+        return self.beta * old.to(value.device) + (1 - self.beta) * value
 
     def _average_gradients(self) -> None:
         """``loraprune_average="gradient"``: fold this step's LoRA gradients into their moving averages."""
         now: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for path, w in self.wrappers.items():
-            for name in w.active_adapters:
-                if name not in w.lora_A:
-                    continue
-                ga, gb = w.lora_A[name].weight.grad, w.lora_B[name].weight.grad
-                if ga is not None and gb is not None:
-                    now.setdefault(path, {})[name] = (ga.detach().float(), gb.detach().float())
+            for name, a, b in adapter_pairs(w):
+                if a.grad is not None and b.grad is not None:
+                    now.setdefault(path, {})[name] = (a.grad.detach().float(), b.grad.detach().float())
         finite = [torch.isfinite(g).all() for pairs in now.values() for pair in pairs.values() for g in pair]
         if finite and not bool(torch.stack(finite).all()):  # one device sync
             logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step is "
@@ -307,12 +314,8 @@ class LoraPrune(TrainingOnlyMethod):
         for path, pairs in now.items():
             held = self.grad_ema.setdefault(path, {})
             for name, (ga, gb) in pairs.items():
-                old = held.get(name)
-                if old is None or self.steps_seen == 0 or old[0].shape != ga.shape or old[1].shape != gb.shape:
-                    held[name] = (ga.clone(), gb.clone())
-                else:
-                    held[name] = tuple(o.to(g.device).mul_(self.beta).add_(g, alpha=1 - self.beta)
-                                       for o, g in ((old[0], ga), (old[1], gb)))  # type: ignore[assignment]
+                old_a, old_b = held.get(name, (None, None))
+                held[name] = (self._fold(old_a, ga), self._fold(old_b, gb))
         self.steps_seen += 1
 
     def _refresh(self) -> None:
@@ -321,6 +324,10 @@ class LoraPrune(TrainingOnlyMethod):
             return
         terms = LoraGroupTerms(self.wrappers, grads=self.grad_ema)
         self.ema = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
+
+    def _final_chosen(self) -> bool:
+        """Whether the schedule has reached the final sparsity: the units are chosen for good."""
+        return self.target >= float(self.config.sparsity) - 1e-9  # type: ignore[arg-type]
 
     def importance(self) -> dict[int, dict[str, torch.Tensor]]:
         """The group importance the masks are chosen by: ``{block: {"mlp" | "head" | "group": scores}}`` (the
@@ -339,8 +346,8 @@ class LoraPrune(TrainingOnlyMethod):
         self.target = target
         self._refresh()
         self._install(broadcast_object(self._allocate(target)))
-        if self.target >= float(self.config.sparsity) - 1e-9:  # type: ignore[arg-type]
-            self.grad_ema = {}  # the final units are chosen: never read again
+        if self._final_chosen():
+            self.grad_ema = {}  # never read again
         return True
 
     def _allocate(self, fraction: float) -> dict[int, LayerPlan]:
