@@ -15,7 +15,8 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
 * ``loraprune``: `PruningCallback(method="loraprune", sparsity=--sparsity)`, cubic schedule from 10% of the steps
   (warm-up) to 70% (the rest is the cool-down), masks updated every ``--update-every`` steps;
   ``loraprune-gradient``: the same with ``loraprune_average="gradient"``; ``loraprune-early``: the ramp ends at 30%
-  of the steps (a 70% cool-down);
+  of the steps (a 70% cool-down); ``loraprune-fisher``: the same schedule with ``loraprune_importance="fisher"``
+  (units ranked by the empirical Fisher of their output gates instead of the LoRA estimate);
 * ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
   512 tokens, it needs gradients; FLAP: 128 windows, ``reconstruct=True``) to the same fraction of decoder
   parameters, then the same LoRA training for the same steps;
@@ -43,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from oneshot import command_line, machine  # noqa: E402
 
-RUNS = ("loraprune", "loraprune-gradient", "loraprune-early", "taylor+lora", "flap+lora")
+RUNS = ("loraprune", "loraprune-gradient", "loraprune-early", "loraprune-fisher", "taylor+lora", "flap+lora")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,7 +112,7 @@ def worker(args) -> dict:
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
             method="loraprune", sparsity=args.sparsity, start_step=start, end_step=end,
             update_every=args.update_every, loraprune_average="gradient" if "-gradient" in name else
-            "importance"), verbose=False))
+            "importance", loraprune_importance="fisher" if "-fisher" in name else "lora"), verbose=False))
     else:
         method = name.split("+")[0]
         n = args.taylor_samples if method == "taylor" else args.calib_samples

@@ -22,8 +22,13 @@ TARGETS = {"llama": "all-linear", "qwen3": "all-linear", "gpt2": ["c_attn", "c_p
 
 def _lora(arch: str, r: int = 4, **kw):
     model = build(arch)
-    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS.get(arch, "all-linear"),
-                                                      fan_in_fan_out=arch == "gpt2", **kw))
+    kw = {"target_modules": TARGETS.get(arch, "all-linear"), **kw}
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, fan_in_fan_out=arch == "gpt2", **kw))
+
+
+# the ways of ranking: the paper's averaged importance, averaged LoRA gradients, the output-gate Fisher
+MODES = {"importance": {"loraprune_average": "importance"}, "gradient": {"loraprune_average": "gradient"},
+         "fisher": {"loraprune_importance": "fisher"}}
 
 
 def _config(**kw) -> hf_prune.PruningConfig:
@@ -118,15 +123,82 @@ def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
     algo.detach()
 
 
+def test_fisher_is_the_per_sequence_gate_gradient_squared() -> None:
+    """loraprune_importance="fisher": a unit's score is sum over sequences of (dL/dm)^2 for a gate m on the unit's
+    output, checked against explicit gate parameters and one backward pass per sequence. LoRA sits on up_proj
+    only, so the first block's o_proj input needs no gradient of its own: the hook asks for it."""
+    from hf_prune.training.loraprune import LoraPrune
+    from hf_prune.training.state import MaskState
+
+    torch.manual_seed(0)
+    pm = _lora("llama", target_modules=["up_proj"])
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    cfg = _config(loraprune_importance="fisher", loraprune_beta=0.5)
+    algo = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=8)
+    algo.attach(pm)
+    batches = [torch.randint(0, 100, (3, 10)) for _ in range(2)]
+    for ids in batches:
+        pm.zero_grad(set_to_none=True)
+        pm(input_ids=ids, labels=ids).loss.backward()
+        algo.before_optimizer_step()
+    algo.detach()
+
+    # the reference: gates as parameters, the batch loss's gradient split by sequence
+    base = pm.get_base_model()
+    spec = algo.specs[0]
+    a = spec.attention
+    gates = {spec.mlp.output: torch.ones(spec.mlp.intermediate, requires_grad=True),
+             a.o: torch.ones(a.num_kv_heads, a.num_heads // a.num_kv_heads, requires_grad=True)}
+    group = torch.ones(a.num_kv_heads, 1, requires_grad=True)
+
+    def hook_for(path):
+        def hook(module, args):
+            x = args[0]
+            if path == a.o:
+                m = (gates[path] * group).reshape(-1).repeat_interleave(a.head_dim)
+            else:
+                m = gates[path]
+            return (x * m, *args[1:])
+        return hook
+
+    handles = [base.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in gates]
+    want: dict[str, torch.Tensor] = {}
+    for step, ids in enumerate(batches):
+        now = {"mlp": 0, "head": 0, "group": 0}
+        for row in ids:  # equal lengths: the batch loss is the mean of the sequences' losses
+            for t in (*gates.values(), group):
+                t.grad = None
+            (pm(input_ids=row[None], labels=row[None]).loss / len(ids)).backward()
+            now["mlp"] = now["mlp"] + gates[spec.mlp.output].grad.square()
+            now["head"] = now["head"] + gates[a.o].grad.reshape(-1).square()
+            now["group"] = now["group"] + group.grad.reshape(-1).square()
+        want = now if step == 0 else {k: 0.5 * want[k] + 0.5 * v for k, v in now.items()}
+    for h in handles:
+        h.remove()
+    got = algo.importance()[spec.index]
+    for kind in ("mlp", "head", "group"):
+        assert got[kind].shape == want[kind].shape
+        assert torch.allclose(got[kind], want[kind], rtol=1e-4, atol=1e-12), kind
+        assert bool((got[kind] > 0).all())
+
+
+def test_fisher_with_gradient_average_is_refused() -> None:
+    with pytest.raises(ConfigError, match="loraprune_importance='fisher'"):
+        _config(loraprune_importance="fisher", loraprune_average="gradient")
+
+
 # ------------------------------------------------------------------------------------------ the training run
 @pytest.mark.parametrize("arch, average", [("llama", "importance"), ("qwen3", "importance"), ("gpt2", "gradient"),
-                                           ("phi3", "importance"), ("gpt_neox", "gradient"), ("opt", "importance")])
+                                           ("phi3", "importance"), ("gpt_neox", "gradient"), ("opt", "importance"),
+                                           ("mistral", "fisher"), ("gpt2", "fisher")])
 def test_loraprune_removes_units_and_merged_model_reloads(tmp_path, arch: str, average: str) -> None:
     from transformers import AutoModelForCausalLM
 
     pm = _lora(arch)
     before = sum(p.numel() for n, p in pm.get_base_model().named_parameters() if "lora_" not in n)
-    cb, _ = _train(pm, tmp_path, _config(loraprune_average=average))
+    cb, _ = _train(pm, tmp_path, _config(**MODES[average]))
     report = cb.report
     assert report.kind == "structured" and report.method == "loraprune"
     assert report.achieved_fraction == pytest.approx(0.2, abs=0.06)
@@ -181,6 +253,8 @@ class _Watch(TrainerCallback):
     ("gpt_neox", {"width_units": "heads", "sparsity": 0.1}, {}),
     ("phi3", {"allocation": "uniform"}, {}),
     ("qwen3_moe", {"sparsity": 0.05}, {}),
+    ("llama", {"gqa_mode": "group", "loraprune_importance": "fisher"}, {}),
+    ("phi3", {"loraprune_importance": "fisher"}, {}),
 ])
 def test_cut_model_equals_the_gated_model_and_units_never_come_back(tmp_path, arch: str, kw: dict,
                                                                      lora_kw: dict) -> None:
@@ -244,23 +318,23 @@ def test_gates_zero_the_removed_units_output(tmp_path) -> None:
     assert seen == {"zero": True, "some": True}
 
 
-@pytest.mark.parametrize("average", ["importance", "gradient"])
+@pytest.mark.parametrize("average", list(MODES))
 def test_end_step_after_max_steps_prunes_the_rest_with_a_warning(tmp_path, average: str) -> None:
     pm = _lora("llama")
     with pytest.warns(UserWarning, match="the rest is removed now"):
-        cb, _ = _train(pm, tmp_path, _config(end_step=40, loraprune_average=average), max_steps=6)
+        cb, _ = _train(pm, tmp_path, _config(end_step=40, **MODES[average]), max_steps=6)
     assert cb.report.achieved_fraction == pytest.approx(0.2, abs=0.06)
     assert cb.algorithm.importance()  # the final allocation ranked by measured scores
 
 
-@pytest.mark.parametrize("average", ["importance", "gradient"])
+@pytest.mark.parametrize("average", list(MODES))
 def test_resume_restores_importance_and_masks(tmp_path, average: str) -> None:
     from transformers import Trainer
 
     def run(out, resume=None, max_steps=10):
         torch.manual_seed(0)
         pm = _lora("llama")
-        cb = hf_prune.PruningCallback(_config(loraprune_average=average), verbose=False)
+        cb = hf_prune.PruningCallback(_config(**MODES[average]), verbose=False)
         trainer = Trainer(model=pm, args=training_args(out, max_steps=max_steps, save_strategy="steps", save_steps=5),
                           train_dataset=token_dataset(32), callbacks=[cb])
         trainer.train(resume_from_checkpoint=resume)

@@ -102,8 +102,10 @@ SCRIPT = textwrap.dedent("""
         pm = peft.get_peft_model(model, MaskedLoraConfig(r=4, target_modules="all-linear"))
     else:
         pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+        score = "fisher" if case == "loraprune-fisher" else "lora"
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
-            method="loraprune", sparsity=0.2, start_step=2, end_step=6, update_every=2), verbose=False))
+            method="loraprune", sparsity=0.2, start_step=2, end_step=6, update_every=2,
+            loraprune_importance=score), verbose=False))
     trainer = Trainer(model=pm, args=training_args(out, max_steps=8, ddp_backend="gloo", gradient_accumulation_steps=2),
                       train_dataset=token_dataset(32), callbacks=callbacks)
     trainer.train()
@@ -112,13 +114,16 @@ SCRIPT = textwrap.dedent("""
     zeros = sum(int((p == 0).sum()) for n, p in merged.named_parameters() if p.dim() == 2 and "layers" in n)
     shapes = {{n: list(p.shape) for n, p in merged.named_parameters()}}
     checksum = float(sum(p.double().abs().sum() for p in merged.parameters()))
+    held = callbacks[0].algorithm.importance() if callbacks else {{}}
+    importance = [float(v.double().sum()) for i in sorted(held) for _, v in sorted(held[i].items())]
     json.dump(dict(rank=rank, world=trainer.args.world_size, zeros=zeros, shapes=shapes, checksum=checksum,
+                   importance=importance,
                    distributed=torch.distributed.is_initialized()), open(f"{{out}}/rank{{rank}}.json", "w"))
 """)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", ["masked_lora", "loraprune"])
+@pytest.mark.parametrize("case", ["masked_lora", "loraprune", "loraprune-fisher"])
 def test_ddp_two_processes(tmp_path, case: str) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
@@ -133,7 +138,9 @@ def test_ddp_two_processes(tmp_path, case: str) -> None:
     assert r0["checksum"] == pytest.approx(r1["checksum"], rel=1e-6)  # the same weights on both ranks
     dense = build("llama")
     full = {n: list(p.shape) for n, p in dense.named_parameters()}
-    if case == "loraprune":
+    if case.startswith("loraprune"):
+        # the ranks trained on different batches; their scores agree only if summed over the processes
+        assert r0["importance"] and r0["importance"] == pytest.approx(r1["importance"], rel=1e-5)
         assert sum(torch.Size(s).numel() for s in r0["shapes"].values()) < sum(p.numel() for p in dense.parameters())
     else:
         assert r0["shapes"] == full

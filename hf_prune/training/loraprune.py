@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..core.distributed import broadcast_object, is_dtensor
+from ..core.distributed import broadcast_object, is_dtensor, sum_across
 from ..core.memory import lifetime_peak_rss_mb
 from ..core.model import find_blocks
 from ..errors import ConfigError, UnsupportedModelError
@@ -151,6 +151,10 @@ class LoraPrune(TrainingOnlyMethod):
         super().__init__(config, masks, end_step)
         self.beta = float(config.loraprune_beta)
         self.average = str(config.loraprune_average)
+        self.score = str(config.loraprune_importance)  # "lora" (the paper) | "fisher" (output-gate Fisher)
+        # loraprune_importance="fisher": this optimizer step's sums {output path: {kind: sum of squared per-sequence
+        # gate gradients}}, filled by tensor hooks during backward
+        self.fisher: dict[str, dict[str, torch.Tensor]] = {}
         # loraprune_average="gradient": moving averages of the LoRA gradients {path: {adapter: (G_A, G_B)}}
         self.grad_ema: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.model: nn.Module | None = None  # the transformers model inside the PeftModel
@@ -190,10 +194,17 @@ class LoraPrune(TrainingOnlyMethod):
             specs = block_specs(base)
             self.costs = {s.index: unit_costs(base, s) for s in specs}
             self.block_params = [num_params(b) for b in blocks]
-        groups = self._check_coverage(specs, wrappers)
+        groups = self._check_coverage(specs, wrappers) if self.score == "lora" else self._group_paths(specs)
         wrappers = {p: w for p, w in wrappers.items() if p in groups}
         slicing.check_sliceable(wrappers)
         self.model, self.wrappers, self.specs, self.swapped = base, wrappers, specs, outer
+        # output projection -> the attention spec whose heads it reads (None: an MLP's down projection)
+        self.output_kinds: dict[str, Any] = {}
+        for spec in specs:
+            if spec.mlp is not None:
+                self.output_kinds[spec.mlp.output] = None
+            if spec.attention is not None:
+                self.output_kinds[spec.attention.o] = spec.attention
         # what would fail mid-training fails now: the group terms (e.g. interleaved qkv with grouped kv heads)
         # and the final allocation (e.g. a sparsity the chosen width_units cannot reach)
         for spec in specs:
@@ -215,10 +226,7 @@ class LoraPrune(TrainingOnlyMethod):
     def _check_coverage(self, specs: list[BlockSpec], wrappers: dict[str, Any]) -> set[str]:
         """Refuse adapters that cover no unit kind being pruned; return the paths of every group projection."""
         units = self.config.width_units
-        mlp_paths = {p for s in specs if s.mlp is not None
-                     for p in (*s.mlp.inputs, s.mlp.output, s.mlp.fused_gate_up) if p}
-        head_paths = {p for s in specs if s.attention is not None
-                      for p in (s.attention.q, s.attention.k, s.attention.v, s.attention.qkv, s.attention.o) if p}
+        mlp_paths, head_paths = self._group_paths(specs, split=True)
         wanted = {"mlp": [("MLP channels", mlp_paths)], "heads": [("attention heads", head_paths)],
                   "both": [("MLP channels", mlp_paths), ("attention heads", head_paths)]}[units]
         missing = [what for what, paths in wanted if paths and not paths & set(wrappers)]  # (MoE: no dense MLP)
@@ -238,6 +246,15 @@ class LoraPrune(TrainingOnlyMethod):
         return mlp_paths | head_paths
 
     @staticmethod
+    def _group_paths(specs: list[BlockSpec], split: bool = False) -> Any:
+        """The projections of the MLP channel groups and of the head groups (both sets with ``split``)."""
+        mlp_paths = {p for s in specs if s.mlp is not None
+                     for p in (*s.mlp.inputs, s.mlp.output, s.mlp.fused_gate_up) if p}
+        head_paths = {p for s in specs if s.attention is not None
+                      for p in (s.attention.q, s.attention.k, s.attention.v, s.attention.qkv, s.attention.o) if p}
+        return (mlp_paths, head_paths) if split else mlp_paths | head_paths
+
+    @staticmethod
     def _outputs(spec: BlockSpec) -> list[str]:
         out = []
         if spec.attention is not None:
@@ -248,13 +265,41 @@ class LoraPrune(TrainingOnlyMethod):
 
     def _gate_hook(self, path: str) -> Any:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            gate = self.gates.get(path)
-            if gate is None or not args:
+            if not args:
                 return None
-            x = args[0]
-            return (x * gate.to(device=x.device, dtype=x.dtype), *args[1:])
+            gate = self.gates.get(path)
+            x = args[0] if gate is None else args[0] * gate.to(device=args[0].device, dtype=args[0].dtype)
+            if self.score == "fisher" and torch.is_grad_enabled() and not self._final_chosen():
+                if not x.requires_grad:  # nothing trainable upstream (e.g. LoRA only on the MLP): ask for dL/dx
+                    x = x.detach().requires_grad_(True)
+                x.register_hook(self._fisher_hook(path, x.detach()))
+            elif gate is None:
+                return None
+            return (x, *args[1:])
 
         hook._hf_prune_gate = True  # type: ignore[attr-defined]
+        return hook
+
+    def _fisher_hook(self, path: str, x: torch.Tensor) -> Any:
+        """A tensor hook on the input ``x`` (``[batch, seq, channels]``) of output projection ``path``: adds each
+        sequence's ``(sum_t x * dL/dx)^2`` per unit (an MLP channel; a query head's ``head_dim`` channels; a kv
+        group's heads together) to this step's sums. ``sum_t x * dL/dx`` is exactly ``dL/dm`` for a gate ``m``
+        multiplying the unit's output, so its square over sequences is the empirical Fisher of the gate."""
+        kind = self.output_kinds[path]
+
+        def hook(grad: torch.Tensor) -> None:
+            d = (x.float() * grad.float())
+            d = d.reshape(-1, d.shape[-1]).sum(0, keepdim=True) if d.dim() < 3 else d.flatten(1, -2).sum(1)
+            held = self.fisher.setdefault(path, {})
+            if kind is None:  # an MLP output projection
+                parts = {"mlp": d}
+            else:
+                heads = d.view(d.shape[0], kind.num_heads, -1).sum(-1)
+                parts = {"head": heads, "group": heads.view(d.shape[0], kind.num_kv_heads, -1).sum(-1)}
+            for k, v in parts.items():
+                sq = v.square().sum(0)
+                held[k] = sq if k not in held else held[k] + sq
+
         return hook
 
     def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
@@ -280,8 +325,11 @@ class LoraPrune(TrainingOnlyMethod):
         if self.average == "gradient":
             self._average_gradients()
             return
-        terms = LoraGroupTerms(self.wrappers)
-        scores = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
+        if self.score == "fisher":
+            scores = self._fisher_scores()
+        else:
+            terms = LoraGroupTerms(self.wrappers)
+            scores = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
         if not all(bool(torch.isfinite(v).all()) for now in scores.values() for v in now.values()):
             logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step's "
                            "importance is skipped")
@@ -291,6 +339,29 @@ class LoraPrune(TrainingOnlyMethod):
             for kind, value in now.items():
                 ema[kind] = self._fold(ema.get(kind), value)
         self.steps_seen += 1
+
+    def _fisher_scores(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This step's output-gate Fisher per block and kind (summed over processes), and the sums reset."""
+        keys, values = [], []
+        for spec in self.specs:
+            kinds = []
+            if spec.mlp is not None:
+                kinds.append((spec.mlp.output, "mlp", spec.mlp.intermediate))
+            if spec.attention is not None:
+                a = spec.attention
+                kinds += [(a.o, "head", a.num_heads), (a.o, "group", a.num_kv_heads)]
+            for path, kind, n in kinds:
+                held = self.fisher.get(path, {}).get(kind)
+                keys.append((spec.index, kind))
+                values.append(torch.zeros(n) if held is None else held.cpu())  # the same shapes on every rank
+        self.fisher = {}
+        if not values:
+            return {}
+        (total,) = sum_across([torch.cat(values)])  # one all-reduce under DDP
+        scores: dict[int, dict[str, torch.Tensor]] = {}
+        for (i, kind), v in zip(keys, total.split([v.numel() for v in values])):
+            scores.setdefault(i, {})[kind] = v
+        return scores
 
     def _fold(self, old: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
         """One step of the moving average ``beta * old + (1 - beta) * value`` (``value`` itself at the first step,

@@ -73,12 +73,22 @@ class LoraPruneOptions(Schedule, WidthUnitOptions):
         "'gradient': the LoRA gradients G_A, G_B (an fp32 copy of the adapters' size), with G_hat and the importance "
         "formed from the averages at each mask update, like one-shot Taylor's accumulated gradient (cheaper per "
         "step)", choices=("importance", "gradient"))
+    loraprune_importance: str = option(
+        "lora", "LoRAPrune: what ranks the units. 'lora': the paper's |G_hat * W'| from the LoRA gradients alone; "
+        "'fisher': the empirical Fisher of each unit's output gate, sum over sequences of (sum over tokens of "
+        "x * dL/dx)^2 at the o_proj / down_proj inputs (Kwon et al., 2022): a second-order estimate of the loss "
+        "increase when the unit is removed, from activation gradients the LoRA backward pass already computes "
+        "(no base-weight gradient, no [out, in] matrix)", choices=("lora", "fisher"))
 
     def check_config(self, config: PruningConfig) -> None:
         super().check_config(config)
         if config.structure != "unstructured":
             raise ConfigError(f"method='loraprune' removes heads and MLP channels (structured); structure="
                               f"{config.structure!r} does not apply, leave it 'unstructured'")
+        if config.loraprune_importance == "fisher" and config.loraprune_average != "importance":
+            raise ConfigError(f"loraprune_average={config.loraprune_average!r} averages LoRA gradients, which "
+                              "loraprune_importance='fisher' does not use; leave loraprune_average='importance' "
+                              "(the Fisher scores are averaged) or set loraprune_importance='lora'")
 
 
 @dataclass
