@@ -86,7 +86,7 @@ def trainer_for(pm, train: torch.Tensor, args, callbacks, out: Path, steps: int)
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
                               lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), bf16=True,
                               use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=10,
-                              save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                              save_strategy="no", disable_tqdm=True, seed=args.seed, dataloader_num_workers=0)
     return Trainer(model=pm, args=targs, train_dataset=ds, callbacks=callbacks)
 
 
@@ -101,7 +101,7 @@ def worker(args) -> dict:
     tok, train_text, train, eval_ids, build_calibration = data(args)
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
     decoder_before = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    name, row = args.worker, {"run": args.worker, "machine": machine()}
+    name, row = args.worker, {"run": args.worker, "machine": machine(), "seed": args.seed}
     out = Path(args.work) / name.replace("+", "_")
     if name == "importance":
         return importance_check(model, train, args, out)
@@ -151,10 +151,12 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
     * ``gradient`` (``loraprune_average="gradient"``): ``sum_group |G_hat(sum G_A, sum G_B) ⊙ W'|`` against
       ``sum_group |(sum G) ⊙ W'|``, one-shot Taylor's importance of the accumulated gradient.
     """
+    import hf_prune
     from hf_prune.peft.slicing import base_layers_in_place, lora_wrappers
     from hf_prune.structure.arch import block_specs
     from hf_prune.structure.units import attention_group_terms, mlp_group_terms
-    from hf_prune.training.loraprune import LoraGroupTerms
+    from hf_prune.training.loraprune import LoraGroupTerms, LoraPrune
+    from hf_prune.training.state import MaskState
 
     pm = lora(model, args.lora_r)
     warm = max(1, args.steps // 10)
@@ -165,6 +167,17 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
         specs = block_specs(base)
     for w in wrappers.values():
         w.get_base_layer().weight.requires_grad_(True)
+    # loraprune_importance="fisher" on the same batches: beta=0 makes its moving average this batch's Fisher
+    cfg = hf_prune.PruningConfig(method="loraprune", sparsity=args.sparsity, loraprune_importance="fisher",
+                                 loraprune_beta=0.0, start_step=1, end_step=2)
+    fisher = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=2)
+    fisher.attach(pm)
+    fisher_sum: dict[str, torch.Tensor] = {}
+
+    def fisher_scores() -> dict[str, torch.Tensor]:
+        held = fisher.importance()
+        return {"mlp channels": torch.cat([held[s.index]["mlp"] for s in specs if s.mlp is not None]),
+                "query heads": torch.cat([held[s.index]["head"] for s in specs if s.attention is not None])}
 
     class TrueTerms(LoraGroupTerms):
         """``|G ⊙ W'|`` with the base weight's true gradient (``.grad``, or ``grads[path]`` when given)."""
@@ -205,6 +218,9 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = pm(input_ids=batch, labels=batch).loss
         loss.backward()
+        fisher.before_optimizer_step()
+        for kind, v in fisher_scores().items():
+            fisher_sum[kind] = fisher_sum.get(kind, 0) + v
         for label, terms in (("lora", LoraGroupTerms(wrappers)), ("true", TrueTerms(wrappers))):
             for kind, v in group_scores(terms).items():
                 per_batch[label][kind] = per_batch[label].get(kind, 0) + v
@@ -220,8 +236,11 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
             true = group_scores(TrueTerms(wrappers, true_sum))
             row["by_batches"][n] = {
                 **{f"importance {k}": spearman(per_batch["lora"][k], per_batch["true"][k]) for k in est},
-                **{f"gradient {k}": spearman(est[k], true[k]) for k in est}}
+                **{f"gradient {k}": spearman(est[k], true[k]) for k in est},
+                **{f"fisher {k} vs importance": spearman(fisher_sum[k], per_batch["true"][k]) for k in est},
+                **{f"fisher {k} vs gradient": spearman(fisher_sum[k], true[k]) for k in est}}
             print(f"importance check, {n} batches: {row['by_batches'][n]}", flush=True)
+    fisher.detach()
     last = row["by_batches"][len(batches)]
     for key, value in last.items():
         row[f"spearman {key}"] = value
@@ -242,7 +261,8 @@ def markdown(results: dict) -> str:
     for r in results["rows"]:
         if r["run"] == "importance":
             continue
-        lines.append(f"| {r['run']}{tag[r.get('machine', results['machine'])]} | {r['removed_fraction']:.1%} | "
+        seed = f" (seed {r['seed']})" if r.get("seed") else ""
+        lines.append(f"| {r['run']}{seed}{tag[r.get('machine', results['machine'])]} | {r['removed_fraction']:.1%} | "
                      f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
                      f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     imp = next((r for r in results["rows"] if r["run"] == "importance"), None)
@@ -250,7 +270,9 @@ def markdown(results: dict) -> str:
         kinds = list(next(iter(imp["by_batches"].values())))
         lines += ["", f"LoRA-estimated vs true-gradient Taylor group importance on the same batches, after "
                       f"{imp['warmup_steps']} LoRA steps (Spearman; 'importance': sum over batches of each batch's "
-                      "|G ⊙ W'|, the paper's average; 'gradient': |(sum of the batches' G) ⊙ W'|, one-shot Taylor's):",
+                      "|G ⊙ W'|, the paper's average; 'gradient': |(sum of the batches' G) ⊙ W'|, one-shot Taylor's; "
+                      "'fisher': loraprune_importance='fisher' (the output gates' empirical Fisher, summed over the "
+                      "batches) against the first ('importance') or the second ('gradient') true importance):",
                   "", "| batches | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         for n, vals in imp["by_batches"].items():
             lines.append(f"| {n} | " + " | ".join(f"{vals[k]:.3f}" for k in kinds) + " |")
@@ -271,6 +293,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--taylor-samples", type=int, default=16)
     p.add_argument("--check-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="the Trainer's seed (LoRA init, data order); rows are kept "
+                   "per run and seed")
     p.add_argument("--runs", default=",".join(("importance", *RUNS)))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--append", action="store_true", help="add (or redo) rows in the existing results file")
@@ -310,7 +334,7 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
         print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
-        results["rows"] = [r for r in results["rows"] if r["run"] != name] + [row]
+        results["rows"] = [r for r in results["rows"] if (r["run"], r.get("seed", 0)) != (name, args.seed)] + [row]
         atomic_write_text(str(out), json.dumps(results, indent=2))
         atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
     print(markdown(results))
