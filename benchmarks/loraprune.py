@@ -15,8 +15,10 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
 * ``loraprune``: `PruningCallback(method="loraprune", sparsity=--sparsity)`, cubic schedule from 10% of the steps
   (warm-up) to 70% (the rest is the cool-down), masks updated every ``--update-every`` steps;
   ``loraprune-gradient``: the same with ``loraprune_average="gradient"``; ``loraprune-early``: the ramp ends at 30%
-  of the steps (a 70% cool-down); ``loraprune-fisher``: the same schedule with ``loraprune_importance="fisher"``
-  (units ranked by the empirical Fisher of their output gates instead of the LoRA estimate);
+  of the steps (a 70% cool-down); ``loraprune-fisher``: ``loraprune_importance="fisher"`` (units ranked by the
+  empirical Fisher of their output gates, the default); the other ``loraprune*`` runs set ``"lora"``, the paper's
+  estimate; suffixes combine (``loraprune-fisher-early``);
+* ``--seed``: the Trainer's seed (LoRA initialisation, data order); rows are kept per run and seed;
 * ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
   512 tokens, it needs gradients; FLAP: 128 windows, ``reconstruct=True``) to the same fraction of decoder
   parameters, then the same LoRA training for the same steps;
@@ -25,7 +27,8 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
 * importance check: LoRA trained for the warm-up steps, then on ``--check-batches`` batches both the LoRA estimate
   (`hf_prune.training.loraprune.LoraGroupTerms`) and the true first-order Taylor importance
   ``|dL/dW' ⊙ W'|`` (base weights given gradients for this check only) are summed over the same dependency groups;
-  Spearman rank correlation per unit kind.
+  Spearman rank correlation per unit kind; the Fisher scores (``loraprune_importance="fisher"``) of the same
+  batches are compared with the same truths.
 """
 
 from __future__ import annotations

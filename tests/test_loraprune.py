@@ -27,7 +27,8 @@ def _lora(arch: str, r: int = 4, **kw):
 
 
 # the ways of ranking: the paper's averaged importance, averaged LoRA gradients, the output-gate Fisher
-MODES = {"importance": {"loraprune_average": "importance"}, "gradient": {"loraprune_average": "gradient"},
+MODES = {"importance": {"loraprune_importance": "lora", "loraprune_average": "importance"},
+         "gradient": {"loraprune_importance": "lora", "loraprune_average": "gradient"},
          "fisher": {"loraprune_importance": "fisher"}}
 
 
@@ -88,7 +89,7 @@ def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    cfg = _config(loraprune_average="gradient", loraprune_beta=0.25)
+    cfg = _config(loraprune_importance="lora", loraprune_average="gradient", loraprune_beta=0.25)
     algo = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=8)
     algo.attach(pm)
     seen: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -184,9 +185,34 @@ def test_fisher_is_the_per_sequence_gate_gradient_squared() -> None:
         assert bool((got[kind] > 0).all())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fisher_counts_each_sequence_once_under_gradient_checkpointing(tmp_path, reentrant: bool) -> None:
+    """Gradient checkpointing runs each block's forward twice; the Fisher must still be counted once per step."""
+    def run(out, **args):
+        torch.manual_seed(0)
+        pm = _lora("llama")
+        calls = []
+        o_proj = pm.get_base_model().model.layers[0].self_attn.o_proj  # where the Fisher hook sits
+        handle = o_proj.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+        cb, _ = _train(pm, out, _config(loraprune_importance="fisher"), max_steps=6, **args)
+        handle.remove()
+        if args:  # checkpointing: the projection ran again in backward (reentrant: the first time without grad)
+            assert pm.get_base_model().is_gradient_checkpointing and len(calls) == 2 * 6
+            assert calls.count(False) == (6 if reentrant else 0)
+        return cb.algorithm.importance()
+
+    plain = run(tmp_path / "plain")
+    ckpt = run(tmp_path / "ckpt", gradient_checkpointing=True,
+               gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert plain and plain.keys() == ckpt.keys()
+    for i, held in plain.items():
+        for kind, value in held.items():
+            assert torch.allclose(ckpt[i][kind], value, rtol=1e-3, atol=1e-12), (i, kind)
+
+
 def test_fisher_with_gradient_average_is_refused() -> None:
-    with pytest.raises(ConfigError, match="loraprune_importance='fisher'"):
-        _config(loraprune_importance="fisher", loraprune_average="gradient")
+    with pytest.raises(ConfigError, match="set loraprune_importance='lora'"):
+        _config(loraprune_average="gradient")  # the default ranking is the Fisher
 
 
 # ------------------------------------------------------------------------------------------ the training run
@@ -370,10 +396,16 @@ def test_lora_outside_the_groups_is_refused(tmp_path) -> None:
         _train(pm, tmp_path, max_steps=2)
     pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ConfigError, match="no LoRA adapter sits on a projection of the MLP channels"):
-        _train(pm, tmp_path, max_steps=2)
+        _train(pm, tmp_path, _config(loraprune_importance="lora"), max_steps=2)
     pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    cb, _ = _train(pm, tmp_path, _config(width_units="heads", sparsity=0.1), max_steps=10)  # what LoRA covers
+    cb, _ = _train(pm, tmp_path, _config(width_units="heads", sparsity=0.1, loraprune_importance="lora"),
+                   max_steps=10)  # what LoRA covers
     assert cb.report.achieved_fraction > 0.05
+    # the Fisher needs no adapter on the pruned projections: LoRA on q/v, MLP channels ranked and cut as well
+    pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cb, _ = _train(pm, tmp_path, _config(width_units="mlp"), max_steps=10)
+    assert cb.report.achieved_fraction == pytest.approx(0.2, abs=0.06)
+    assert all(bool((v["mlp"] > 0).all()) for v in cb.algorithm.importance().values())
 
 
 def test_dora_is_refused(tmp_path) -> None:
