@@ -282,9 +282,13 @@ class LoraPrune(TrainingOnlyMethod):
             gate = self.gates.get(path)
             x = args[0] if gate is None else args[0] * gate.to(device=args[0].device, dtype=args[0].dtype)
             if self.score == "fisher" and torch.is_grad_enabled() and not self._final_chosen():
-                if not x.requires_grad:  # nothing trainable upstream (e.g. LoRA only on the MLP): ask for dL/dx
-                    x = x.detach().requires_grad_(True)
-                x.register_hook(self._fisher_hook(path, x.detach()))
+                # a gate of ones per sequence and channel, [..., 1, channels]: autograd gives it
+                # dL/dm = sum_t x * dL/dx, and keeps x only as long as it would keep any saved activation
+                # (gradient checkpointing drops and recomputes it)
+                shape = (*x.shape[:-2], 1, x.shape[-1]) if x.dim() >= 3 else (1, x.shape[-1])
+                m = torch.ones(shape, device=x.device, dtype=x.dtype, requires_grad=True)
+                m.register_hook(self._fisher_hook(path))
+                x = x * m
             elif gate is None:
                 return None
             return (x, *args[1:])
@@ -292,16 +296,14 @@ class LoraPrune(TrainingOnlyMethod):
         hook._hf_prune_gate = True  # type: ignore[attr-defined]
         return hook
 
-    def _fisher_hook(self, path: str, x: torch.Tensor) -> Any:
-        """A tensor hook on the input ``x`` (``[batch, seq, channels]``) of output projection ``path``: adds each
-        sequence's ``(sum_t x * dL/dx)^2`` per unit (an MLP channel; a query head's ``head_dim`` channels; a kv
-        group's heads together) to this step's sums. ``sum_t x * dL/dx`` is exactly ``dL/dm`` for a gate ``m``
-        multiplying the unit's output, so its square over sequences is the empirical Fisher of the gate."""
+    def _fisher_hook(self, path: str) -> Any:
+        """A hook on the gradient of the per-sequence gate ``m`` of output projection ``path``: adds each
+        sequence's ``(dL/dm)^2`` per unit (an MLP channel; a query head's ``head_dim`` channels summed; a kv group's
+        heads summed) to this step's sums, the empirical Fisher of the unit's gate."""
         kind = self.output_kinds[path]
 
         def hook(grad: torch.Tensor) -> None:
-            d = (x.float() * grad.float())
-            d = d.reshape(-1, d.shape[-1]).sum(0, keepdim=True) if d.dim() < 3 else d.flatten(1, -2).sum(1)
+            d = grad.detach().float().reshape(-1, grad.shape[-1])  # [sequences, channels]
             held = self.fisher.setdefault(path, {})
             if kind is None:  # an MLP output projection
                 parts = {"mlp": d}
