@@ -34,9 +34,7 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from oneshot import command_line, machine  # noqa: E402
+from driver import header, run_workers, start, tag, worker_file  # noqa: E402
+from oneshot import machine  # noqa: E402
 
 RUNS = ("loraprune", "loraprune-gradient", "loraprune-early", "loraprune-fisher", "taylor+lora", "flap+lora")
 
@@ -89,7 +88,8 @@ def trainer_for(pm, train: torch.Tensor, args, callbacks, out: Path, steps: int)
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
                               lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), bf16=True,
                               use_cpu=not torch.cuda.is_available(), report_to=[], logging_steps=10,
-                              save_strategy="no", disable_tqdm=True, seed=args.seed, dataloader_num_workers=0)
+                              save_strategy="no", disable_tqdm=True, seed=getattr(args, "seed", 0),
+                              dataloader_num_workers=0)  # pat.py shares this without --seed
     return Trainer(model=pm, args=targs, train_dataset=ds, callbacks=callbacks)
 
 
@@ -125,6 +125,7 @@ def worker(args) -> dict:
         report = hf_prune.prune(model, hf_prune.PruningConfig(method=method, sparsity=args.sparsity, **extra),
                                 calibration=calib, verbose=False, show_progress=False)
         row.update(prune_seconds=time.perf_counter() - t0, prune_peak_rss_mb=report.peak_rss_mb)
+    torch.manual_seed(args.seed)  # the LoRA initialisation (rows before 2026-12-02 17:00 UTC left it unseeded)
     pm = lora(model, args.lora_r)
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     trainer = trainer_for(pm, train, args, callbacks, out, args.steps)
@@ -161,6 +162,7 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
     from hf_prune.training.loraprune import LoraGroupTerms, LoraPrune
     from hf_prune.training.state import MaskState
 
+    torch.manual_seed(args.seed)
     pm = lora(model, args.lora_r)
     warm = max(1, args.steps // 10)
     trainer_for(pm, train, args, [], out, warm).train()  # the LoRA state LoRAPrune first ranks with
@@ -253,19 +255,14 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
 
 
 def markdown(results: dict) -> str:
-    machines = sorted({r.get("machine", results["machine"]) for r in results["rows"]})
-    tag = {m: "" if len(machines) == 1 else f" [{chr(ord('a') + i)}]" for i, m in enumerate(machines)}
-    lines = [f"Machine: {results['machine']}  " if len(machines) == 1 else
-             "Machines: " + "; ".join(f"[{chr(ord('a') + i)}] {m}" for i, m in enumerate(machines)) + "  ",
-             f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
-             f"Protocol: {results['protocol']}", "",
+    lines = [*header(results), "",
              "| run | decoder params removed | PPL (merged) | trainable | train s | prune s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["run"] == "importance":
             continue
         seed = f" (seed {r['seed']})" if r.get("seed") else ""
-        lines.append(f"| {r['run']}{seed}{tag[r.get('machine', results['machine'])]} | {r['removed_fraction']:.1%} | "
+        lines.append(f"| {r['run']}{seed}{tag(results, r)} | {r['removed_fraction']:.1%} | "
                      f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
                      f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     imp = next((r for r in results["rows"] if r["run"] == "importance"), None)
@@ -312,34 +309,15 @@ def main() -> None:
     if args.worker:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         row = worker(args)
-        Path(args.work, f"{args.worker.replace('+', '_')}.json").write_text(json.dumps(row))
+        worker_file(args.work, args.worker).write_text(json.dumps(row))
         return
-    from hf_prune.report import atomic_write_text
-
-    results = {"machine": machine(), "date": datetime.date.today().isoformat(),
-               "command": command_line("benchmarks/loraprune.py"),
-               "protocol": (f"{args.sparsity:.0%} of decoder parameters, {args.steps} LoRA steps r={args.lora_r} x "
-                            f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}; "
-                            f"PPL on {args.eval_windows} x 512 held-out windows"), "rows": []}
     out = Path(args.out)
-    if args.append and out.exists():
-        old = json.loads(out.read_text())
-        results["rows"] = old["rows"]
-        results["command"] = old["command"] + "; " + results["command"]
-        if old.get("machine") != results["machine"]:
-            for r in results["rows"]:
-                r.setdefault("machine", old.get("machine"))
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("runs", "quick", "worker", "work", "out", "append")]
-    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
-        cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--work", args.work]
-        print(f"== {name}", flush=True)
-        subprocess.run(cmd, check=True)
-        row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
-        print(json.dumps({k: v for k, v in row.items() if k != "history"}), flush=True)
-        results["rows"] = [r for r in results["rows"] if (r["run"], r.get("seed", 0)) != (name, args.seed)] + [row]
-        atomic_write_text(str(out), json.dumps(results, indent=2))
-        atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
+    results = start("benchmarks/loraprune.py", (
+        f"{args.sparsity:.0%} of decoder parameters, {args.steps} LoRA steps r={args.lora_r} x {args.batch_size} x "
+        f"{args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}; PPL on {args.eval_windows} x 512 held-out "
+        "windows"), out, args.append)
+    run_workers(__file__, args, [r.strip() for r in args.runs.split(",") if r.strip()], results, out, markdown,
+                key=lambda r: (r["run"], r.get("seed", 0)))
     print(markdown(results))
 
 

@@ -31,7 +31,6 @@ Protocol (each run in its own process, so peak RSS is that run's alone; the trai
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -42,8 +41,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from driver import header, run_workers, start, tag, worker_file  # noqa: E402
 from loraprune import data, lora, trainer_for  # noqa: E402
-from oneshot import command_line, machine  # noqa: E402
 
 RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat+lora-early", "pat", "flap+lora", "speed")
 
@@ -202,14 +201,13 @@ def speed(args) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
-             f"Protocol: {results['protocol']}", "",
+    lines = [*header(results), "",
              "| run | hidden | params | decoder params removed | PPL (merged) | trainable | train s | prune s "
              "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["run"] in ("speed", "dims"):
             continue
-        lines.append(f"| {r['run']} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
+        lines.append(f"| {r['run']}{tag(results, r)} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
                      f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
                      f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     for r in results["rows"]:
@@ -264,32 +262,13 @@ def main() -> None:
     if args.worker:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         row = worker(args)
-        Path(args.work, f"{args.worker.replace('+', '_')}.json").write_text(json.dumps(row))
+        worker_file(args.work, args.worker).write_text(json.dumps(row))
         return
-    from hf_prune.report import atomic_write_text
-
     out = Path(args.out)
-    results = {"machine": machine(), "date": datetime.date.today().isoformat(),
-               "command": command_line("benchmarks/pat.py"),
-               "protocol": (f"{args.sparsity:.0%} of hidden dims, {args.steps} steps, LoRA/HSM r={args.lora_r}, "
+    results = start("benchmarks/pat.py", (f"{args.sparsity:.0%} of hidden dims, {args.steps} steps, LoRA/HSM r={args.lora_r}, "
                             f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}, "
-                            f"mask lr {args.mask_lr}; PPL on {args.eval_windows} x 512 held-out windows"),
-               "rows": []}
-    if args.append and out.exists():
-        old = json.loads(out.read_text())
-        results["rows"] = old["rows"]
-        results["command"] = old["command"] + "; " + results["command"]
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("runs", "quick", "worker", "work", "out", "append")]
-    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
-        cmd = [sys.executable, __file__, *passthrough, "--worker", name, "--work", args.work]
-        print(f"== {name}", flush=True)
-        subprocess.run(cmd, check=True)
-        row = json.loads(Path(args.work, f"{name.replace('+', '_')}.json").read_text())
-        print(json.dumps({k: v for k, v in row.items() if k not in ("history", "results")}), flush=True)
-        results["rows"] = [r for r in results["rows"] if r["run"] != name] + [row]
-        atomic_write_text(str(out), json.dumps(results, indent=2))
-        atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
+                            f"mask lr {args.mask_lr}; PPL on {args.eval_windows} x 512 held-out windows"), out, args.append)
+    run_workers(__file__, args, [r.strip() for r in args.runs.split(",") if r.strip()], results, out, markdown)
     print(markdown(results))
 
 

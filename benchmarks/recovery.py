@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -31,13 +29,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from oneshot import command_line, machine  # noqa: E402
+from driver import header, put, save, start, tag  # noqa: E402
 
 import hf_prune  # noqa: E402
 from hf_prune.assets import default_model_dir, default_splits  # noqa: E402
 from hf_prune.core.calibration import build_calibration  # noqa: E402
 from hf_prune.evaluate import perplexity, tokenize_for_eval  # noqa: E402
-from hf_prune.report import atomic_write_text  # noqa: E402
 
 
 def ppl(model, eval_ids, windows: int) -> float:
@@ -54,12 +51,11 @@ def zero_patterns(model) -> dict[str, torch.Tensor]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}  ", f"Date: {results['date']}  ", f"Command: `{results['command']}`  ",
-             f"Protocol: {results['protocol']}; dense PPL {results['dense_ppl']:.2f}.", "",
+    lines = [*header(results)[:-1], f"{header(results)[-1]}; dense PPL {results['dense_ppl']:.2f}.", "",
              "| pruned | recovery | lr | trainable | trainable % | PPL before | PPL after | gap recovered | s | peak RSS MB "
              "| added in training MB | zeros equal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['pruned']} | {r['train']}{' r=' + str(r['lora_r']) if r.get('lora_r') else ''} | {r['learning_rate']:g} | "
+        lines.append(f"| {r['pruned']}{tag(results, r)} | {r['train']}{' r=' + str(r['lora_r']) if r.get('lora_r') else ''} | {r['learning_rate']:g} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_fraction']:.3f} | {r['ppl_pruned']:.2f} | "
                      f"{r['ppl']:.2f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{'' if r.get('start_rss_mb') is None else format(r['peak_rss_mb'] - r['start_rss_mb'], '.0f')} | "
@@ -97,16 +93,11 @@ def main() -> None:
     calib_text, eval_text = default_splits()
     eval_ids = tokenize_for_eval(eval_text, tok)
     calib = build_calibration([calib_text], tok, args.calib_samples, 512, seed=0)
-    results = {"machine": machine(), "date": datetime.date.today().isoformat(),
-               "command": command_line("benchmarks/recovery.py"),
-               "protocol": (f"Wanda one-shot on {args.calib_samples} x 512 calibration tokens; recovery "
-                            f"{args.steps} steps x {args.batch_size} x {args.grad_accum} windows of {args.seqlen} "
-                            f"tokens; PPL on {args.eval_windows} x 512 held-out windows"),
-               "dense_ppl": ppl(dense, eval_ids, args.eval_windows), "rows": []}
     out = Path(args.out)
-    if args.append and out.exists():
-        old = json.loads(out.read_text())
-        results["rows"], results["command"] = old["rows"], old["command"] + "; " + results["command"]
+    results = start("benchmarks/recovery.py", (
+        f"Wanda one-shot on {args.calib_samples} x 512 calibration tokens; recovery {args.steps} steps x "
+        f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens; PPL on {args.eval_windows} x 512 "
+        "held-out windows"), out, args.append, dense_ppl=ppl(dense, eval_ids, args.eval_windows))
     print(f"dense PPL {results['dense_ppl']:.3f}", flush=True)
     for structure in [s.strip() for s in args.structures.split(",") if s.strip()]:
         pruned = copy.deepcopy(dense)
@@ -132,11 +123,9 @@ def main() -> None:
             row = {"pruned": label, "ppl_pruned": ppl_pruned, "ppl": after,
                    "gap_recovered": (ppl_pruned - after) / gap if gap > 0 else float("nan"),
                    "zeros_equal": equal, **report.to_dict()}
-            key = lambda r: (r["pruned"], r["train"], r.get("lora_r"), r["learning_rate"])  # noqa: E731
-            results["rows"] = [r for r in results["rows"] if key(r) != key(row)] + [row]
+            put(results, row, key=lambda r: (r["pruned"], r["train"], r.get("lora_r"), r["learning_rate"]))
             print(f"  {mode}: PPL {after:.3f} ({row['gap_recovered']:.1%} of the gap), {report}", flush=True)
-            atomic_write_text(str(out), json.dumps(results, indent=2))
-            atomic_write_text(str(out.with_suffix(".md")), markdown(results) + "\n")
+            save(results, out, markdown)
     print(markdown(results))
 
 

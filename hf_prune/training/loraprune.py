@@ -19,8 +19,8 @@ What happens, per optimizer step (`PruningCallback` drives it):
   Pruning Framework for Transformers"): with the Fisher standing in for the Hessian, the second-order estimate
   of the loss increase when the unit is removed is half of it. The backward pass of LoRA training computes ``dL/dx`` anyway, so it costs ``O(tokens x channels)``
   per step and no ``[out, in]`` matrix; it is summed over processes under DDP and folded into the moving average
-  below. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.82-0.94, against
-  0.58-0.79 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
+  below. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.84-0.94, against
+  0.60-0.80 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
 * importance, ``loraprune_importance="lora"`` (the paper): every LoRA layer's ``I = |G_hat ⊙ (W + s B A)|``
   (`hf_prune.training.lora_importance`) is summed over
   the same dependency groups as the Taylor width method (`hf_prune.structure.units`: an MLP channel is its
