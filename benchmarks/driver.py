@@ -83,8 +83,8 @@ def run_workers(script: str, args: argparse.Namespace, names: Sequence[str], res
                 quiet: Sequence[str] = ("history", "results")) -> None:
     """Run each of ``names`` as ``python script --worker NAME`` with this driver's options, then add its row
     (written by the worker to `worker_file`) and save after each run, so a failure later keeps what finished."""
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in DRIVER_OPTIONS and v is not None]
+    passthrough = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                   for k, v in vars(args).items() if k not in DRIVER_OPTIONS and v is not None and v is not False]
     for name in names:
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, script, *passthrough, "--worker", name, "--work", args.work], check=True)

@@ -17,7 +17,7 @@ Protocol (each run in its own process, so peak RSS is that run's alone):
   ``loraprune-gradient``: the same with ``loraprune_average="gradient"``; ``loraprune-early``: the ramp ends at 30%
   of the steps (a 70% cool-down); ``loraprune-fisher``: ``loraprune_importance="fisher"`` (units ranked by the
   empirical Fisher of their output gates, the default); the other ``loraprune*`` runs set ``"lora"``, the paper's
-  estimate; suffixes combine (``loraprune-fisher-early``);
+  estimate; suffixes combine (``loraprune-fisher-early``), except ``-fisher`` with ``-gradient`` (refused);
 * ``--seed``: the Trainer's seed (LoRA initialisation, data order); rows are kept per run and seed;
 * ``taylor+lora`` / ``flap+lora``: one-shot ``hf_prune.prune`` (Taylor: ``--taylor-samples`` calibration windows of
   512 tokens, it needs gradients; FLAP: 128 windows, ``reconstruct=True``) to the same fraction of decoder
@@ -217,7 +217,8 @@ def importance_check(model, train: torch.Tensor, args, out: Path) -> dict:
     counts = sorted({n for n in (8, 16, 32, 64) if n < args.check_batches} | {args.check_batches})
     pm.train()
     batches = train[-args.check_batches * args.batch_size:].split(args.batch_size)
-    row: dict = {"run": "importance", "batches": len(batches), "warmup_steps": warm, "by_batches": {}}
+    row: dict = {"run": "importance", "seed": args.seed, "batches": len(batches), "warmup_steps": warm,
+                 "by_batches": {}}
     for n, batch in enumerate(batches, 1):
         pm.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):

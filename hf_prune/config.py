@@ -478,6 +478,8 @@ class PruningConfig:
         flat dict): options of other methods are dropped when they hold their default, and refused otherwise."""
         data = dict(data)
         method = data.get("method", "wanda")
+        if method == "loraprune" and "loraprune_average" in data and "loraprune_importance" not in data:
+            data["loraprune_importance"] = "lora"  # saved before the option existed: the paper's estimate ranked
         try:
             opts = get_spec(method).options
         except KeyError:

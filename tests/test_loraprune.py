@@ -124,15 +124,17 @@ def test_gradient_average_ranks_by_the_averaged_lora_gradients() -> None:
     algo.detach()
 
 
-def test_fisher_is_the_per_sequence_gate_gradient_squared() -> None:
+@pytest.mark.parametrize("arch, target", [("llama", "up_proj"), ("opt", "fc1")])
+def test_fisher_is_the_per_sequence_gate_gradient_squared(arch: str, target: str) -> None:
     """loraprune_importance="fisher": a unit's score is sum over sequences of (dL/dm)^2 for a gate m on the unit's
-    output, checked against explicit gate parameters and one backward pass per sequence. LoRA sits on up_proj
-    only, so the first block's o_proj input needs no gradient of its own: the hook asks for it."""
+    output, checked against explicit gate parameters and one backward pass per sequence. LoRA sits on the MLP's
+    first projection only, so the first block's attention output needs no gradient of its own. OPT flattens the
+    MLP input to [tokens, channels]: the sequences are still told apart."""
     from hf_prune.training.loraprune import LoraPrune
     from hf_prune.training.state import MaskState
 
     torch.manual_seed(0)
-    pm = _lora("llama", target_modules=["up_proj"])
+    pm = _lora(arch, target_modules=[target])
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -208,6 +210,27 @@ def test_fisher_counts_each_sequence_once_under_gradient_checkpointing(tmp_path,
     for i, held in plain.items():
         for kind, value in held.items():
             assert torch.allclose(ckpt[i][kind], value, rtol=1e-3, atol=1e-12), (i, kind)
+
+
+def test_resume_with_the_other_ranking_is_refused(tmp_path) -> None:
+    from transformers import Trainer
+
+    def trainer(score, max_steps):
+        torch.manual_seed(0)
+        cb = hf_prune.PruningCallback(_config(loraprune_importance=score), verbose=False)
+        args = training_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=4)
+        return Trainer(model=_lora("llama"), args=args, train_dataset=token_dataset(32), callbacks=[cb])
+
+    trainer("lora", 4).train()
+    with pytest.raises(ConfigError, match="Resume with loraprune_importance='lora'"):
+        trainer("fisher", 8).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_configs_saved_before_the_option_keep_the_papers_ranking() -> None:
+    saved = {**_config(loraprune_importance="lora", loraprune_average="gradient").to_dict()}
+    del saved["loraprune_importance"]
+    cfg = hf_prune.PruningConfig.from_dict(saved)
+    assert (cfg.loraprune_importance, cfg.loraprune_average) == ("lora", "gradient")
 
 
 def test_fisher_with_gradient_average_is_refused() -> None:

@@ -14,12 +14,16 @@ What happens, per optimizer step (`PruningCallback` drives it):
 
 * importance, ``loraprune_importance="fisher"`` (the default): each unit's output gate ``m`` (an MLP channel at the
   ``down_proj`` input, a head's ``head_dim`` channels at the ``o_proj`` input, a kv group's heads together) gets
-  ``dL/dm = sum_t x_t * dL/dx_t`` per sequence from a tensor hook on that input, and the step's score is the sum
+  ``dL/dm = sum_t x_t * dL/dx_t`` per sequence (a pass-through autograd function on that input, which saves
+  nothing LoRA does not already keep and sums in float32; OPT's flattened ``[tokens, channels]`` MLP input is
+  split by the block's batch size, and a packed single row counts as one sequence), and the step's score is the sum
   over sequences of its square: the empirical Fisher of the gate (Kwon et al., 2022, "A Fast Post-Training
   Pruning Framework for Transformers"): with the Fisher standing in for the Hessian, the second-order estimate
   of the loss increase when the unit is removed is half of it. The backward pass of LoRA training computes ``dL/dx`` anyway, so it costs ``O(tokens x channels)``
   per step and no ``[out, in]`` matrix; it is summed over processes under DDP and folded into the moving average
-  below. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.84-0.94, against
+  below. Only the kinds ``width_units`` prunes are measured. Checkpoints record which ranking made the moving
+  average; resuming with the other one is refused. Under fp16 the scores carry the loss scale squared (bf16 and
+  fp32 do not): ranking within a step is unaffected, but steps after the scaler changes weigh differently. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.84-0.94, against
   0.60-0.80 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
 * importance, ``loraprune_importance="lora"`` (the paper): every LoRA layer's ``I = |G_hat ⊙ (W + s B A)|``
   (`hf_prune.training.lora_importance`) is summed over
@@ -90,6 +94,21 @@ def _peft_slicing() -> Any:
     except ImportError:
         raise ConfigError("method='loraprune' trains with peft LoRA adapters: pip install 'peft>=0.21'") from None
     return slicing
+
+
+class _FisherGate(torch.autograd.Function):
+    """``x`` unchanged (a view, so nothing is copied or saved twice), with the gradient of a per-sequence gate
+    ``m`` of ones (``[sequences, 1, channels]``) multiplying it: ``dL/dm = sum_t x * dL/dx``, in float32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (x,) = ctx.saved_tensors
+        return grad, (x.float() * grad.float()).sum(-2, keepdim=True)
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -166,6 +185,9 @@ class LoraPrune(TrainingOnlyMethod):
         # loraprune_importance="fisher": this optimizer step's sums {output path: {kind: sum of squared per-sequence
         # gate gradients}}, filled by tensor hooks during backward
         self.fisher: dict[str, dict[str, torch.Tensor]] = {}
+        self.fisher_paths: set[str] = set()  # output projections whose units are pruned (and measured)
+        self.batch = 0  # the batch size the decoder blocks last saw
+        self.batch_hooks: list[Any] = []
         # loraprune_average="gradient": moving averages of the LoRA gradients {path: {adapter: (G_A, G_B)}}
         self.grad_ema: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.model: nn.Module | None = None  # the transformers model inside the PeftModel
@@ -212,11 +234,22 @@ class LoraPrune(TrainingOnlyMethod):
         self.model, self.wrappers, self.specs, self.swapped = base, wrappers, specs, outer
         # output projection -> the attention spec whose heads it reads (None: an MLP's down projection)
         self.output_kinds: dict[str, Any] = {}
+        units = self.config.width_units
         for spec in specs:
             if spec.mlp is not None:
                 self.output_kinds[spec.mlp.output] = None
+                if self.score == "fisher" and units in ("mlp", "both"):
+                    self.fisher_paths.add(spec.mlp.output)
             if spec.attention is not None:
                 self.output_kinds[spec.attention.o] = spec.attention
+                if self.score == "fisher" and units in ("heads", "both"):
+                    self.fisher_paths.add(spec.attention.o)
+        for b in blocks:
+            for key, fn in list(b._forward_pre_hooks.items()):
+                if getattr(fn, "_hf_prune_batch", False):  # left by an interrupted run
+                    del b._forward_pre_hooks[key]
+            if self.score == "fisher":
+                self.batch_hooks.append(b.register_forward_pre_hook(self._batch_hook(), with_kwargs=True))
         # what would fail mid-training fails now: the group terms (e.g. interleaved qkv with grouped kv heads)
         # and the final allocation (e.g. a sparsity the chosen width_units cannot reach)
         for spec in specs:
@@ -231,9 +264,9 @@ class LoraPrune(TrainingOnlyMethod):
                 self.hooks.append(module.register_forward_pre_hook(self._gate_hook(path)))
 
     def detach(self) -> None:
-        for h in self.hooks:
+        for h in self.hooks + self.batch_hooks:
             h.remove()
-        self.hooks, self.gates = [], {}
+        self.hooks, self.batch_hooks, self.gates = [], [], {}
 
     def _check_coverage(self, specs: list[BlockSpec], wrappers: dict[str, Any]) -> set[str]:
         """Refuse adapters that cover no unit kind being pruned; return the paths of every group projection."""
@@ -281,20 +314,39 @@ class LoraPrune(TrainingOnlyMethod):
                 return None
             gate = self.gates.get(path)
             x = args[0] if gate is None else args[0] * gate.to(device=args[0].device, dtype=args[0].dtype)
-            if self.score == "fisher" and torch.is_grad_enabled() and not self._final_chosen():
-                # a gate of ones per sequence and channel, [..., 1, channels]: autograd gives it
-                # dL/dm = sum_t x * dL/dx, and keeps x only as long as it would keep any saved activation
-                # (gradient checkpointing drops and recomputes it)
-                shape = (*x.shape[:-2], 1, x.shape[-1]) if x.dim() >= 3 else (1, x.shape[-1])
-                m = torch.ones(shape, device=x.device, dtype=x.dtype, requires_grad=True)
-                m.register_hook(self._fisher_hook(path))
-                x = x * m
+            if path in self.fisher_paths and torch.is_grad_enabled() and not self._final_chosen():
+                x = self._fisher_gate(path, x)
             elif gate is None:
                 return None
             return (x, *args[1:])
 
         hook._hf_prune_gate = True  # type: ignore[attr-defined]
         return hook
+
+    def _batch_hook(self) -> Any:
+        """A pre-hook remembering the batch size a decoder block sees, for projections that get
+        ``[tokens, channels]``."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor) and h.dim() >= 3:
+                self.batch = int(h.shape[0])
+
+        hook._hf_prune_batch = True  # type: ignore[attr-defined]
+        return hook
+
+    def _fisher_gate(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through `_FisherGate`, one gate per sequence: ``[batch, seq, C]`` as it comes; a flattened
+        ``[batch * seq, C]`` (OPT's MLP) split by the block's batch size; otherwise one gate for all rows."""
+        shape = x.shape
+        if x.dim() >= 3:
+            seqs = x.reshape(-1, shape[-2], shape[-1])
+        elif self.batch and shape[0] % self.batch == 0:
+            seqs = x.reshape(self.batch, -1, shape[-1])
+        else:
+            seqs = x.reshape(1, -1, shape[-1])
+        m = torch.ones(seqs.shape[0], 1, shape[-1], device=x.device, requires_grad=True)
+        m.register_hook(self._fisher_hook(path))
+        return _FisherGate.apply(seqs, m).reshape(shape)
 
     def _fisher_hook(self, path: str) -> Any:
         """A hook on the gradient of the per-sequence gate ``m`` of output projection ``path``: adds each
@@ -304,12 +356,16 @@ class LoraPrune(TrainingOnlyMethod):
 
         def hook(grad: torch.Tensor) -> None:
             d = grad.detach().float().reshape(-1, grad.shape[-1])  # [sequences, channels]
+            if kind is not None and d.shape[-1] != kind.num_heads * kind.head_dim:
+                raise UnsupportedModelError(f"loraprune_importance='fisher': the input of {path} has {d.shape[-1]} "
+                                            f"channels, not heads x head_dim = {kind.num_heads * kind.head_dim}; "
+                                            "use loraprune_importance='lora' for this model")
             held = self.fisher.setdefault(path, {})
             if kind is None:  # an MLP output projection
                 parts = {"mlp": d}
             else:
-                heads = d.view(d.shape[0], kind.num_heads, -1).sum(-1)
-                parts = {"head": heads, "group": heads.view(d.shape[0], kind.num_kv_heads, -1).sum(-1)}
+                heads = d.reshape(d.shape[0], kind.num_heads, -1).sum(-1)
+                parts = {"head": heads, "group": heads.reshape(d.shape[0], kind.num_kv_heads, -1).sum(-1)}
             for k, v in parts.items():
                 sq = v.square().sum(0)
                 held[k] = sq if k not in held else held[k] + sq
@@ -341,12 +397,14 @@ class LoraPrune(TrainingOnlyMethod):
             return
         if self.score == "fisher":
             scores = self._fisher_scores()
+            if not scores:
+                return
         else:
             terms = LoraGroupTerms(self.wrappers)
             scores = {spec.index: self._group_scores(terms, spec) for spec in self.specs}
         if not all(bool(torch.isfinite(v).all()) for now in scores.values() for v in now.values()):
-            logger.warning("hf_prune: loraprune: non-finite LoRA gradients (an fp16 overflow step?); this step's "
-                           "importance is skipped")
+            logger.warning("hf_prune: loraprune: non-finite %s (an fp16 overflow step?); this step's importance is "
+                           "skipped", "output-gate gradients" if self.score == "fisher" else "LoRA gradients")
             return
         for i, now in scores.items():
             ema = self.ema.setdefault(i, {})
@@ -365,6 +423,8 @@ class LoraPrune(TrainingOnlyMethod):
                 a = spec.attention
                 kinds += [(a.o, "head", a.num_heads), (a.o, "group", a.num_kv_heads)]
             for path, kind, n in kinds:
+                if path not in self.fisher_paths:
+                    continue
                 held = self.fisher.get(path, {}).get(kind)
                 keys.append((spec.index, kind))
                 values.append(torch.zeros(n) if held is None else held.cpu())  # the same shapes on every rank
@@ -372,6 +432,10 @@ class LoraPrune(TrainingOnlyMethod):
         if not values:
             return {}
         (total,) = sum_across([torch.cat(values)])  # one all-reduce under DDP
+        if not bool(total.any()):  # no gate saw a gradient (nothing measured): not a measurement of zero
+            logger.warning("hf_prune: loraprune: no output gate received a gradient this step (is the loss "
+                           "backpropagated through the decoder blocks?); the step is left out of the importance")
+            return {}
         scores: dict[int, dict[str, torch.Tensor]] = {}
         for (i, kind), v in zip(keys, total.split([v.numel() for v in values])):
             scores.setdefault(i, {})[kind] = v
@@ -566,7 +630,8 @@ class LoraPrune(TrainingOnlyMethod):
     def state(self) -> dict[str, Any]:
         plans = {str(i): {"mlp_keep": p.mlp_keep, "heads_keep": p.heads_keep, "kv_heads_keep": p.kv_heads_keep}
                  for i, p in self.plans.items()}
-        return {**super().state(), "loraprune_steps": self.steps_seen, "plans": plans}
+        return {**super().state(), "loraprune_steps": self.steps_seen, "plans": plans,
+                "loraprune_importance": self.score}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"loraprune/{i}/{kind}": t for i, ema in self.ema.items() for kind, t in ema.items()}
@@ -577,6 +642,12 @@ class LoraPrune(TrainingOnlyMethod):
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load_state(meta, tensors)
+        made_by = meta.get("loraprune_importance", "lora")  # checkpoints before the option: the paper's estimate
+        if made_by != self.score and int(meta.get("loraprune_steps", 0)) > 0:
+            raise ConfigError(f"this checkpoint's LoRAPrune importance was measured with loraprune_importance="
+                              f"{made_by!r}, and this run uses {self.score!r}: the two scores are on different "
+                              f"scales and cannot share one moving average. Resume with "
+                              f"loraprune_importance={made_by!r}")
         self.steps_seen = int(meta.get("loraprune_steps", 0))
         self.ema, self.grad_ema = {}, {}
         grads: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
