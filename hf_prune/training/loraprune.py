@@ -23,8 +23,8 @@ What happens, per optimizer step (`PruningCallback` drives it):
   per step and no ``[out, in]`` matrix; it is summed over processes under DDP and folded into the moving average
   below. Only the kinds ``width_units`` prunes are measured. Checkpoints record which ranking made the moving
   average; resuming with the other one is refused. Under fp16 the scores carry the loss scale squared (bf16 and
-  fp32 do not): ranking within a step is unaffected, but steps after the scaler changes weigh differently. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.84-0.94, against
-  0.60-0.80 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
+  fp32 do not): ranking within a step is unaffected, but steps after the scaler changes weigh differently. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.83-0.94, against
+  0.58-0.79 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
 * importance, ``loraprune_importance="lora"`` (the paper): every LoRA layer's ``I = |G_hat ⊙ (W + s B A)|``
   (`hf_prune.training.lora_importance`) is summed over
   the same dependency groups as the Taylor width method (`hf_prune.structure.units`: an MLP channel is its
