@@ -212,6 +212,34 @@ def test_fisher_counts_each_sequence_once_under_gradient_checkpointing(tmp_path,
             assert torch.allclose(ckpt[i][kind], value, rtol=1e-3, atol=1e-12), (i, kind)
 
 
+def test_fisher_is_unscaled_under_an_fp16_grad_scaler() -> None:
+    """With accelerate's optimizer carrying a GradScaler, the gate gradients are of the scaled loss: the scores
+    are divided by the scale squared, so steps at different scales average as they should."""
+    from types import SimpleNamespace
+
+    from hf_prune.training.loraprune import LoraPrune
+    from hf_prune.training.state import MaskState
+
+    def scores(scale: float | None):
+        torch.manual_seed(0)
+        pm = _lora("llama")
+        cfg = _config(loraprune_importance="fisher")
+        algo = LoraPrune(cfg, MaskState(pm, cfg, weight_masks=False), end_step=8)
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        algo.set_trainer(None, SimpleNamespace(scaler=scaler))
+        algo.attach(pm)
+        ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+        (pm(input_ids=ids, labels=ids).loss * (scale or 1.0)).backward()
+        algo.before_optimizer_step()
+        algo.detach()
+        return algo.importance()
+
+    plain, scaled = scores(None), scores(1024.0)
+    for i, held in plain.items():
+        for kind, value in held.items():
+            assert torch.allclose(scaled[i][kind], value, rtol=1e-4, atol=0), (i, kind)
+
+
 def test_resume_with_the_other_ranking_is_refused(tmp_path) -> None:
     from transformers import Trainer
 

@@ -22,8 +22,8 @@ What happens, per optimizer step (`PruningCallback` drives it):
   of the loss increase when the unit is removed is half of it. The backward pass of LoRA training computes ``dL/dx`` anyway, so it costs ``O(tokens x channels)``
   per step and no ``[out, in]`` matrix; it is summed over processes under DDP and folded into the moving average
   below. Only the kinds ``width_units`` prunes are measured. Checkpoints record which ranking made the moving
-  average; resuming with the other one is refused. Under fp16 the scores carry the loss scale squared (bf16 and
-  fp32 do not): ranking within a step is unaffected, but steps after the scaler changes weigh differently. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.83-0.94, against
+  average; resuming with the other one is refused. Under fp16 the scores are divided by the GradScaler's scale
+  squared (the optimizer's ``scaler``, as accelerate wraps it), and an overflow step is skipped. On SmolLM2-135M it ranks units like true-gradient Taylor importance with Spearman 0.83-0.94, against
   0.58-0.79 for the paper's estimate, and prunes better (benchmarks/README.md, "LoRAPrune");
 * importance, ``loraprune_importance="lora"`` (the paper): every LoRA layer's ``I = |G_hat ⊙ (W + s B A)|``
   (`hf_prune.training.lora_importance`) is summed over
@@ -188,6 +188,7 @@ class LoraPrune(TrainingOnlyMethod):
         self.fisher_paths: set[str] = set()  # output projections whose units are pruned (and measured)
         self.batch = 0  # the batch size the decoder blocks last saw
         self.batch_hooks: list[Any] = []
+        self.optimizer: Any = None  # the Trainer's (accelerate's carries the fp16 GradScaler)
         # loraprune_average="gradient": moving averages of the LoRA gradients {path: {adapter: (G_A, G_B)}}
         self.grad_ema: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.model: nn.Module | None = None  # the transformers model inside the PeftModel
@@ -204,6 +205,9 @@ class LoraPrune(TrainingOnlyMethod):
         self.removed_fraction = 0.0
 
     # ------------------------------------------------------------------ lifecycle
+    def set_trainer(self, args: Any, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
     def attach(self, model: nn.Module) -> None:
         slicing = _peft_slicing()
         base = base_model_of(model)
@@ -432,6 +436,9 @@ class LoraPrune(TrainingOnlyMethod):
         if not values:
             return {}
         (total,) = sum_across([torch.cat(values)])  # one all-reduce under DDP
+        scaler = getattr(self.optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # fp16: the gate gradients are of the scaled loss
+            total = total / float(scaler.get_scale()) ** 2
         if not bool(total.any()):  # no gate saw a gradient (nothing measured): not a measurement of zero
             logger.warning("hf_prune: loraprune: no output gate received a gradient this step (is the loss "
                            "backpropagated through the decoder blocks?); the step is left out of the importance")
