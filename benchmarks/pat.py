@@ -44,7 +44,10 @@ sys.path.insert(0, str(HERE))
 from driver import header, run_workers, start, tag, worker_file  # noqa: E402
 from loraprune import data, lora, trainer_for  # noqa: E402
 
-RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat+lora-early", "pat", "flap+lora", "speed")
+RUNS = ("dims", "dense+lora", "pat+lora", "pat+lora-paper", "pat+lora-early", "pat+lora-kd", "pat+lora-comp", "pat", "flap+lora",
+        "speed")
+
+DEFAULT_LR = 2e-4
 
 RELOAD = """
 import sys, json, torch
@@ -79,8 +82,10 @@ def worker(args) -> dict:
     from hf_prune.core.memory import lifetime_peak_rss_mb
     from hf_prune.training.hsm import kept_dims
 
-    name, row = args.worker, {"run": args.worker}
-    out = Path(args.work) / name.replace("+", "_")
+    # a learning rate other than the default is part of the row's name (and of its folder)
+    suffix = "" if args.lr == DEFAULT_LR else f" lr={args.lr:g}"
+    name, row = args.worker, {"run": args.worker + suffix, "lr": args.lr}
+    out = Path(args.work) / (name.replace("+", "_") + suffix.replace(" ", "_").replace("=", ""))
     if name == "speed":
         return speed(args)
     if name == "dims":
@@ -92,9 +97,16 @@ def worker(args) -> dict:
     hidden = model.config.hidden_size
     callbacks = []
     if name.startswith("pat"):
-        paper = {"pat_mask_rule": "count_loss", "pat_warmup": 0.0} if name.endswith("-paper") else {}
+        # rows from before pat_compensate existed keep their meaning: no compensation
+        paper: dict = {"pat_compensate": False}
+        if name.endswith("-paper"):
+            paper.update(pat_mask_rule="count_loss", pat_warmup=0.0)
         if name.endswith("-early"):  # the warm-up's energy mask, frozen after 10% of the steps
-            paper = {"pat_freeze": 0.1}
+            paper.update(pat_freeze=0.1)
+        if name.endswith("-kd"):  # the same, distilling from the model PAT started from
+            paper.update(pat_freeze=0.1, pat_distill=args.distill)
+        if name.endswith("-comp"):  # the same as -early, with the readers compensated at the freeze
+            paper.update(pat_freeze=0.1, pat_compensate=True)
         callbacks.append(hf_prune.PruningCallback(hf_prune.PruningConfig(
             method="pat", sparsity=args.sparsity, pat_rank=args.lora_r, pat_mask_lr=args.mask_lr, **paper),
             verbose=False))
@@ -202,12 +214,12 @@ def speed(args) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [*header(results), "",
-             "| run | hidden | params | decoder params removed | PPL (merged) | trainable | train s | prune s "
-             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | lr | hidden | params | decoder params removed | PPL (merged) | trainable | train s | prune s "
+             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if r["run"] in ("speed", "dims"):
             continue
-        lines.append(f"| {r['run']}{tag(results, r)} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
+        lines.append(f"| {r['run']}{tag(results, r)} | {r.get('lr', DEFAULT_LR):g} | {r['hidden_size']} | {r['params']:,} | {r['removed_fraction']:.1%} | "
                      f"{r['ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
                      f"{r.get('prune_seconds', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     for r in results["rows"]:
@@ -241,8 +253,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help="the training rows' learning rate; other than the default, it is added to the row names")
     p.add_argument("--mask-lr", type=float, default=0.02)
+    p.add_argument("--distill", type=float, default=1.0, help="pat_distill of the pat+lora-kd run")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -266,7 +280,7 @@ def main() -> None:
         return
     out = Path(args.out)
     results = start("benchmarks/pat.py", (f"{args.sparsity:.0%} of hidden dims, {args.steps} steps, LoRA/HSM r={args.lora_r}, "
-                            f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr {args.lr}, "
+                            f"{args.batch_size} x {args.grad_accum} windows of {args.seqlen} tokens, lr per row, "
                             f"mask lr {args.mask_lr}; PPL on {args.eval_windows} x 512 held-out windows"), out, args.append)
     run_workers(__file__, args, [r.strip() for r in args.runs.split(",") if r.strip()], results, out, markdown)
     print(markdown(results))

@@ -4,7 +4,9 @@ the real Trainer / SFTTrainer / peft paths, resume, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -104,6 +106,88 @@ def test_top_k_spread_is_local_to_the_threshold() -> None:
     assert int((z > 0).sum()) == k
     assert spread < 0.25 < float(m.std())  # the tails do not widen it
     assert 15 <= int((z.abs() < 1).sum()) <= 25  # about 10% of the dimensions on each side within one unit
+
+
+def test_distill_loss_matches_naive_kl() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), 3 * torch.randn(2, 5, 7, generator=g)
+    valid = torch.rand(2, 5, generator=g) > 0.3
+    naive = []
+    for b in range(2):
+        for i in range(5):
+            if valid[b, i]:
+                p, q = torch.softmax(t[b, i], -1), torch.softmax(s[b, i], -1)
+                naive.append(sum(float(p[k]) * math.log(float(p[k]) / float(q[k])) for k in range(7)))
+    assert abs(float(H.distill_loss(s, t, valid)) - sum(naive) / len(naive)) < 1e-5
+    assert float(H.distill_loss(t, t)) < 1e-6 and float(H.distill_loss(s, t, torch.zeros(2, 5, dtype=torch.bool))) == 0
+    s.requires_grad_(True)
+    H.distill_loss(s, t).backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="differ"):
+        H.distill_loss(s, t[:, :4])
+
+
+def test_fill_map_is_least_squares_and_folds_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    m = H.fill_map(u.t() @ u, keep, ridge=0.0)
+    ref = torch.linalg.lstsq(u[:, keep], u[:, ~keep]).solution
+    assert m.shape == (7, 3) and torch.allclose(m, ref, atol=1e-8)
+    # a ridge shrinks the map
+    assert float(H.fill_map(u.t() @ u, keep, ridge=1.0).norm()) < float(m.norm())
+    # a reader of the filled input == the folded reader of the input with the dropped dimensions at 0
+    keep_idx, drop_idx = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
+    x = torch.randn(4, 6, 10, generator=g) * keep.float()
+    w = torch.randn(5, 10, generator=g)
+    mf = m.float()
+    filled = H.fill_inputs(x, keep_idx, drop_idx, mf)
+    assert torch.equal(filled[..., keep_idx], x[..., keep_idx])
+    assert torch.allclose(filled[..., drop_idx], x[..., keep_idx] @ mf, atol=1e-6)
+    assert torch.allclose(filled @ w.t(), x @ H.fold_fill(w, keep_idx, drop_idx, mf).t(), atol=1e-4)
+
+
+def test_compensation_brings_the_readers_closer_to_the_dense_model(caplog) -> None:
+    """Embedding dimensions 48.. are linear mixes of 0..47 plus noise: after the freeze the first block's q_proj,
+    reading its input with the dropped dimensions filled in, is much closer to the dense model's q_proj than
+    with them at 0; without warm-up statistics the fill is skipped with a warning."""
+    torch.manual_seed(0)
+    model = _model("llama", tied=False).train()
+    emb = model.model.embed_tokens.weight
+    with torch.no_grad():
+        emb[:, 48:] = emb[:, :48] @ torch.randn(48, 16) / 7 + 0.01 * torch.randn(emb.shape[0], 16)
+    ids = torch.randint(0, VOCAB, (8, 16))
+    seen: dict[str, torch.Tensor] = {}
+    q = model.model.layers[0].self_attn.q_proj
+    q.register_forward_hook(lambda m, a, out: seen.__setitem__("q", out.detach().clone()))
+    with torch.no_grad():
+        model(ids)
+    dense = seen["q"]
+    errors = {}
+    for compensate in (False, True):
+        m = copy.deepcopy(model)
+        pat = P.prepare(m, _cfg(pat_compensate=compensate))
+        pat.start_warmup(m)
+        with torch.no_grad():
+            m(ids)
+        pat.end_warmup()
+        with torch.no_grad():
+            pat.logits.copy_(torch.arange(64, 0, -1).float())  # keep dimensions 0..47
+        pat.freeze()
+        pat.set_fills()
+        assert (pat.fills is not None) == compensate
+        m.model.layers[0].self_attn.q_proj.register_forward_hook(
+            lambda mod, a, out: seen.__setitem__("q", out.detach().clone()))
+        with torch.no_grad():
+            m(ids)
+        errors[compensate] = _rel(seen["q"], dense)
+    assert errors[True] < 0.6 * errors[False]  # 0.25 vs 0.54: the rest is the RMS over fewer dimensions
+    m = copy.deepcopy(model)
+    pat = P.prepare(m, _cfg())
+    pat.freeze()
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        pat.set_fills()
+    assert pat.fills is None and "not compensated" in caplog.text
 
 
 def test_identity_loss_and_top_k() -> None:
@@ -207,11 +291,12 @@ class _Capture(tf.TrainerCallback):
     """Placed before PruningCallback: records the trained model's logits (hard mask, eval) before the fold."""
 
     def __init__(self, ids: torch.Tensor) -> None:
-        self.ids, self.logits = ids, None
+        self.ids, self.logits, self.filled = ids, None, False
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         pat = P.installed(model)
         assert pat is not None and pat.keep is not None  # frozen before the end
+        self.filled = pat.fills is not None
         model.eval()
         with torch.no_grad():
             self.logits = model(self.ids).logits
@@ -239,7 +324,7 @@ def test_trainer_learns_mask_then_folds_plain_model(tmp_path) -> None:
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, VOCAB, (2, 12))
     cap = _Capture(ids)
-    cb, trainer = _train(model, tmp_path, capture=cap)
+    cb, trainer = _train(model, tmp_path, _cfg(pat_compensate=False), capture=cap)
     assert all(not p.requires_grad for p in model.parameters())  # pat_train_base=False: only the HSMs trained
     assert model.config.hidden_size == 48 and model.config.tie_word_embeddings
     report = cb.report
@@ -301,9 +386,51 @@ def test_peft_lora_model_folds_with_its_adapters(tmp_path) -> None:
     merged = pm.merge_and_unload().eval()
     with torch.no_grad():
         out = merged(ids).logits
+    assert cap.filled  # the readers were compensated (pat_compensate, default), LoRA A folded with them
     assert _rel(unmerged, cap.logits) <= 1e-4 and _rel(out, cap.logits) <= 1e-4
     merged.save_pretrained(tmp_path / "merged")
     assert tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.hidden_size == 48
+
+
+@pytest.mark.parametrize("use_peft", [True, False], ids=["peft", "plain"])
+def test_distillation_teacher_is_the_model_pat_started_from(tmp_path, monkeypatch, use_peft: bool) -> None:
+    """pat_distill: every step's teacher logits are the untouched starting model's on that step's batch, even after
+    the HSMs and LoRA adapters have trained (so they really were bypassed and switched off), the student moves
+    away from it, the KL reaches the Trainer's loss and logs, and the adapters stay trainable."""
+    model = _model("llama")
+    start = copy.deepcopy(model).eval()
+    if use_peft:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    base = model.get_base_model() if use_peft else model
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    batches: list[torch.Tensor] = []
+    teachers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    kls: list[float] = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():  # the student's forward; the teacher's runs under no_grad
+            batches.append(kwargs["input_ids"].detach().clone())
+
+    real = H.distill_loss
+
+    def spy(student, teacher, valid=None):
+        teachers.append((teacher.detach().clone(), valid))
+        out = real(student, teacher, valid)
+        kls.append(float(out))
+        return out
+
+    base.register_forward_pre_hook(record, with_kwargs=True)
+    monkeypatch.setattr(H, "distill_loss", spy)
+    _, trainer = _train(model, tmp_path, _cfg(pat_distill=0.5), max_steps=8)
+    assert len(batches) == len(teachers) == 8
+    for ids, (teacher, valid) in zip(batches, teachers, strict=True):
+        with torch.no_grad():
+            assert _rel(teacher, start(ids).logits) <= 1e-5
+        assert valid is not None and not bool(valid[:, -1].any())  # the last token predicts no label
+    assert kls[0] < 1e-8 < kls[-1]  # identical at the start (warm-up mask 1, B = 0), apart by the end
+    assert any(P.LOG_DISTILL in h for h in trainer.state.log_history)
+    assert all(p.requires_grad for p in lora) and base.training
 
 
 def test_sft_trainer(tmp_path) -> None:
@@ -358,7 +485,9 @@ def test_top_k_rule_keeps_exactly_k_leading_and_eval_uses_top_k() -> None:
     assert soft.requires_grad and int((soft > pat.bias + 0.5).sum()) == 48
 
 
-def test_resume_continues_exactly(tmp_path) -> None:
+@pytest.mark.parametrize("save", [5, 9], ids=["before-freeze", "after-freeze"])
+def test_resume_continues_exactly(tmp_path, save: int) -> None:
+    """Resume between the warm-up and the freeze (the Gram matrices travel) and after it (the fill maps do)."""
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 12))
     full = _model("llama")
@@ -366,26 +495,27 @@ def test_resume_continues_exactly(tmp_path) -> None:
     full_cb, _ = _train(full, tmp_path / "full", max_steps=10)
     part = _model("llama")
     part.load_state_dict(state)
-    _train(part, tmp_path / "part", max_steps=10, save_strategy="steps", save_steps=5)
+    _train(part, tmp_path / "part", max_steps=10, save_strategy="steps", save_steps=save)
     resumed = _model("llama")
     resumed.load_state_dict(state)
     from transformers import Trainer
 
     cb = hf_prune.PruningCallback(_cfg(), verbose=False)
-    Trainer(model=resumed, args=training_args(tmp_path / "part", max_steps=10, save_strategy="steps", save_steps=5),
-            train_dataset=token_dataset(32), callbacks=[cb]).train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-5"))
+    Trainer(model=resumed, args=training_args(tmp_path / "part", max_steps=10, save_strategy="steps", save_steps=save),
+            train_dataset=token_dataset(32), callbacks=[cb]).train(resume_from_checkpoint=str(tmp_path / "part" /
+                                                                                              f"checkpoint-{save}"))
     assert cb.report.config["plan_info"]["kept_dims"] == full_cb.report.config["plan_info"]["kept_dims"]
     with torch.no_grad():
         assert _rel(_bare(resumed).eval()(ids).logits, _bare(full).eval()(ids).logits) <= 1e-4
     # a checkpoint without PAT state is refused
-    for f in (tmp_path / "part" / "checkpoint-5").glob("hf_prune_*"):
+    for f in (tmp_path / "part" / f"checkpoint-{save}").glob("hf_prune_*"):
         f.unlink()
     again = _model("llama")
     cb = hf_prune.PruningCallback(_cfg(), verbose=False)
     trainer = Trainer(model=again, args=training_args(tmp_path / "part", max_steps=10), train_dataset=token_dataset(32),
                       callbacks=[cb])
     with pytest.raises(MissingPruningStateError):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-5"))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "part" / f"checkpoint-{save}"))
 
 
 class _StopAt(tf.TrainerCallback):
@@ -439,6 +569,10 @@ def test_config_errors() -> None:
         _cfg(structure="2:4")
     with pytest.raises(ConfigError, match="pat_freeze"):
         _cfg(pat_freeze=0.0)
+    with pytest.raises(ConfigError, match="pat_train_base=False"):
+        _cfg(pat_distill=1.0, pat_train_base=True)
+    with pytest.raises(ConfigError, match="pat_distill"):
+        _cfg(pat_distill=-1.0)
     with pytest.raises(ConfigError, match="cannot run one-shot|prunes during training"):
         hf_prune.prune(_model("llama"), _cfg())
 

@@ -72,6 +72,7 @@ class HiddenLayout:
     tied: bool
     outputs: list[str] = field(default_factory=list)  # writers: attention and MLP output projections, in order
     inputs: list[str] = field(default_factory=list)  # readers: q/k/v (qkv), gate/up (gate_up)
+    groups: list[list[str]] = field(default_factory=list)  # readers that share one input (one norm's output)
     norms: list[str] = field(default_factory=list)  # hidden RMSNorms, the final one last
     final_norm: str = ""
     norm_offset: bool = False
@@ -120,6 +121,7 @@ def hidden_layout(model: nn.Module) -> HiddenLayout:
     specs = block_specs(model)
     outputs: list[str] = []
     inputs: list[str] = []
+    groups: list[list[str]] = []
     for spec in specs:
         a, m = spec.attention, spec.mlp
         if a is None or m is None or spec.experts is not None:
@@ -128,7 +130,9 @@ def hidden_layout(model: nn.Module) -> HiddenLayout:
                 "removed sublayer); hidden dimensions are cut in dense decoders only"
             )
         outputs += [a.o, m.output]
-        inputs += [p for p in (a.q, a.k, a.v, a.qkv) if p] + [p for p in (*m.inputs, m.fused_gate_up) if p]
+        attn_in, mlp_in = [p for p in (a.q, a.k, a.v, a.qkv) if p], [p for p in (*m.inputs, m.fused_gate_up) if p]
+        inputs += attn_in + mlp_in
+        groups += [attn_in, mlp_in]
     norms = []
     for i, block in enumerate(blocks):
         norms += [f"{prefix}.{i}.{n}" for n, c in block.named_children() if _is_rms_norm(c, hidden)]
@@ -143,7 +147,7 @@ def hidden_layout(model: nn.Module) -> HiddenLayout:
     offset, scale = HIDDEN_CUT_TYPES[model_type]
     head_dim = getattr(config, "head_dim", None) or hidden // int(config.num_attention_heads)
     return HiddenLayout(hidden=hidden, head_dim=int(head_dim), embed=embed_path,
-                        lm_head=_path_of(model, head), tied=tied, outputs=outputs, inputs=inputs,
+                        lm_head=_path_of(model, head), tied=tied, outputs=outputs, inputs=inputs, groups=groups,
                         norms=norms + finals, final_norm=finals[0], norm_offset=offset, embed_scale=scale)
 
 

@@ -161,3 +161,54 @@ def identity_loss(a: torch.Tensor) -> torch.Tensor:
     a = a.float()
     gram = a @ a.t()
     return F.mse_loss(gram, torch.eye(a.shape[0], device=a.device))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over tokens of ``KL(softmax(teacher) || softmax(student))``, the last dimension the vocabulary, in
+    fp32; ``valid`` (the leading shape, bool) keeps only the tokens that count (all where ``None``; 0 if none do).
+
+    Example:
+        >>> t = torch.tensor([[[2.0, 0.0, -1.0]]])
+        >>> float(distill_loss(t, t)), round(float(distill_loss(torch.zeros(1, 1, 3), t)), 4)
+        (0.0, 0.4385)
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {list(student.shape)} and teacher logits {list(teacher.shape)} differ")
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.float().to(student.device), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if valid is None:
+        return kl.mean()
+    valid = valid.to(kl.device, torch.bool)
+    return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
+def fill_map(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """The least-squares map ``M`` (``[K, d - K]``) that predicts an input's dropped dimensions from its kept ones,
+    ``u_drop ≈ u_keep M``, from the inputs' Gram matrix ``G = Σ uᵀu`` (``[d, d]``) and the kept-dimension mask
+    ``keep`` (``[d]``): ``M = (G_KK + λ I)⁻¹ G_KD`` with ``λ = ridge · mean(diag G_KK)``. Computed in float64.
+
+    Example:
+        >>> u = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])   # the second dimension is twice the first
+        >>> round(float(fill_map(u.t() @ u, torch.tensor([1.0, 0.0]), ridge=0.0)), 4)
+        2.0
+    """
+    keep = keep.bool().cpu()
+    g = gram.double().cpu()
+    gkk = g[keep][:, keep]
+    gkd = g[keep][:, ~keep]
+    lam = float(ridge) * float(gkk.diagonal().mean().clamp_min(1e-30))
+    return torch.linalg.solve(gkk + lam * torch.eye(gkk.shape[0], dtype=torch.float64), gkd)
+
+
+def fill_inputs(x: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dropped dimensions (last axis) replaced by ``x_keep @ m`` (out of place)."""
+    return x.index_copy(-1, drop_idx, x.index_select(-1, keep_idx) @ m.to(x.dtype))
+
+
+def fold_fill(w: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The ``[out, d]`` weight that reads an unfilled input as ``w`` reads the filled one (`fill_inputs`):
+    ``w[:, keep] += w[:, drop] @ mᵀ`` (out of place, in fp32, cast back)."""
+    out = w.float().clone()
+    out[:, keep_idx] += out[:, drop_idx] @ m.float().t()
+    return out.to(w.dtype)

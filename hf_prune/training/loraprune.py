@@ -185,6 +185,7 @@ class LoraPrune(TrainingOnlyMethod):
         # loraprune_importance="fisher": this optimizer step's sums {output path: {kind: sum of squared per-sequence
         # gate gradients}}, filled by tensor hooks during backward
         self.fisher: dict[str, dict[str, torch.Tensor]] = {}
+        self.fisher_order: list[tuple[int, str, str, int]] | None = None  # `_fisher_layout`
         self.fisher_paths: set[str] = set()  # output projections whose units are pruned (and measured)
         self.batch = 0  # the batch size the decoder blocks last saw
         self.batch_hooks: list[Any] = []
@@ -416,26 +417,36 @@ class LoraPrune(TrainingOnlyMethod):
                 ema[kind] = self._fold(ema.get(kind), value)
         self.steps_seen += 1
 
+    def _fisher_layout(self) -> list[tuple[int, str, str, int]]:
+        """``(block, kind, output path, units)`` of every measured kind, in a fixed order (the same on every rank);
+        built once."""
+        if self.fisher_order is None:
+            order = []
+            for spec in self.specs:
+                kinds = []
+                if spec.mlp is not None:
+                    kinds.append((spec.mlp.output, "mlp", spec.mlp.intermediate))
+                if spec.attention is not None:
+                    a = spec.attention
+                    kinds += [(a.o, "head", a.num_heads), (a.o, "group", a.num_kv_heads)]
+                order += [(spec.index, kind, path, int(n)) for path, kind, n in kinds if path in self.fisher_paths]
+            self.fisher_order = order
+        return self.fisher_order
+
     def _fisher_scores(self) -> dict[int, dict[str, torch.Tensor]]:
         """This step's output-gate Fisher per block and kind (summed over processes), and the sums reset."""
-        keys, values = [], []
-        for spec in self.specs:
-            kinds = []
-            if spec.mlp is not None:
-                kinds.append((spec.mlp.output, "mlp", spec.mlp.intermediate))
-            if spec.attention is not None:
-                a = spec.attention
-                kinds += [(a.o, "head", a.num_heads), (a.o, "group", a.num_kv_heads)]
-            for path, kind, n in kinds:
-                if path not in self.fisher_paths:
-                    continue
-                held = self.fisher.get(path, {}).get(kind)
-                keys.append((spec.index, kind))
-                values.append(torch.zeros(n) if held is None else held.cpu())  # the same shapes on every rank
+        layout = self._fisher_layout()
+        held_any = [t for kinds in self.fisher.values() for t in kinds.values()]
+        device = held_any[0].device if held_any else torch.device("cpu")
+        values = []
+        for _, kind, path, n in layout:
+            held = self.fisher.get(path, {}).get(kind)
+            values.append(torch.zeros(n, device=device) if held is None else held.to(device))  # same shapes on every rank
         self.fisher = {}
         if not values:
             return {}
-        (total,) = sum_across([torch.cat(values)])  # one all-reduce under DDP
+        # concatenated on the device: one copy to the CPU (and one all-reduce under DDP), not one per block and kind
+        (total,) = sum_across([torch.cat(values).float().cpu()])
         scaler = getattr(self.optimizer, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # fp16: the gate gradients are of the scaled loss
             total = total / float(scaler.get_scale()) ** 2
@@ -444,7 +455,7 @@ class LoraPrune(TrainingOnlyMethod):
                            "backpropagated through the decoder blocks?); the step is left out of the importance")
             return {}
         scores: dict[int, dict[str, torch.Tensor]] = {}
-        for (i, kind), v in zip(keys, total.split([v.numel() for v in values])):
+        for (i, kind, _, _), v in zip(layout, total.split([n for *_, n in layout]), strict=True):
             scores.setdefault(i, {})[kind] = v
         return scores
 

@@ -167,6 +167,17 @@ class PatOptions(MethodOptions):
                                         check=non_negative)
     pat_train_base: bool = option(False, "PAT: also train the base weights of a plain (non-peft) model; by default "
                                   "they are frozen and only the HSMs train, as in the paper", check=_flag)
+    pat_compensate: bool = option(True, "PAT: when the mask is frozen, let every reader (q/k/v, gate/up) see its "
+                                  "input's dropped dimensions predicted from the kept ones by least squares on the "
+                                  "warm-up's statistics, instead of 0; folded into the readers' weights at the end, "
+                                  "so the saved model is unchanged in shape. Needs pat_warmup > 0 (else skipped with a "
+                                  "warning)", check=_flag)
+    pat_distill: float = option(0.0, "PAT: weight of a distillation loss, the per-token KL(teacher || student) of the "
+                                "next-token distributions, added to the task loss. The teacher is the model PAT started "
+                                "from (every HSM bypassed, LoRA adapters off), run without gradients on the same batch, "
+                                "so no second copy of the weights is held; it costs one more forward pass per step. "
+                                "Needs frozen base weights (pat_train_base=False). 0: off, as in the paper",
+                                check=non_negative)
     pat_untie: bool = option(False, "PAT: give the embeddings a full HSM (with a low-rank adapter) and untie "
                              "lm_head from them; by default tied embeddings get a diagonal HSM and stay tied",
                              check=_flag)
@@ -175,6 +186,10 @@ class PatOptions(MethodOptions):
         if config.structure != "unstructured":
             raise ConfigError(f"method='pat' removes hidden dimensions; structure={config.structure!r} does not "
                               "apply, leave it 'unstructured'")
+        if float(config.pat_distill or 0) > 0 and config.pat_train_base:  # type: ignore[arg-type]
+            raise ConfigError("pat_distill > 0 distils from the model PAT started from, which exists only while the base "
+                              "weights stay frozen; set pat_train_base=False (train LoRA adapters instead) or "
+                              "pat_distill=0")
         if not float(config.sparsity or 0) > 0:  # type: ignore[arg-type]
             raise ConfigError("method='pat' needs sparsity > 0: the fraction of hidden dimensions to remove "
                               "(e.g. 0.25: 576 -> 432 on SmolLM2)")

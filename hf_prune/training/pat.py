@@ -81,6 +81,7 @@ ATTR = "hf_prune_pat"
 LOG_KEPT = "prune/pat_kept_dims"
 LOG_MASK_LOSS = "prune/pat_mask_loss"
 LOG_IDENTITY = "prune/pat_identity_loss"
+LOG_DISTILL = "prune/pat_distill_loss"
 LOG_TEMPERATURE = "prune/pat_temperature"
 LOG_UNDECIDED = "prune/pat_undecided"
 
@@ -102,7 +103,7 @@ class PatModules(nn.Module):
     """
 
     def __init__(self, layout: HiddenLayout, rank: int, target: int, untie: bool, device: torch.device,
-                 rule: str = "topk", devices: dict[str, torch.device] | None = None) -> None:
+                 rule: str = "topk", devices: dict[str, torch.device] | None = None, compensate: bool = False) -> None:
         super().__init__()
         d = layout.hidden
         devices = devices or {}
@@ -120,6 +121,13 @@ class PatModules(nn.Module):
         self.adam_steps = 0
         self.temp, self.bias = 1.0, 0.5
         self.norm_paths = list(layout.norms)
+        self.groups = [list(g) for g in layout.groups]
+        self.compensate = compensate
+        self.grams: list[torch.Tensor | None] | None = None  # warm-up: Σ uᵀu of each reader group's input u
+        self.fills: list[torch.Tensor] | None = None  # after the freeze: u_drop ≈ u_keep M per reader group
+        self.fill_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (kept, dropped) dimension indices
+        self.fill_last: tuple[torch.Tensor, torch.Tensor] | None = None  # q/k/v share one input: fill it once
+        self.bypass = False  # every HSM passes its input through (the distillation teacher's forward)
         self.warming = False  # warm-up: the mask is 1 and the residual stream's energy is measured
         self.energy: torch.Tensor | None = None
         self.stat_hooks: list[Any] = []
@@ -177,6 +185,67 @@ class PatModules(nn.Module):
 
         for path in self.norm_paths:
             self.stat_hooks.append(base.get_submodule(path).register_forward_pre_hook(hook))
+        if self.compensate and self.fills is None:
+            if self.grams is None:
+                self.grams = [None] * len(self.groups)
+            for i, group in enumerate(self.groups):
+                self.stat_hooks.append(base.get_submodule(group[0]).register_forward_pre_hook(self._gram_hook(i)))
+
+    def _gram_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.warming and module.training and args and self.grams is not None:
+                x = args[0].detach()
+                with torch.autocast(x.device.type, enabled=False):
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    g = x.t() @ x
+                self.grams[i] = g if self.grams[i] is None else self.grams[i] + g.to(self.grams[i].device)
+
+        return hook
+
+    @torch.no_grad()
+    def set_fills(self) -> None:
+        """After the freeze: from the warm-up's Gram matrices, the least-squares map of each reader group's kept
+        input dimensions onto its dropped ones (`hsm.fill_map`). From now on each reader sees its dropped
+        dimensions filled in as ``u_keep M`` instead of 0, and `fold` folds ``M`` into the readers' weights."""
+        assert self.keep is not None
+        grams, self.grams = self.grams, None
+        if not self.compensate or self.fills is not None:
+            return
+        if grams is None or any(g is None for g in grams):
+            logger.warning("hf_prune: pat_compensate: no warm-up statistics (pat_warmup=0, or the readers never ran "
+                           "in training mode during it); the readers are not compensated")
+            return
+        keep = self.keep.detach().float().cpu() > 0
+        fills = []
+        for g in grams:
+            assert g is not None
+            if world_size() > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(g)
+            fills.append(H.fill_map(g, keep).float())
+        self.set_fill_maps(fills)
+
+    def set_fill_maps(self, fills: list[torch.Tensor]) -> None:
+        """Install the reader fill maps (`set_fills`; also a checkpoint's)."""
+        assert self.keep is not None
+        keep = self.keep.detach().float().cpu() > 0
+        device = self.logits.device
+        self.fill_index = (torch.nonzero(keep).flatten().to(device), torch.nonzero(~keep).flatten().to(device))
+        self.fills = [f.float().to(device) for f in fills]
+        self.fill_last = None
+
+    def filled(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Reader group ``i``'s input with its dropped dimensions filled in (the last result is reused when the
+        next reader of the group gets the same tensor)."""
+        assert self.fills is not None and self.fill_index is not None
+        last = self.fill_last
+        if last is not None and last[0] is x:
+            return last[1]
+        keep_idx, drop_idx = (t.to(x.device) for t in self.fill_index)
+        y = H.fill_inputs(x, keep_idx, drop_idx, self.fills[i].to(x.device))
+        self.fill_last = (x, y)
+        return y
 
     @torch.no_grad()
     def end_warmup(self) -> None:
@@ -247,9 +316,21 @@ class PatModules(nn.Module):
 
 def _site_hook(pat: PatModules, key: str) -> Any:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if pat.bypass:
+            return None
         if isinstance(output, tuple):  # a projection returns a tensor; be safe with wrappers
             return (pat.hsms[key](output[0], pat.mask(output[0].device)), *output[1:])
         return pat.hsms[key](output, pat.mask(output.device))
+
+    hook._hf_prune_pat = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _fill_hook(pat: PatModules, i: int) -> Any:
+    def hook(module: nn.Module, args: tuple) -> Any:
+        if pat.bypass or pat.fills is None or not args:
+            return None
+        return (pat.filled(i, args[0]), *args[1:])
 
     hook._hf_prune_pat = True  # type: ignore[attr-defined]
     return hook
@@ -309,10 +390,13 @@ def prepare(model: nn.Module, config: PruningConfig) -> PatModules:
         for p in base.parameters():
             p.requires_grad_(False)
     pat = PatModules(layout, int(config.pat_rank), target, bool(config.pat_untie), device, str(config.pat_mask_rule),
-                     devices)
+                     devices, bool(config.pat_compensate))
     base.add_module(ATTR, pat)
     for key, path in pat.paths.items():
         pat.hooks.append(base.get_submodule(path).register_forward_hook(_site_hook(pat, key)))
+    for i, group in enumerate(pat.groups):
+        for path in group:
+            pat.hooks.append(base.get_submodule(path).register_forward_pre_hook(_fill_hook(pat, i)))
     return pat
 
 
@@ -343,6 +427,21 @@ def fold(model: nn.Module, untie: bool = False) -> dict[str, Any]:
     wrappers = _lora_wrappers(base)
     mask = pat.keep.detach().float().cpu()
     keep = torch.nonzero(mask > 0).flatten()
+    hidden_layout_with(base, wrappers)  # validates before the readers change
+    if pat.fills is not None:  # the readers' fill maps: w[:, keep] += w[:, drop] Mᵀ, LoRA A likewise
+        drop = torch.nonzero(mask <= 0).flatten()
+        with torch.no_grad():
+            for m, group in zip(pat.fills, pat.groups, strict=True):
+                for path in group:
+                    module = base.get_submodule(path)
+                    layers = [module.get_base_layer()] if path in wrappers else [module]
+                    if path in wrappers:
+                        layers += list(wrappers[path].lora_A.values())
+                    for layer in layers:
+                        w = layer.weight
+                        k, d = keep.to(w.device), drop.to(w.device)
+                        w.data = H.fold_fill(w.data, k, d, m.to(w.device))
+        pat.fills = None
     transforms = {path: pat.hsms[key].transform(mask).cpu() for key, path in pat.paths.items() if key != "embed"}
     embed = pat.hsms["embed"]
     embed_map = (embed.scale.detach().float().cpu() * mask if embed.rank == 0
@@ -369,6 +468,7 @@ class PruningAwareTuning(TrainingOnlyMethod):
         self.world = 1
         self.optimizer: Any = None
         self.last: dict[str, torch.Tensor] = {}
+        self.wrappers: list[Any] = []  # LoRA layers the distillation teacher switches off
         assert self.end_step is not None
         self.freeze_step = max(1, int(math.ceil(float(config.pat_freeze) * self.end_step)))
         self.warmup_step = min(int(math.ceil(float(config.pat_warmup) * self.end_step)), self.freeze_step - 1)
@@ -413,6 +513,7 @@ class PruningAwareTuning(TrainingOnlyMethod):
                     "hf_prune.training.pat.prepare(model, config) before building the optimizer"
                 )
         self.model, self.pat = base_model_of(model), pat
+        self.wrappers = list(_lora_wrappers(self.model).values()) if self.config.pat_distill else []
         self.loss_hook = self.model.register_forward_hook(self._add_losses, with_kwargs=True)
 
     def detach(self) -> None:
@@ -438,12 +539,52 @@ class PruningAwareTuning(TrainingOnlyMethod):
         if ident is not None and cfg.pat_identity_weight:
             extra = extra + float(cfg.pat_identity_weight) * ident.to(loss.device)
             self.last[LOG_IDENTITY] = ident.detach()
+        if cfg.pat_distill:
+            kd = self._distill(module, args, kwargs, output)
+            extra = extra + float(cfg.pat_distill) * kd.to(loss.device)
+            self.last[LOG_DISTILL] = kd.detach()
         if kwargs.get("num_items_in_batch") is not None:
             # the model normalised its loss over the whole accumulated batch, so the Trainer does not divide it by
             # the accumulation steps (and multiplies it by the processes when tokens are averaged across them)
             extra = extra * (self.loss_scale / self.world)
         output.loss = loss + extra
         return output
+
+    def _distill(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        """``KL(teacher || student)`` per token, the teacher being this model with every HSM bypassed and its LoRA
+        adapters off (the model PAT started from: its base weights are frozen), run in eval mode without
+        gradients on the same inputs. Tokens whose next-token label is ignored (-100) do not count."""
+        pat = self.pat
+        assert pat is not None
+        student = getattr(output, "logits", None)
+        if not isinstance(student, torch.Tensor):
+            raise ConfigError("pat_distill > 0 needs the model's logits in its outputs; this model returned none "
+                              "(set pat_distill=0)")
+        inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch")}
+        wrappers = [w for w in self.wrappers if not getattr(w, "disable_adapters", False)]
+        grads = [(p, p.requires_grad) for w in wrappers for p in w.parameters()]
+        pat.bypass = True
+        try:
+            module.eval()
+            for w in wrappers:
+                w.enable_adapters(False)
+            with torch.no_grad():
+                teacher = module(*args, **inputs).logits
+        finally:
+            pat.bypass = False
+            module.train()
+            for w in wrappers:
+                w.enable_adapters(True)
+            for p, flag in grads:  # enable_adapters(True) marks the active adapters trainable: restore as it was
+                p.requires_grad_(flag)
+        labels = kwargs.get("labels")
+        valid = None
+        if isinstance(labels, torch.Tensor) and labels.shape == student.shape[:-1]:
+            valid = torch.zeros_like(labels, dtype=torch.bool)
+            valid[..., :-1] = labels[..., 1:] != -100
+        elif isinstance(kwargs.get("attention_mask"), torch.Tensor) and kwargs["attention_mask"].dim() == 2:
+            valid = kwargs["attention_mask"].bool()
+        return H.distill_loss(student, teacher, valid)
 
     def begin(self, model: Any, calibration: Any = None, tokenizer: Any = None) -> bool:
         self._schedule(0)
@@ -481,6 +622,7 @@ class PruningAwareTuning(TrainingOnlyMethod):
             self.pat.end_warmup()
         if self.pat.keep is None and step >= self.freeze_step:
             self.pat.freeze()
+            self.pat.set_fills()
             self.last.pop(LOG_MASK_LOSS, None)
             self.target = float(self.config.sparsity)  # type: ignore[arg-type]
             return True
@@ -509,6 +651,7 @@ class PruningAwareTuning(TrainingOnlyMethod):
                           f"{self.freeze_step}); it is made hard now, without training after it. Train for more "
                           "steps or lower pat_freeze", stacklevel=2)
             pat.freeze()
+            pat.set_fills()
         self.detach()
         start = time.perf_counter()
         blocks_before = self._block_params(base)
@@ -548,6 +691,10 @@ class PruningAwareTuning(TrainingOnlyMethod):
             out["pat/energy"] = pat.energy.cpu()
         if pat.keep is not None:
             out["pat/keep"] = pat.keep.detach().cpu()
+        if pat.grams is not None and all(g is not None for g in pat.grams):
+            out["pat/grams"] = torch.stack([g.cpu() for g in pat.grams if g is not None])
+        if pat.fills is not None:
+            out["pat/fills"] = torch.stack([f.cpu() for f in pat.fills])
         out.update({f"pat/hsm/{k}": v.detach().cpu() for k, v in pat.hsms.state_dict().items()})
         return out
 
@@ -568,6 +715,10 @@ class PruningAwareTuning(TrainingOnlyMethod):
         pat.moments = tensors["pat/moments"].to(device).float() if "pat/moments" in tensors else None
         pat.adam_steps = int(meta.get("pat_adam_steps", 0))
         pat.energy = tensors["pat/energy"].double() if "pat/energy" in tensors else None
+        if "pat/grams" in tensors:
+            pat.grams = [g.to(device) for g in tensors["pat/grams"].float()]
+        if "pat/fills" in tensors and pat.keep is not None:
+            pat.set_fill_maps(list(tensors["pat/fills"]))
         if meta.get("pat_warming") and self.model is not None:
             pat.start_warmup(self.model)
         hsm_state = {k[len("pat/hsm/"):]: v for k, v in tensors.items() if k.startswith("pat/hsm/")}
