@@ -161,7 +161,8 @@ def worker(args) -> dict:
 
 def dims(args) -> dict:
     """Which hidden dimensions to drop, without any training: the lowest residual-stream energy (what PAT's warm-up
-    measures, here on 16 x 512 training tokens) against random ones; the HSMs are identities, folded and cut."""
+    measures, here on 16 x 512 training tokens) against random ones, and the lowest-energy ones with the readers
+    compensated (``pat_compensate``); the HSMs are identities, folded and cut."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -193,6 +194,16 @@ def dims(args) -> dict:
         model.to(torch.bfloat16)
         row["ppl"][label] = hf_prune.perplexity(model, eval_ids, seqlen=512, batch_size=8,
                                                 max_windows=args.eval_windows, show_progress=False).ppl
+    # the lowest-energy dims again, with the readers compensated (pat_compensate: the same warm-up batches' Gram
+    # matrices, filled in and folded as the callback does at the freeze)
+    pat = P.installed(probe)
+    pat.end_warmup()
+    pat.freeze()
+    pat.set_fills()
+    P.fold(probe)
+    probe.eval().to(torch.bfloat16)
+    row["ppl"]["energy+compensate"] = hf_prune.perplexity(probe, eval_ids, seqlen=512, batch_size=8,
+                                                          max_windows=args.eval_windows, show_progress=False).ppl
     return row
 
 

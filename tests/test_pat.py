@@ -297,7 +297,7 @@ class _Capture(tf.TrainerCallback):
         pat = P.installed(model)
         assert pat is not None and pat.keep is not None  # frozen before the end
         self.filled = pat.fills is not None
-        model.eval()
+        model = _bare(model).eval()  # without the Trainer's autocast wrapper (bf16=True): fp32 logits
         with torch.no_grad():
             self.logits = model(self.ids).logits
         return control
@@ -352,6 +352,7 @@ def test_paper_count_rule_trains_and_folds(tmp_path) -> None:
     ids = torch.randint(0, VOCAB, (2, 12))
     cap = _Capture(ids)
     cb, trainer = _train(model, tmp_path, _cfg(pat_mask_rule="count_loss"), capture=cap, max_steps=10)
+    assert cap.filled  # pat_compensate (default): the readers' fill maps are folded too
     assert model.config.hidden_size == 48 and len(cb.report.config["plan_info"]["kept_dims"]) == 48
     with torch.no_grad():
         assert _rel(_bare(model).eval()(ids).logits, cap.logits) <= 1e-4
@@ -420,6 +421,10 @@ def test_distillation_teacher_is_the_model_pat_started_from(tmp_path, monkeypatc
         kls.append(float(out))
         return out
 
+    frozen = [p for n, p in model.named_parameters() if "lora_A" in n][:1]
+    for p in frozen:  # a LoRA weight the user froze stays frozen after the teacher's passes
+        p.requires_grad_(False)
+    lora = [p for p in lora if all(p is not f for f in frozen)]
     base.register_forward_pre_hook(record, with_kwargs=True)
     monkeypatch.setattr(H, "distill_loss", spy)
     _, trainer = _train(model, tmp_path, _cfg(pat_distill=0.5), max_steps=8)
@@ -431,6 +436,45 @@ def test_distillation_teacher_is_the_model_pat_started_from(tmp_path, monkeypatc
     assert kls[0] < 1e-8 < kls[-1]  # identical at the start (warm-up mask 1, B = 0), apart by the end
     assert any(P.LOG_DISTILL in h for h in trainer.state.log_history)
     assert all(p.requires_grad for p in lora) and base.training
+    assert all(not p.requires_grad for p in frozen)
+
+
+def test_distillation_refuses_trainable_base_parameters(tmp_path) -> None:
+    """bias='all' makes Qwen2's q/k/v biases trainable: the teacher would drift, so training is refused."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(_model("qwen2"), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                bias="all"))
+    with pytest.raises(ConfigError, match="pat_distill.*bias"):
+        _train(pm, tmp_path, _cfg(pat_distill=1.0), max_steps=4)
+
+
+def test_compensation_under_bf16_autocast_folds_exactly(tmp_path) -> None:
+    model = _model("qwen3")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    cap = _Capture(ids)
+    _train(model, tmp_path, capture=cap, max_steps=10, bf16=True)
+    assert cap.filled
+    with torch.no_grad():
+        assert _rel(_bare(model).eval()(ids).logits, cap.logits) <= 1e-4
+
+
+def test_fold_checks_everything_before_the_readers_change() -> None:
+    model = _model("llama")
+    pat = P.prepare(model, _cfg())
+    pat.start_warmup(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 12)))
+    pat.end_warmup()
+    pat.freeze()
+    pat.set_fills()
+    assert pat.fills is not None
+    q = model.model.layers[0].self_attn.q_proj.weight
+    before = q.detach().clone()
+    del model.model.layers[1].input_layernorm.variance_epsilon  # the cut cannot find this norm's eps
+    with pytest.raises(UnsupportedModelError, match="eps"):
+        P.fold(model)
+    assert torch.equal(q, before) and pat.fills is not None and P.installed(model) is pat
 
 
 def test_sft_trainer(tmp_path) -> None:

@@ -186,6 +186,32 @@ def _norm_eps_name(norm: nn.Module) -> str:
     raise UnsupportedModelError(f"{type(norm).__name__}: no eps attribute found")
 
 
+def check_cut_hidden(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torch.Tensor],
+                     wrappers: dict[str, Any] | None = None) -> tuple[HiddenLayout, torch.Tensor, dict[str, str]]:
+    """Everything `cut_hidden_` checks before it changes a weight (call it first when other weights change before
+    the cut). Returns the layout, ``keep`` sorted, and each hidden norm's eps attribute name; raises
+    `ConfigError` / `UnsupportedModelError` otherwise."""
+    layout = hidden_layout_with(model, wrappers)
+    d = layout.hidden
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu().sort().values
+    d2 = int(keep.numel())
+    if d2 == 0 or d2 > d or int(keep.unique().numel()) != d2 or int(keep.min()) < 0 or int(keep.max()) >= d:
+        raise ConfigError(f"keep must be distinct hidden indices in [0, {d}), got {d2} of them")
+    wrappers = wrappers or {}
+    get = model.get_submodule
+    eps_names = {path: _norm_eps_name(get(path)) for path in layout.norms}
+    for path in layout.outputs + layout.inputs:
+        module = get(path)
+        base = module.get_base_layer() if path in wrappers else module
+        if not isinstance(base, nn.Linear):
+            raise UnsupportedModelError(f"{path}: {type(base).__name__} projections are not supported here "
+                                        "(nn.Linear only)")
+    for path, t in transforms.items():
+        if tuple(t.shape) != (d, d):
+            raise ConfigError(f"transforms[{path!r}] must be [{d}, {d}], got {list(t.shape)}")
+    return layout, keep, eps_names
+
+
 @torch.no_grad()
 def cut_hidden_(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torch.Tensor],
                 embed_transform: torch.Tensor | None, wrappers: dict[str, Any] | None = None,
@@ -200,26 +226,12 @@ def cut_hidden_(model: nn.Module, keep: torch.Tensor, transforms: dict[str, torc
 
     Returns ``{"hidden_before", "hidden_after", "tied", "untied_reason"}``.
     """
-    layout = hidden_layout_with(model, wrappers)
+    layout, keep, eps_names = check_cut_hidden(model, keep, transforms, wrappers)
     d = layout.hidden
-    keep = torch.as_tensor(keep, dtype=torch.long).cpu().sort().values
     d2 = int(keep.numel())
-    if d2 == 0 or d2 > d or int(keep.unique().numel()) != d2 or int(keep.min()) < 0 or int(keep.max()) >= d:
-        raise ConfigError(f"keep must be distinct hidden indices in [0, {d}), got {d2} of them")
     ratio = d / d2
     wrappers = wrappers or {}
-    # everything that can fail is checked before the first weight changes
     get = model.get_submodule
-    eps_names = {path: _norm_eps_name(get(path)) for path in layout.norms}
-    for path in layout.outputs:
-        module = get(path)
-        base = module.get_base_layer() if path in wrappers else module
-        if not isinstance(base, nn.Linear):
-            raise UnsupportedModelError(f"{path}: {type(base).__name__} output projections are not supported here "
-                                        "(nn.Linear only)")
-    for path, t in transforms.items():
-        if tuple(t.shape) != (d, d):
-            raise ConfigError(f"transforms[{path!r}] must be [{d}, {d}], got {list(t.shape)}")
     slicing = None
     if wrappers:
         from ..peft import slicing as _slicing  # optional: only when the model carries LoRA adapters

@@ -203,7 +203,7 @@ def fill_map(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-2) -> tor
 
 def fill_inputs(x: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x`` with its dropped dimensions (last axis) replaced by ``x_keep @ m`` (out of place)."""
-    return x.index_copy(-1, drop_idx, x.index_select(-1, keep_idx) @ m.to(x.dtype))
+    return x.index_copy(-1, drop_idx, (x.index_select(-1, keep_idx) @ m.to(x.dtype)).to(x.dtype))
 
 
 def fold_fill(w: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -446,7 +446,8 @@ class LoraPrune(TrainingOnlyMethod):
         if not values:
             return {}
         # concatenated on the device: one copy to the CPU (and one all-reduce under DDP), not one per block and kind
-        (total,) = sum_across([torch.cat(values).float().cpu()])
+        (total,) = sum_across([torch.cat(values).float()])  # one all-reduce under DDP, on the device
+        total = total.cpu()
         scaler = getattr(self.optimizer, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # fp16: the gate gradients are of the scaled loss
             total = total / float(scaler.get_scale()) ** 2
