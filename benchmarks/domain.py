@@ -52,6 +52,8 @@ def main() -> None:  # noqa: C901 - one straight protocol
     ap.add_argument("--resume", action="store_true", help="keep rows already in the results file")
     ap.add_argument("--double", action="store_true", help="add 'dual λ=<first lambda> ×2': twice --samples, so "
                     "that each source gets as many samples as the single-source settings")
+    ap.add_argument("--mix-general", type=float, nargs="+", default=[], metavar="W",
+                    help="add 'mix W/(1-W)' rows: calibration_weights general=W, domain=1-W")
     ap.add_argument("--only", nargs="+", metavar="METHOD:STRUCTURE", help="run only these rows, e.g. wanda:2:4")
     args = ap.parse_args()
     rows_spec = ROWS
@@ -75,6 +77,9 @@ def main() -> None:  # noqa: C901 - one straight protocol
     for lam in args.lambdas:
         settings[f"dual λ={lam:g}"] = {"calibration": {"general": [wiki_train], "domain": [code_train]},
                                        "domain_weight": lam}
+    for w in args.mix_general:
+        settings[f"mix {w:g}/{1 - w:g}"] = {"calibration": {"general": [wiki_train], "domain": [code_train]},
+                                             "weights": {"general": w, "domain": round(1 - w, 6)}}
     if args.double:
         settings[f"dual λ={args.lambdas[0]:g} ×2"] = {"calibration": {"general": [wiki_train], "domain": [code_train]},
                                                       "domain_weight": args.lambdas[0], "samples": 2 * args.samples}
@@ -109,7 +114,8 @@ def main() -> None:  # noqa: C901 - one straight protocol
             cfg = PruningConfig(method=method, structure=structure, sparsity=sparsity,
                                 num_calibration_samples=spec.get("samples", args.samples), seqlen=args.seqlen,
                                 batch_size=4,
-                                domain_weight=spec.get("domain_weight"))
+                                domain_weight=spec.get("domain_weight"),
+                                calibration_weights=spec.get("weights"))
             t0 = time.perf_counter()
             report = hf_prune.prune(model, cfg, calibration=spec["calibration"], tokenizer=tok, show_progress=False,
                                     verbose=False)
