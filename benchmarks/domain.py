@@ -97,7 +97,8 @@ def main() -> None:  # noqa: C901 - one straight protocol
                  "protocol": {"samples": args.samples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
                               "eval_tokens": {k: int(v.numel()) for k, v in evals.items()},
                               "calibration_chars": {"general": len(wiki_train), "domain": len(code_train)}},
-                 "rows": [r for r in previous.get("rows", [])]}
+                 "rows": [{**r, "machine": r.get("machine", previous.get("machine"))}
+                          for r in previous.get("rows", [])]}
     done = {(r["method"], r["structure"], r["setting"]) for r in out["rows"]}
     if "dense" in previous:
         out["dense"] = previous["dense"]
@@ -120,7 +121,8 @@ def main() -> None:  # noqa: C901 - one straight protocol
             report = hf_prune.prune(model, cfg, calibration=spec["calibration"], tokenizer=tok, show_progress=False,
                                     verbose=False)
             seconds = time.perf_counter() - t0
-            row = {"method": method, "structure": structure, "sparsity": sparsity, "setting": setting,
+            row = {"machine": out["machine"], "method": method, "structure": structure, "sparsity": sparsity,
+                   "setting": setting,
                    "seconds": round(seconds, 1), **ppl(model), "sources": report.calibration_sources}
             del model
             out["rows"].append(row)
@@ -153,10 +155,24 @@ def finish(out: dict, out_json: Path, name: str) -> None:
     plot(out, out_json.with_suffix(".png"))
 
 
+def machine_lines(out: dict) -> list[str]:
+    """One machine, or each machine with the settings that ran on it (rows carry their machine)."""
+    machines = list(dict.fromkeys(r.get("machine") or out["machine"] for r in out["rows"])) or [out["machine"]]
+    if len(machines) == 1:
+        return [f"Machine: {machines[0]}, Python {out['python']}  "]
+    lines = []
+    for m in machines:
+        runs = sorted({f"{r['method']} {r['structure']} {r['setting']}" for r in out["rows"]
+                       if (r.get("machine") or out["machine"]) == m})
+        which = "all other rows" if m == machines[0] else ", ".join(runs)
+        lines.append(f"Machine ({which}): {m}  ")
+    return lines + [f"Python {out['python']}  "]
+
+
 def markdown(out: dict) -> str:
     p = out["protocol"]
     lines = [f"# Domain-aware pruning on SmolLM2-135M ({out['date']})", "",
-             f"Machine: {out['machine']}, Python {out['python']}  ",
+             *machine_lines(out),
              "Commands (later ones add or redo rows, `--resume`): " + ", ".join(f"`{c}`" for c in out["commands"])
              + "  ",
              f"Calibration: {p['samples']} × {p['seqlen']} tokens per setting (mix and dual: half from each source). "
